@@ -1,0 +1,3 @@
+from fracture_node.cli import main
+
+raise SystemExit(main())

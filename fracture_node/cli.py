@@ -1,0 +1,138 @@
+"""The ``fracture-node`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from fracture_node import __version__
+from fracture_node.errors import FractureNodeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fracture-node",
+        description="A DICOM node that reads bone radiographs for fractures and reports back "
+                    "to the PACS as Structured Reports.")
+    parser.add_argument("--version", action="version", version=f"fracture-node {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the node (SCP, worker, reports, delivery)")
+    serve.add_argument("--config", "-c", help="TOML configuration file (default: embedded defaults)")
+    serve.add_argument("--role", choices=["all", "receiver", "worker"],
+                       help="override [node] role")
+
+    check = sub.add_parser("check-config", help="validate a configuration file and print it")
+    check.add_argument("config", help="TOML configuration file")
+
+    db = sub.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["upgrade", "current"])
+    db.add_argument("--config", "-c")
+    db.add_argument("--url", help="database URL (overrides the configuration)")
+    db.add_argument("--revision", default="head", help="target revision for upgrade")
+
+    echo = sub.add_parser("echo", help="C-ECHO a DICOM node (verification)")
+    echo.add_argument("host")
+    echo.add_argument("port", type=int)
+    echo.add_argument("--aet", default="FRACTURE_NODE", help="our (calling) AE title")
+    echo.add_argument("--aec", default="ANY-SCP", help="the called AE title")
+    echo.add_argument("--timeout", type=float, default=10.0)
+
+    for name, helptext in (("predict", "score DICOM or PNG/JPEG files, write a CSV"),
+                           ("train", "train a model on labelled radiographs"),
+                           ("evaluate", "evaluate a model file on a labelled split")):
+        p = sub.add_parser(name, help=helptext, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    # predict/train/evaluate own their arguments: hand everything after the name over.
+    if argv and argv[0] in ("predict", "train", "evaluate"):
+        return _delegate(argv[0], argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "check-config":
+            return _check_config(args)
+        if args.command == "db":
+            return _db(args)
+        if args.command == "echo":
+            return _echo(args)
+    except FractureNodeError as exc:
+        print(f"fracture-node: {exc}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 2
+
+
+def _delegate(command: str, rest: list[str]) -> int:
+    try:
+        if command == "predict":
+            from fracture_node.predict import main as run
+        elif command == "train":
+            from fracture_node.ml.train import main as run
+        else:
+            from fracture_node.ml.evaluate import main as run
+        return int(run(rest) or 0)
+    except FractureNodeError as exc:
+        print(f"fracture-node {command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fracture_node import config as cfg
+    from fracture_node.daemon import Daemon
+
+    config = cfg.load(args.config)
+    if args.role:
+        config = cfg.with_role(config, args.role)
+    return Daemon(config).run()
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from fracture_node import config as cfg
+
+    config = cfg.load(args.config)
+    print(json.dumps(config.redacted(), indent=2))
+    print(f"{args.config}: OK", file=sys.stderr)
+    return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    from fracture_node import config as cfg
+    from fracture_node.db import migrate
+
+    config = cfg.load(args.config)
+    url = args.url or config.database_url
+    if url.startswith("sqlite:///"):
+        config.node.state_dir.mkdir(parents=True, exist_ok=True)
+    if args.action == "upgrade":
+        before = migrate.current(url)
+        after = migrate.upgrade(url, args.revision)
+        print(f"schema: {before or 'empty'} -> {after}")
+    else:
+        print(migrate.current(url) or "empty")
+    return 0
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from fracture_node.dicom.send import echo
+
+    outcome = echo(args.host, args.port, called_ae_title=args.aec, calling_ae_title=args.aet,
+                   timeout_s=args.timeout)
+    if outcome.ok:
+        print(f"C-ECHO {args.host}:{args.port} ({args.aec}): success in "
+              f"{outcome.duration_s * 1000:.0f} ms")
+        return 0
+    print(f"C-ECHO {args.host}:{args.port} ({args.aec}) failed: {outcome.error}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

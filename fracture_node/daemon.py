@@ -1,0 +1,116 @@
+"""The composition root: builds every part of a node from its configuration, starts, stops.
+
+Stopping (SIGTERM, SIGINT): stop accepting associations, let in-flight stores finish, let the
+worker finish its batch, then exit 0. Whatever was not finished stays in SQL and resumes at the
+next start.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from fracture_node import __version__, logs
+from fracture_node.config import Config
+from fracture_node.db import migrate
+from fracture_node.db.store import Store
+from fracture_node.dicom.scp import Receiver, node_name
+from fracture_node.metrics import Metrics, MetricsServer
+from fracture_node.spool import Spool
+
+log = logs.get_logger("daemon")
+
+
+class Daemon:
+    """One running node."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = threading.Event()
+        self.metrics = Metrics()
+        self.store: Store | None = None
+        self.receiver: Receiver | None = None
+        self.metrics_server: MetricsServer | None = None
+        self._parts: list[Any] = []
+        self.wake = threading.Event()
+
+    # Life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Build and start every part; returns once the node listens."""
+        cfg = self.config
+        json_logs = {"auto": None, "json": True, "console": False}[cfg.logging.format]
+        logs.configure(cfg.logging.level, json=json_logs)
+        log.info("node_starting", version=__version__, config_source=cfg.source,
+                 settings=cfg.redacted())
+        cfg.node.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if cfg.database.auto_upgrade:
+            revision = migrate.upgrade(cfg.database_url)
+            log.info("schema_ready", revision=revision)
+        self.store = Store(cfg.database_url, echo=cfg.database.echo)
+        self.store.ping()
+        spool = Spool(cfg.spool_dir, fsync=cfg.storage.fsync,
+                      min_free_bytes=cfg.storage.min_free_bytes)
+        if cfg.node.role in ("all", "receiver"):
+            self.receiver = Receiver(cfg, self.store, spool, on_stored=self.wake.set,
+                                     metrics=self.metrics)
+            self.receiver.start()
+            closed = self.store.interrupt_open_associations(self.receiver.node)
+            if closed:
+                log.warning("associations_interrupted", count=closed)
+        if cfg.metrics.enabled:
+            self.metrics_server = MetricsServer(self.metrics, self.health, cfg.metrics.host,
+                                                cfg.metrics.port)
+            self.metrics_server.start()
+        self.metrics.up.set(1)
+        log.info("node_started", role=cfg.node.role,
+                 port=self.receiver.port if self.receiver else None)
+
+    def health(self) -> dict[str, Any]:
+        """What ``/health`` answers: ok only when the database answers and the SCP listens."""
+        state: dict[str, Any] = {"version": __version__, "role": self.config.node.role}
+        try:
+            assert self.store is not None
+            self.store.ping()
+            state["database"] = "ok"
+        except Exception as exc:  # health reports, it never raises
+            state["database"] = f"error: {type(exc).__name__}"
+        state["ok"] = state["database"] == "ok" and not self.stopping.is_set()
+        return state
+
+    def stop(self) -> None:
+        """Stop every part in order; safe to call twice."""
+        self.stopping.set()
+        log.info("node_stopping")
+        if self.receiver is not None:
+            self.receiver.stop()
+        for part in reversed(self._parts):
+            part.stop()
+        self._parts.clear()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
+        if self.store is not None:
+            self.store.dispose()
+        self.metrics.up.set(0)
+        log.info("node_stopped")
+
+    def run(self) -> int:
+        """Start, wait for SIGTERM or SIGINT, stop; the exit code."""
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            self.start()
+            while not self.stopping.wait(1.0):
+                pass
+        finally:
+            self.stop()
+        return 0
+
+
+__all__ = ["Daemon", "node_name"]

@@ -1,0 +1,77 @@
+"""Logging: structlog to stdout, JSON lines when not on a terminal.
+
+Event names are snake_case facts (``instance_stored``) with fields. Patient names, IDs and birth
+dates never reach a log call: log UIDs instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from typing import Any
+
+import structlog
+
+_FORBIDDEN_KEYS = frozenset(
+    {"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID",
+     "PatientBirthDate"}
+)
+
+
+def _drop_patient_fields(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Remove any field that is named like a patient attribute (defence in depth)."""
+    for key in _FORBIDDEN_KEYS & event_dict.keys():
+        event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def configure(level: str = "info", json: bool | None = None) -> None:
+    """Configure structlog and the standard library's logging.
+
+    Parameters
+    ----------
+    level:
+        ``debug``, ``info``, ``warning`` or ``error``.
+    json:
+        JSON lines when true, a console renderer when false; by default JSON unless stdout is a
+        terminal.
+    """
+    if json is None:
+        json = not sys.stdout.isatty()
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_patient_fields,
+    ]
+    renderer: Any
+    if json:
+        renderer = structlog.processors.JSONRenderer()
+        shared.append(structlog.processors.format_exc_info)
+    else:
+        renderer = structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries (pynetdicom, alembic, apscheduler) log through the standard library: keep their
+    # warnings, but they are not allowed to print dataset contents at debug level.
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stdout,
+                        format="%(levelname)s %(name)s %(message)s", force=True)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom warns about every non-conformant value it reads; received objects are often
+    # non-conformant, and such warnings may quote element values (patient data): keep errors only.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom\..*")
+
+
+def get_logger(name: str | None = None) -> Any:
+    """Return a structlog logger bound to ``component=name``."""
+    log = structlog.get_logger()
+    return log.bind(component=name) if name else log

@@ -1,0 +1,1 @@
+"""Alembic migrations of fracture-node (installed as ``fracture_node._migrations``)."""
