@@ -7,6 +7,7 @@ next start.
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import threading
 from types import FrameType
@@ -34,6 +35,10 @@ class Daemon:
         self.receiver: Receiver | None = None
         self.metrics_server: MetricsServer | None = None
         self._parts: list[Any] = []
+        self.worker: Any = None
+        self.reporter: Any = None
+        self.deliverer: Any = None
+        self.scheduler: Any = None
         self.wake = threading.Event()
 
     # Life cycle ---------------------------------------------------------------------------
@@ -59,6 +64,9 @@ class Daemon:
             closed = self.store.interrupt_open_associations(self.receiver.node)
             if closed:
                 log.warning("associations_interrupted", count=closed)
+        node = self.receiver.node if self.receiver else node_name(cfg.node.port)
+        if cfg.node.role in ("all", "worker"):
+            self._start_processing(spool, node)
         if cfg.metrics.enabled:
             self.metrics_server = MetricsServer(self.metrics, self.health, cfg.metrics.host,
                                                 cfg.metrics.port)
@@ -66,6 +74,51 @@ class Daemon:
         self.metrics.up.set(1)
         log.info("node_started", role=cfg.node.role,
                  port=self.receiver.port if self.receiver else None)
+
+    def _start_processing(self, spool: Spool, node: str) -> None:
+        """The worker (model), the reporter and the deliverer, driven by APScheduler."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        from fracture_node.delivery import Deliverer
+        from fracture_node.dicom.report import AlgorithmInfo
+        from fracture_node.ml.infer import Classifier
+        from fracture_node.studies import Reporter
+        from fracture_node.worker import Worker
+
+        cfg = self.config
+        assert self.store is not None
+        classifier = Classifier.load(cfg.model.path, cfg.model.device)
+        if self.store.is_postgres is False:
+            # SQLite: this process is the only worker, so any claim left is from a run that
+            # stopped; take it back now rather than after claim_timeout_s.
+            requeued, failed = self.store.take_back_stale_claims(dt.timedelta(0),
+                                                                 cfg.model.max_attempts)
+            if requeued or failed:
+                log.warning("claims_taken_back", requeued=requeued, failed=failed)
+        self.deliverer = Deliverer(cfg, self.store, node, metrics=self.metrics)
+        scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
+            "coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
+        self.reporter = Reporter(
+            cfg, self.store, spool, node,
+            AlgorithmInfo(name=classifier.name, version=classifier.version,
+                          sha256=classifier.sha256,
+                          threshold=classifier.threshold(cfg.model.operating_point),
+                          operating_point=cfg.model.operating_point),
+            metrics=self.metrics,
+            on_report=lambda: scheduler.modify_job("deliver", next_run_time=_now()))
+        self.worker = Worker(cfg, self.store, spool, classifier, node, wake=self.wake,
+                             metrics=self.metrics,
+                             on_batch=lambda: scheduler.modify_job("report",
+                                                                   next_run_time=_now()))
+        scheduler.add_job(_guarded(self.reporter.run_once, "report"), "interval",
+                          seconds=0.25, id="report")
+        scheduler.add_job(_guarded(self.deliverer.run_once, "deliver"), "interval",
+                          seconds=1.0, id="deliver")
+        self.scheduler = scheduler
+        self.worker.start()
+        scheduler.start()
+        self._parts.append(_SchedulerPart(scheduler))
+        self._parts.append(self.worker)
 
     def health(self) -> dict[str, Any]:
         """What ``/health`` answers: ok only when the database answers and the SCP listens."""
@@ -111,6 +164,29 @@ class Daemon:
         finally:
             self.stop()
         return 0
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _guarded(fn: Any, job: str) -> Any:
+    """A scheduler job that logs its errors instead of losing them in APScheduler's logger."""
+    def run() -> None:
+        try:
+            fn()
+        except Exception as exc:
+            log.error("job_failed", job=job, error=f"{type(exc).__name__}: {exc}")
+
+    return run
+
+
+class _SchedulerPart:
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def stop(self) -> None:
+        self.scheduler.shutdown(wait=True)
 
 
 __all__ = ["Daemon", "node_name"]

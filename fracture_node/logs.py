@@ -68,7 +68,13 @@ def configure(level: str = "info", json: bool | None = None) -> None:
     # pydicom warns about every non-conformant value it reads; received objects are often
     # non-conformant, and such warnings may quote element values (patient data): keep errors only.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"pydicom\..*")
+    # Library warnings can quote data set values (highdicom warns about a patient's name), so
+    # they go to the logging system and are dropped there, never to stderr.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.CRITICAL)
+    warnings.simplefilter("default")
+    # APScheduler warns when a frequent job is still running at its next tick: that is expected.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def get_logger(name: str | None = None) -> Any:

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fracture_node.db import schema as s
+from fracture_node.db.reporting import ReportingQueries
 from fracture_node.errors import DatabaseError
 
 T = TypeVar("T")
@@ -109,8 +110,8 @@ def make_engine(url: str, echo: bool = False) -> Engine:
                          connect_args={"connect_timeout": 5})
 
 
-class Store:
-    """The SQL store: queue and audit trail."""
+class Store(ReportingQueries):
+    """The SQL store: queue and audit trail (study/report/delivery SQL in ``reporting``)."""
 
     def __init__(self, url: str, echo: bool = False) -> None:
         self.url = url

@@ -1,0 +1,242 @@
+"""SQL of studies, reports and deliveries (mixed into :class:`fracture_node.db.store.Store`).
+
+Reports are made with optimistic concurrency: a reporter reads a study's snapshot without a lock,
+builds the SR, and then commits it only if the study did not change meanwhile and no other
+process reported this version first (the unique ``(study_instance_uid, version)``). This keeps
+the SQLite write lock short and lets several PostgreSQL nodes report without a cluster protocol.
+Deliveries are leased: a sender moves ``next_attempt_at`` past the send's timeout in the claiming
+transaction (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so two nodes never send the same one at
+once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from fracture_node.db import schema as s
+from fracture_node.errors import DatabaseError
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class StudyInstance:
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    spool_path: str
+    state: str
+    reason: str | None
+    probability: float | None
+    positive: bool | None
+    threshold: float | None
+    operating_point: str | None
+    model_name: str | None
+    model_version: str | None
+    model_sha256: str | None
+
+
+@dataclass(frozen=True)
+class StudySnapshot:
+    study_instance_uid: str
+    instances_received: int
+    reported_version: int
+    instances: list[StudyInstance]
+    previous_report_path: str | None
+    previous_series_uid: str | None
+
+
+@dataclass(frozen=True)
+class NewReport:
+    study_instance_uid: str
+    version: int
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: str
+    instances_total: int
+    instances_positive: int
+    instances_unprocessed: int
+    max_probability: float | None
+    model_sha256: str | None
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    id: int
+    report_id: int
+    destination: str
+    report_path: str
+    report_sop_instance_uid: str
+    attempts: int
+    deadline_at: dt.datetime
+
+
+class ReportingQueries:
+    """Study, report and delivery statements; needs ``_run`` from the Store."""
+
+    def _run(self, fn: Any) -> Any:  # pragma: no cover - provided by Store
+        raise NotImplementedError
+
+    # Studies ------------------------------------------------------------------------------
+    def due_studies(self, stable_before: dt.datetime, limit: int = 50) -> list[str]:
+        """Studies with unreported instances, quiet since ``stable_before``, whose instances
+        are all finished and whose associations have all ended."""
+        i, a = s.Instance, s.Association
+        unfinished = exists().where(i.study_instance_uid == s.Study.study_instance_uid,
+                                    i.state.in_([s.QUEUED, s.CLAIMED]))
+        open_assoc = exists().where(i.study_instance_uid == s.Study.study_instance_uid,
+                                    i.association_id == a.id, a.ended_at.is_(None))
+        return list(self._run(lambda ses: ses.execute(
+            select(s.Study.study_instance_uid)
+            .where(s.Study.report_due.is_(True), s.Study.last_received_at <= stable_before,
+                   ~unfinished, ~open_assoc)
+            .order_by(s.Study.last_received_at).limit(limit)).scalars().all()))
+
+    def next_stability_time(self) -> dt.datetime | None:
+        """The earliest last arrival among studies due for a report (to plan the next check)."""
+        return self._run(lambda ses: ses.execute(
+            select(func.min(s.Study.last_received_at)).where(s.Study.report_due.is_(True))
+        ).scalar_one())
+
+    def study_snapshot(self, study_uid: str) -> StudySnapshot | None:
+        def fn(ses: Session) -> StudySnapshot | None:
+            study = ses.execute(select(s.Study).where(s.Study.study_instance_uid == study_uid)
+                                ).scalar_one_or_none()
+            if study is None:
+                return None
+            i, r = s.Instance, s.Result
+            rows = ses.execute(
+                select(i.id, i.sop_instance_uid, i.sop_class_uid, i.spool_path, i.state,
+                       i.reason, r.probability, r.positive, r.threshold, r.operating_point,
+                       r.model_name, r.model_version, r.model_sha256)
+                .outerjoin(r, r.instance_id == i.id)
+                .where(i.study_instance_uid == study_uid, i.state != s.SUPERSEDED)
+                .order_by(i.id)).all()
+            previous = ses.execute(
+                select(s.Report.path, s.Report.series_instance_uid)
+                .where(s.Report.study_instance_uid == study_uid)
+                .order_by(s.Report.version.desc()).limit(1)).first()
+            return StudySnapshot(
+                study_instance_uid=study_uid, instances_received=study.instances_received,
+                reported_version=study.reported_version,
+                instances=[StudyInstance(*row) for row in rows],
+                previous_report_path=previous[0] if previous else None,
+                previous_series_uid=previous[1] if previous else None)
+
+        return self._run(fn)
+
+    def add_report(self, snapshot: StudySnapshot, report: NewReport, node: str,
+                   destinations: Sequence[str], deadline_s: float) -> int | None:
+        """Commit a report and queue its deliveries, unless the study changed meanwhile or
+        another process committed this version first (then None: discard the file)."""
+        def fn(ses: Session) -> int | None:
+            now = _now()
+            changed = ses.execute(
+                update(s.Study).where(
+                    s.Study.study_instance_uid == snapshot.study_instance_uid,
+                    s.Study.instances_received == snapshot.instances_received,
+                    s.Study.reported_version == snapshot.reported_version)
+                .values(report_due=False, reported_version=report.version,
+                        last_reported_at=now)).rowcount
+            if not changed:
+                return None
+            row = s.Report(
+                study_instance_uid=report.study_instance_uid, version=report.version,
+                sop_instance_uid=report.sop_instance_uid,
+                series_instance_uid=report.series_instance_uid, path=report.path,
+                created_at=now, instances_total=report.instances_total,
+                instances_positive=report.instances_positive,
+                instances_unprocessed=report.instances_unprocessed,
+                max_probability=report.max_probability, model_sha256=report.model_sha256,
+                made_by=node)
+            ses.add(row)
+            ses.flush()
+            for name in destinations:
+                ses.add(s.Delivery(report_id=row.id, destination=name, state=s.PENDING,
+                                   attempts=0, created_at=now, next_attempt_at=now,
+                                   deadline_at=now + dt.timedelta(seconds=deadline_s)))
+            return row.id
+
+        try:
+            return self._run(fn)
+        except DatabaseError as exc:
+            if isinstance(exc.__cause__, IntegrityError):
+                return None
+            raise
+
+    def oldest_unreported_study(self) -> dt.datetime | None:
+        return self._run(lambda ses: ses.execute(
+            select(func.min(s.Study.first_received_at)).where(s.Study.report_due.is_(True))
+        ).scalar_one())
+
+    # Deliveries ---------------------------------------------------------------------------
+    def claim_deliveries(self, lease_s: float, limit: int = 20) -> list[DueDelivery]:
+        """Pending deliveries whose next attempt is due, leased for ``lease_s`` seconds."""
+        def fn(ses: Session) -> list[DueDelivery]:
+            now = _now()
+            d, r = s.Delivery, s.Report
+            rows = ses.execute(
+                select(d.id, d.report_id, d.destination, r.path, r.sop_instance_uid, d.attempts,
+                       d.deadline_at)
+                .join(r, r.id == d.report_id)
+                .where(d.state == s.PENDING, d.next_attempt_at <= now)
+                .order_by(d.next_attempt_at, d.id).limit(limit)
+                .with_for_update(skip_locked=True, of=d)).all()
+            if rows:
+                ses.execute(update(d).where(d.id.in_([row[0] for row in rows]))
+                            .values(next_attempt_at=now + dt.timedelta(seconds=lease_s)))
+            return [DueDelivery(*row) for row in rows]
+
+        return self._run(fn)
+
+    def record_attempt(self, delivery: DueDelivery, *, ok: bool, status: int | None,
+                       error: str | None, duration_ms: float, node: str,
+                       retry_in_s: float | None) -> str:
+        """Record one attempt; returns the delivery's new state (delivered, pending or dead)."""
+        def fn(ses: Session) -> str:
+            now = _now()
+            ses.add(s.DeliveryAttempt(delivery_id=delivery.id, attempted_at=now,
+                                      duration_ms=duration_ms, ok=ok, status=status,
+                                      error=error, node=node))
+            if ok:
+                state, values = s.DELIVERED, {"delivered_at": now}
+            elif retry_in_s is None or now + dt.timedelta(seconds=retry_in_s) > delivery.deadline_at:
+                state, values = s.DEAD, {}
+            else:
+                state = s.PENDING
+                values = {"next_attempt_at": now + dt.timedelta(seconds=retry_in_s)}
+            ses.execute(update(s.Delivery).where(s.Delivery.id == delivery.id).values(
+                state=state, attempts=s.Delivery.attempts + 1, last_status=status,
+                last_error=error, **values))
+            return state
+
+        return self._run(fn)
+
+    def retry_dead_deliveries(self, deadline_s: float, destination: str | None = None,
+                              report_ids: Sequence[int] | None = None) -> int:
+        """Put dead-lettered deliveries back in the queue with a fresh deadline."""
+        def fn(ses: Session) -> int:
+            now = _now()
+            cond = [s.Delivery.state == s.DEAD]
+            if destination:
+                cond.append(s.Delivery.destination == destination)
+            if report_ids:
+                cond.append(s.Delivery.report_id.in_(list(report_ids)))
+            return ses.execute(update(s.Delivery).where(and_(*cond)).values(
+                state=s.PENDING, next_attempt_at=now,
+                deadline_at=now + dt.timedelta(seconds=deadline_s))).rowcount
+
+        return self._run(fn)
+
+    def delivery_states(self) -> dict[str, int]:
+        return dict(self._run(lambda ses: ses.execute(
+            select(s.Delivery.state, func.count()).group_by(s.Delivery.state)).all()))

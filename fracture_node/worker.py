@@ -1,0 +1,221 @@
+"""The inference worker: claims stored instances from the SQL queue and scores them.
+
+Pipeline: the worker thread claims instances in SQL (``FOR UPDATE SKIP LOCKED`` on PostgreSQL),
+hands each to a pool of decode threads (read from the spool, check scope, decode, LUTs, resize),
+and forms batches across studies of up to ``max_batch`` instances, waiting at most
+``max_wait_ms`` for a batch to fill. While the model runs one batch the threads decode the next.
+Results are committed in one transaction per batch; a result is only written for an instance
+this worker still holds, so a crash or a taken-back claim never records an instance twice. At
+most ``2 * max_batch`` instances are held in memory: whatever waits stays in SQL.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from fracture_node.config import Config
+from fracture_node.db import schema as s
+from fracture_node.db.store import ClaimedInstance, ResultRecord, Store
+from fracture_node.dicom.pixels import check_scope, read_pixels
+from fracture_node.errors import DatabaseError, NotProcessable
+from fracture_node.logs import get_logger
+from fracture_node.spool import Spool
+
+log = get_logger("worker")
+
+
+@dataclass
+class Decoded:
+    claimed: ClaimedInstance
+    array: Any  # the model input, (S, S) float32
+    decode_ms: float
+
+
+@dataclass
+class Failed:
+    claimed: ClaimedInstance
+    state: str  # not_processed or failed
+    reason: str
+    detail: str
+
+
+def decode_instance(spool: Spool, claimed: ClaimedInstance,
+                    prepare: Callable[[Any], Any]) -> Decoded | Failed:
+    """Read one spooled instance and turn it into model input; never raises."""
+    started = time.perf_counter()
+    try:
+        ds = pydicom.dcmread(spool.path(claimed.spool_path))
+        check_scope(ds)
+        array = prepare(read_pixels(ds))
+    except NotProcessable as exc:
+        return Failed(claimed, s.NOT_PROCESSED, exc.reason, str(exc))
+    except FileNotFoundError:
+        return Failed(claimed, s.FAILED, "spool_file_missing",
+                      f"spool file {claimed.spool_path} is missing")
+    except Exception as exc:  # a decoder bug must not stop the worker
+        return Failed(claimed, s.NOT_PROCESSED, "undecodable",
+                      f"{type(exc).__name__}: {str(exc)[:300]}")
+    return Decoded(claimed, array, (time.perf_counter() - started) * 1000)
+
+
+class Worker:
+    """Scores queued instances with the classifier, batch by batch, in a background thread."""
+
+    def __init__(self, config: Config, store: Store, spool: Spool, classifier: Any,
+                 node: str, wake: threading.Event | None = None, metrics: Any | None = None,
+                 on_batch: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.classifier = classifier
+        self.node = node
+        self.wake = wake or threading.Event()
+        self.metrics = metrics
+        self.on_batch = on_batch or (lambda: None)
+        self.operating_point = config.model.operating_point
+        self.threshold = float(classifier.threshold(self.operating_point))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(config.model.decode_threads,
+                                        thread_name_prefix="decode")
+        self._pending: deque[tuple[ClaimedInstance, Future[Decoded | Failed]]] = deque()
+        self.batches = 0
+
+    # Life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        self._thread.start()
+        log.info("worker_started", model=self.classifier.name, model_version=self.classifier.version,
+                 model_sha256=self.classifier.sha256, device=str(self.classifier.device),
+                 threshold=self.threshold, operating_point=self.operating_point,
+                 max_batch=self.config.model.max_batch, max_wait_ms=self.config.model.max_wait_ms)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Finish the batch in hand, give unstarted claims back to the queue, stop."""
+        self._stop.set()
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        left = [c.id for c, _ in self._pending]
+        self._pending.clear()
+        if left:
+            try:
+                self.store.release_claims(self.node, left)
+            except DatabaseError as exc:
+                log.error("claims_not_released", count=len(left), error=str(exc))
+        log.info("worker_stopped", released=len(left), batches=self.batches)
+
+    # The loop -----------------------------------------------------------------------------
+    def _refill(self) -> int:
+        room = 2 * self.config.model.max_batch - len(self._pending)
+        if room <= 0:
+            return 0
+        claimed = self.store.claim_instances(self.node, room)
+        for item in claimed:
+            future = self._pool.submit(decode_instance, self.spool, item, self.classifier.prepare)
+            self._pending.append((item, future))
+        return len(claimed)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.run_once():
+                    self.wake.wait(1.0)
+                    self.wake.clear()
+            except DatabaseError as exc:
+                log.error("worker_database_error", error=str(exc))
+                self._stop.wait(2.0)
+            except Exception as exc:  # keep the worker alive; the claim timeout recovers
+                log.exception("worker_error", error=f"{type(exc).__name__}: {exc}")
+                self._stop.wait(2.0)
+
+    def run_once(self) -> int:
+        """Form and score one batch; returns the number of instances finished (0: idle)."""
+        self._refill()
+        if not self._pending:
+            return 0
+        max_batch = self.config.model.max_batch
+        max_wait = self.config.model.max_wait_ms / 1000
+        batch: list[Decoded] = []
+        finished = 0
+        deadline: float | None = None
+        while len(batch) < max_batch and not self._stop.is_set():
+            if not self._pending:
+                remaining = (deadline or 0) - time.monotonic()
+                if deadline is None or remaining <= 0 or self._refill():
+                    if not self._pending:
+                        break
+                    continue
+                self.wake.wait(remaining)
+                self.wake.clear()
+                if not self._refill():
+                    break
+                continue
+            claimed, future = self._pending[0]
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                outcome = future.result(timeout=timeout)
+            except FutureTimeout:
+                break
+            self._pending.popleft()
+            if isinstance(outcome, Failed):
+                self._finish_failed(outcome)
+                finished += 1
+                continue
+            batch.append(outcome)
+            if deadline is None:
+                deadline = time.monotonic() + max_wait
+        if batch:
+            finished += self._score(batch)
+        return finished
+
+    def _finish_failed(self, failed: Failed) -> None:
+        self.store.finish_unprocessed(self.node, failed.claimed.id, failed.state, failed.reason,
+                                      failed.detail[:2000])
+        if self.metrics:
+            self.metrics.not_processed.labels(failed.reason).inc()
+        log.info("instance_not_processed", instance_id=failed.claimed.id,
+                 sop_instance_uid=failed.claimed.sop_instance_uid, state=failed.state,
+                 reason=failed.reason)
+        self.on_batch()
+
+    def _score(self, batch: list[Decoded]) -> int:
+        started = time.perf_counter()
+        probabilities = self.classifier.predict_batch(np.stack([d.array for d in batch]))
+        infer_ms = (time.perf_counter() - started) * 1000
+        c = self.classifier
+        records = [
+            ResultRecord(instance_id=d.claimed.id, probability=float(p),
+                         positive=bool(p >= self.threshold), threshold=self.threshold,
+                         operating_point=self.operating_point, model_name=c.name,
+                         model_version=c.version, model_sha256=c.sha256,
+                         decode_ms=round(d.decode_ms, 2), infer_ms=round(infer_ms, 2),
+                         batch_size=len(batch))
+            for d, p in zip(batch, probabilities, strict=True)
+        ]
+        saved = self.store.save_results(self.node, records)
+        self.batches += 1
+        if self.metrics:
+            self.metrics.processed.inc(saved)
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.inference_seconds.observe(infer_ms / 1000)
+            for d in batch:
+                self.metrics.decode_seconds.observe(d.decode_ms / 1000)
+        log.info("batch_scored", size=len(batch), saved=saved, infer_ms=round(infer_ms, 1),
+                 positives=sum(r.positive for r in records))
+        if saved < len(batch):
+            log.warning("results_skipped", count=len(batch) - saved,
+                        detail="claims were taken back before the results were saved")
+        self.on_batch()
+        return len(batch)

@@ -1,0 +1,133 @@
+"""Every kind of SR we write passes dicom3tools' dciodvfy and DCMTK's dsrdump."""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from fracture_node.dicom.report import (
+    AlgorithmInfo,
+    ImageFinding,
+    Unprocessed,
+    build_report,
+    write_report,
+)
+
+ALGORITHM = AlgorithmInfo("fracture-densenet", "1.4.0", "ab" * 32, 0.42, "balanced")
+SERIES = generate_uid()
+
+# dciodvfy knows only registered coding schemes; ours is a private one ("99" prefix, PS3.3
+# 8.2) declared in the Coding Scheme Identification Sequence.
+EXPECTED_WARNINGS = [re.compile(r"Unrecognized defined term <99FRNODE> .*Coding Scheme Designator")]
+
+
+def _headers(samples_dir: Path) -> list[pydicom.Dataset]:
+    hip = pydicom.dcmread(samples_dir / "CR_hip_RG2_JLSL.dcm", stop_before_pixels=True)
+    dx = pydicom.dcmread(samples_dir / "DX_J2KR_1416x1420_u16.dcm", stop_before_pixels=True)
+    second = copy.deepcopy(hip)
+    second.SOPInstanceUID = generate_uid()
+    dx.StudyInstanceUID = hip.StudyInstanceUID
+    return [hip, second, dx]
+
+
+def _finding(ds: pydicom.Dataset, p: float) -> ImageFinding:
+    return ImageFinding(ds.SOPInstanceUID, ds.SOPClassUID, p, p >= ALGORITHM.threshold)
+
+
+def _build(sources: list[pydicom.Dataset], findings: list[ImageFinding],
+           unprocessed: list[Unprocessed], version: int = 1,
+           predecessor: pydicom.Dataset | None = None) -> pydicom.Dataset:
+    return build_report(
+        sources, findings, unprocessed, ALGORITHM, version=version, series_instance_uid=SERIES,
+        predecessor=predecessor, device_observer_uid="1.2.826.0.1.3680043.8.498.1",
+        station_ae_title="FRACTURE_NODE", software_version="0.1.0",
+    )
+
+
+def one_finding(h: list[pydicom.Dataset]) -> pydicom.Dataset:
+    return _build(h[:1], [_finding(h[0], 0.91)], [])
+
+
+def several_series(h: list[pydicom.Dataset]) -> pydicom.Dataset:
+    return _build(h, [_finding(h[0], 0.91), _finding(h[1], 0.12), _finding(h[2], 0.33)], [])
+
+
+def with_unprocessed(h: list[pydicom.Dataset]) -> pydicom.Dataset:
+    bad = h[2]
+    return _build(h, [_finding(h[0], 0.2), _finding(h[1], 0.3)],
+                  [Unprocessed(bad.SOPInstanceUID, bad.SOPClassUID, "undecodable")])
+
+
+def only_unprocessed(h: list[pydicom.Dataset]) -> pydicom.Dataset:
+    return _build(h[:1], [], [Unprocessed(h[0].SOPInstanceUID, h[0].SOPClassUID, "colour")])
+
+
+def version_2(h: list[pydicom.Dataset]) -> pydicom.Dataset:
+    first = several_series(h)
+    return _build(h, [_finding(h[0], 0.5), _finding(h[1], 0.12), _finding(h[2], 0.33)], [],
+                  version=2, predecessor=first)
+
+
+KINDS: list[Callable[[list[pydicom.Dataset]], pydicom.Dataset]] = [
+    one_finding, several_series, with_unprocessed, only_unprocessed, version_2,
+]
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True,
+                         timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    return ([ln for ln in lines if ln.startswith("Error")],
+            [ln for ln in lines if ln.startswith("Warning")])
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k.__name__ for k in KINDS])
+def test_dciodvfy_finds_no_error(kind: Callable[..., pydicom.Dataset], samples_dir: Path,
+                                 tmp_path: Path) -> None:
+    """dciodvfy reports no error and only the known private-scheme warning."""
+    path = tmp_path / "sr.dcm"
+    write_report(kind(_headers(samples_dir)), path)
+    errors, warnings = dciodvfy(path)
+    assert errors == []
+    unexpected = [w for w in warnings if not any(p.search(w) for p in EXPECTED_WARNINGS)]
+    assert unexpected == []
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k.__name__ for k in KINDS])
+def test_dsrdump_reads_the_document(kind: Callable[..., pydicom.Dataset], samples_dir: Path,
+                                    tmp_path: Path) -> None:
+    """dsrdump parses the content tree without a warning or an error."""
+    path = tmp_path / "sr.dcm"
+    write_report(kind(_headers(samples_dir)), path)
+    run = subprocess.run(["dsrdump", "-ll", "warn", str(path)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    assert "Comprehensive 3D SR Document" in run.stdout
+    assert "Verification Flag   : UNVERIFIED" in run.stdout
+    assert '(72704001,SCT,"Fracture")' in run.stdout
+
+
+def test_sparse_source_header_only_adds_warnings_about_the_source(
+    samples_dir: Path, tmp_path: Path
+) -> None:
+    """A source without Patient ID/study date gives no dciodvfy error, only DICOMDIR hints."""
+    ds = pydicom.dcmread(samples_dir / "CR_chest_MONO1_implicitVR_nometa.dcm",
+                         stop_before_pixels=True, force=True)
+    path = tmp_path / "sr.dcm"
+    write_report(_build([ds], [_finding(ds, 0.7)], []), path)
+    errors, warnings = dciodvfy(path)
+    assert errors == []
+    from_source = [
+        re.compile(r"needed to build DICOMDIR - (Patient ID|Study Date|Study Time|Study ID)$"),
+        re.compile(r"Patient's Name .*Retired Person Name form"),  # the sample's own name
+        *EXPECTED_WARNINGS,
+    ]
+    assert [w for w in warnings if not any(p.search(w) for p in from_source)] == []

@@ -1,0 +1,309 @@
+"""build_report / write_report on real radiograph headers from the shared samples."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, cast
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from fracture_node.dicom.report import (
+    FRACTURE,
+    IMAGE_NOT_PROCESSED,
+    PROBABILITY,
+    SERIES_DESCRIPTION,
+    AlgorithmInfo,
+    ImageFinding,
+    Unprocessed,
+    build_report,
+    write_report,
+)
+from fracture_node.errors import ReportError
+
+ALGORITHM = AlgorithmInfo(
+    name="fracture-densenet", version="1.4.0", sha256="0f" * 32, threshold=0.42,
+    operating_point="balanced",
+)
+
+
+@pytest.fixture(scope="module")
+def study(samples_dir: Path) -> list[pydicom.Dataset]:
+    """Four CR headers of one study in two series, made from two real sample files."""
+    hip = pydicom.dcmread(samples_dir / "CR_hip_RG2_JLSL.dcm", stop_before_pixels=True)
+    hand = pydicom.dcmread(samples_dir / "CR_hand_J2KR_Kakadu_SOTmarker.dcm",
+                           stop_before_pixels=True)
+    headers: list[pydicom.Dataset] = []
+    for i in range(2):
+        ds = copy.deepcopy(hip)
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        headers.append(ds)
+    other_series = generate_uid()
+    for _ in range(2):
+        ds = copy.deepcopy(hand)
+        ds.StudyInstanceUID = hip.StudyInstanceUID
+        ds.SeriesInstanceUID = other_series
+        ds.SOPInstanceUID = generate_uid()
+        headers.append(ds)
+    return headers
+
+
+def finding(ds: pydicom.Dataset, probability: float) -> ImageFinding:
+    return ImageFinding(ds.SOPInstanceUID, ds.SOPClassUID, probability, probability >= 0.42)
+
+
+def build(sources: list[pydicom.Dataset], findings: list[ImageFinding],
+          unprocessed: list[Unprocessed] | None = None, **kwargs: Any) -> pydicom.Dataset:
+    args: dict[str, Any] = dict(
+        version=1, series_instance_uid="1.2.3.4.5.6", device_observer_uid="1.2.3.4.5.7",
+        station_ae_title="FRACTURE_NODE", software_version="0.1.0",
+    )
+    args.update(kwargs)
+    return build_report(sources, findings, unprocessed or [], ALGORITHM, **args)
+
+
+def groups(sr: pydicom.Dataset) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    report = cast(hd.sr.MeasurementReport, hd.sr.Comprehensive3DSR.from_dataset(sr).content)
+    return list(report.get_image_measurement_groups())
+
+
+def items_named(group: Any, name: Any) -> list[pydicom.Dataset]:
+    return [i for i in group[0].ContentSequence
+            if i.ConceptNameCodeSequence[0].CodeValue == name.value]
+
+
+def summary(sr: pydicom.Dataset) -> Any:
+    return next(g for g in groups(sr) if (g.tracking_identifier or "").endswith("study summary"))
+
+
+def test_study_and_patient_attributes_are_copied(study: list[pydicom.Dataset]) -> None:
+    """The SR carries the source's Study Instance UID and patient/study attributes."""
+    sr = build(study, [finding(study[0], 0.9)])
+    src = study[0]
+    assert sr.StudyInstanceUID == src.StudyInstanceUID
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime"):
+        assert sr[keyword].value == src[keyword].value, keyword
+
+
+def test_sr_is_a_comprehensive_3d_sr_in_its_own_series(study: list[pydicom.Dataset]) -> None:
+    """The SR is a new Comprehensive 3D SR instance in the given series, instance = version."""
+    sr = build(study, [finding(study[0], 0.9)])
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert sr.Modality == "SR"
+    assert sr.SeriesInstanceUID == "1.2.3.4.5.6"
+    assert sr.SOPInstanceUID not in {s.SOPInstanceUID for s in study}
+    assert sr.InstanceNumber == 1
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+
+
+def test_flags_and_series_description_mark_an_unverified_ai_result(
+    study: list[pydicom.Dataset],
+) -> None:
+    """The SR is PRELIMINARY, UNVERIFIED, COMPLETE and its series says it is unverified AI."""
+    sr = build(study, [finding(study[0], 0.9)])
+    assert sr.PreliminaryFlag == "PRELIMINARY"
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.CompletionFlag == "COMPLETE"
+    assert sr.SeriesDescription == SERIES_DESCRIPTION
+    assert "UNVERIFIED" in sr.SeriesDescription and "AI" in sr.SeriesDescription
+
+
+def test_one_measurement_group_per_finding_plus_a_summary(study: list[pydicom.Dataset]) -> None:
+    """Each processed image has its own measurement group, plus one study summary group."""
+    sr = build(study, [finding(ds, p) for ds, p in zip(study, (0.9, 0.1, 0.5, 0.2), strict=True)])
+    found = groups(sr)
+    assert len(found) == 5
+    per_image = [g for g in found if g.source_images]
+    assert sorted(g.source_images[0].referenced_sop_instance_uid for g in per_image) == sorted(
+        ds.SOPInstanceUID for ds in study
+    )
+
+
+def test_each_group_has_its_probability_and_presence(study: list[pydicom.Dataset]) -> None:
+    """A group's NUM is the image's probability and its CODE says present or absent."""
+    probabilities = {study[0].SOPInstanceUID: 0.93, study[1].SOPInstanceUID: 0.07}
+    sr = build(study[:2], [finding(study[0], 0.93), finding(study[1], 0.07)])
+    for group in groups(sr):
+        if not group.source_images:
+            continue
+        uid = group.source_images[0].referenced_sop_instance_uid
+        assert group.finding_type == FRACTURE
+        (num,) = items_named(group, PROBABILITY)
+        assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(probabilities[uid])
+        (evaluation,) = items_named(group, FRACTURE)
+        expected = codes.SCT.Present if probabilities[uid] >= 0.42 else codes.SCT.Absent
+        assert evaluation.ConceptCodeSequence[0].CodeValue == expected.value
+
+
+def test_summary_says_any_fracture_and_the_maximum_probability(
+    study: list[pydicom.Dataset],
+) -> None:
+    """The summary group is Present when any image is positive and holds the maximum."""
+    sr = build(study, [finding(study[0], 0.2), finding(study[1], 0.81), finding(study[2], 0.3)])
+    group = summary(sr)
+    (evaluation,) = items_named(group, FRACTURE)
+    assert evaluation.ConceptCodeSequence[0].CodeValue == codes.SCT.Present.value
+    (num,) = items_named(group, PROBABILITY)
+    assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.81)
+    assert num.ContentSequence[0].ConceptCodeSequence[0].CodeMeaning == "Maximum"
+
+
+def test_summary_is_absent_when_no_image_is_positive(study: list[pydicom.Dataset]) -> None:
+    """No positive image gives a study-level Absent."""
+    sr = build(study[:2], [finding(study[0], 0.2), finding(study[1], 0.1)])
+    (evaluation,) = items_named(summary(sr), FRACTURE)
+    assert evaluation.ConceptCodeSequence[0].CodeValue == codes.SCT.Absent.value
+
+
+def test_unprocessed_images_are_listed_with_their_reason(study: list[pydicom.Dataset]) -> None:
+    """An image that could not be read appears in the summary with its reason and reference."""
+    bad = study[3]
+    sr = build(study, [finding(study[0], 0.6)],
+               [Unprocessed(bad.SOPInstanceUID, bad.SOPClassUID, "undecodable")])
+    (text,) = items_named(summary(sr), IMAGE_NOT_PROCESSED)
+    assert text.TextValue == "undecodable"
+    (image,) = text.ContentSequence
+    assert image.RelationshipType == "INFERRED FROM"
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == bad.SOPInstanceUID
+    counts = {i.ConceptNameCodeSequence[0].CodeValue: float(i.MeasuredValueSequence[0].NumericValue)
+              for i in summary(sr)[0].ContentSequence if i.ValueType == "NUM"}
+    assert counts["IMGPROC"] == 1 and counts["IMGNOTPROC"] == 1
+
+
+def test_a_study_with_no_readable_image_still_gets_a_report(
+    study: list[pydicom.Dataset],
+) -> None:
+    """Only unprocessed images: a report with the summary and no present/absent claim."""
+    bad = study[0]
+    sr = build(study[:1], [], [Unprocessed(bad.SOPInstanceUID, bad.SOPClassUID, "colour")])
+    (group,) = groups(sr)
+    assert items_named(group, FRACTURE) == []
+    assert items_named(group, IMAGE_NOT_PROCESSED)[0].TextValue == "colour"
+
+
+def test_algorithm_identification_names_model_and_parameters(
+    study: list[pydicom.Dataset],
+) -> None:
+    """TID 4019 carries the algorithm name, version, model SHA-256, threshold, operating point."""
+    sr = build(study, [finding(study[0], 0.9)])
+    for group in groups(sr):
+        values: dict[str, list[str]] = {}
+        for item in group[0].ContentSequence:
+            if item.RelationshipType == "HAS CONCEPT MOD" and item.ValueType == "TEXT":
+                meaning = item.ConceptNameCodeSequence[0].CodeMeaning
+                values.setdefault(meaning, []).append(item.TextValue)
+        assert values["Algorithm Name"] == ["fracture-densenet"]
+        assert values["Algorithm Version"] == ["1.4.0"]
+        assert values["Algorithm Parameters"] == [
+            f"model_sha256={'0f' * 32}", "threshold=0.42", "operating_point=balanced"
+        ]
+
+
+def test_device_observer_identifies_this_node(study: list[pydicom.Dataset]) -> None:
+    """The observation context names a device observer with our UID and AE title."""
+    sr = build(study, [finding(study[0], 0.9)])
+    report = cast(hd.sr.MeasurementReport, hd.sr.Comprehensive3DSR.from_dataset(sr).content)
+    (observer,) = report.get_observer_contexts(observer_type=codes.DCM.Device)
+    attributes = observer.observer_identifying_attributes
+    assert isinstance(attributes, hd.sr.DeviceObserverIdentifyingAttributes)
+    assert attributes.uid == "1.2.3.4.5.7"
+    assert attributes.name == "FRACTURE_NODE"
+
+
+def test_sources_of_several_series_are_all_evidence(study: list[pydicom.Dataset]) -> None:
+    """Every source instance, in both series, is listed as current evidence."""
+    sr = build(study, [finding(ds, 0.3) for ds in study])
+    (item,) = sr.CurrentRequestedProcedureEvidenceSequence
+    assert item.StudyInstanceUID == study[0].StudyInstanceUID
+    listed = {(s.SeriesInstanceUID, r.ReferencedSOPInstanceUID)
+              for s in item.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+    assert listed == {(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in study}
+
+
+def test_version_2_references_its_predecessor(study: list[pydicom.Dataset]) -> None:
+    """A second version is a new instance in the same series naming the first (PS3.3 C.17.2)."""
+    first = build(study, [finding(study[0], 0.3)])
+    second = build(study, [finding(study[0], 0.7)], version=2, predecessor=first)
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    assert second.SeriesInstanceUID == first.SeriesInstanceUID
+    assert second.InstanceNumber == 2
+    (study_item,) = second.PredecessorDocumentsSequence
+    assert study_item.StudyInstanceUID == first.StudyInstanceUID
+    (series_item,) = study_item.ReferencedSeriesSequence
+    assert series_item.SeriesInstanceUID == first.SeriesInstanceUID
+    (ref,) = series_item.ReferencedSOPSequence
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert ref.ReferencedSOPClassUID == first.SOPClassUID
+    assert "PredecessorDocumentsSequence" not in first
+
+
+def test_version_2_without_predecessor_is_refused(study: list[pydicom.Dataset]) -> None:
+    """A correction that does not name the report it replaces is a ReportError."""
+    with pytest.raises(ReportError, match=study[0].StudyInstanceUID):
+        build(study, [finding(study[0], 0.3)], version=2)
+
+
+def test_new_version_in_another_series_is_refused(study: list[pydicom.Dataset]) -> None:
+    """A new version must stay in the series of its predecessor."""
+    first = build(study, [finding(study[0], 0.3)])
+    with pytest.raises(ReportError, match="series"):
+        build(study, [finding(study[0], 0.3)], version=2, predecessor=first,
+              series_instance_uid="1.2.3.4.9")
+
+
+def test_image_missing_from_sources_is_a_report_error_without_patient_data(
+    study: list[pydicom.Dataset],
+) -> None:
+    """highdicom's refusal is wrapped in ReportError naming the study UID, not the patient."""
+    stranger = ImageFinding(generate_uid(), study[0].SOPClassUID, 0.5, True)
+    with pytest.raises(ReportError) as caught:
+        build(study[:1], [stranger])
+    message = str(caught.value)
+    assert study[0].StudyInstanceUID in message
+    assert str(study[0].PatientName) not in message
+    assert str(study[0].PatientID) not in message
+    assert isinstance(caught.value.__cause__, ValueError)
+
+
+def test_sources_from_two_studies_are_refused(study: list[pydicom.Dataset]) -> None:
+    """Headers of two studies cannot make one report."""
+    other = copy.deepcopy(study[1])
+    other.StudyInstanceUID = generate_uid()
+    with pytest.raises(ReportError, match="2 studies"):
+        build([study[0], other], [finding(study[0], 0.5)])
+
+
+def test_probability_outside_0_1_is_refused(study: list[pydicom.Dataset]) -> None:
+    """A probability of 1.5 is a programming error, not a result."""
+    with pytest.raises(ReportError, match="outside 0..1"):
+        build(study, [ImageFinding(study[0].SOPInstanceUID, study[0].SOPClassUID, 1.5, True)])
+
+
+def test_source_without_type2_attributes_gives_empty_ones(samples_dir: Path) -> None:
+    """A header lacking Patient ID and study date still reports, with those attributes empty."""
+    ds = pydicom.dcmread(samples_dir / "CR_chest_MONO1_implicitVR_nometa.dcm",
+                         stop_before_pixels=True, force=True)
+    assert "PatientID" not in ds
+    sr = build([ds], [finding(ds, 0.1)])
+    for keyword in ("PatientID", "PatientBirthDate", "StudyDate", "StudyID"):
+        assert keyword in sr and not sr[keyword].value, keyword
+    assert "PatientID" not in ds
+
+
+def test_write_report_leaves_a_complete_file_and_no_temporary(
+    study: list[pydicom.Dataset], tmp_path: Path
+) -> None:
+    """write_report produces a readable Part 10 file and nothing else in the folder."""
+    sr = build(study, [finding(study[0], 0.9)])
+    target = tmp_path / "reports" / "sr.dcm"
+    write_report(sr, target)
+    assert [p.name for p in target.parent.iterdir()] == ["sr.dcm"]
+    back = pydicom.dcmread(target)
+    assert back.SOPInstanceUID == sr.SOPInstanceUID
+    assert back.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
