@@ -57,6 +57,12 @@ class Daemon:
         self.store.ping()
         spool = Spool(cfg.spool_dir, fsync=cfg.storage.fsync,
                       min_free_bytes=cfg.storage.min_free_bytes)
+        classifier = None
+        if cfg.node.role in ("all", "worker"):
+            # Load the model before listening: a node that cannot score must not accept.
+            from fracture_node.ml.infer import Classifier
+
+            classifier = Classifier.load(cfg.model.path, cfg.model.device)
         if cfg.node.role in ("all", "receiver"):
             self.receiver = Receiver(cfg, self.store, spool, on_stored=self.wake.set,
                                      metrics=self.metrics)
@@ -65,8 +71,8 @@ class Daemon:
             if closed:
                 log.warning("associations_interrupted", count=closed)
         node = self.receiver.node if self.receiver else node_name(cfg.node.port)
-        if cfg.node.role in ("all", "worker"):
-            self._start_processing(spool, node)
+        if classifier is not None:
+            self._start_processing(spool, node, classifier)
         if cfg.metrics.enabled:
             self.metrics_server = MetricsServer(self.metrics, self.health, cfg.metrics.host,
                                                 cfg.metrics.port)
@@ -75,19 +81,17 @@ class Daemon:
         log.info("node_started", role=cfg.node.role,
                  port=self.receiver.port if self.receiver else None)
 
-    def _start_processing(self, spool: Spool, node: str) -> None:
+    def _start_processing(self, spool: Spool, node: str, classifier: Any) -> None:
         """The worker (model), the reporter and the deliverer, driven by APScheduler."""
         from apscheduler.schedulers.background import BackgroundScheduler
 
         from fracture_node.delivery import Deliverer
         from fracture_node.dicom.report import AlgorithmInfo
-        from fracture_node.ml.infer import Classifier
         from fracture_node.studies import Reporter
         from fracture_node.worker import Worker
 
         cfg = self.config
         assert self.store is not None
-        classifier = Classifier.load(cfg.model.path, cfg.model.device)
         if self.store.is_postgres is False:
             # SQLite: this process is the only worker, so any claim left is from a run that
             # stopped; take it back now rather than after claim_timeout_s.

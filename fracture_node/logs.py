@@ -79,5 +79,6 @@ def configure(level: str = "info", json: bool | None = None) -> None:
 
 def get_logger(name: str | None = None) -> Any:
     """Return a structlog logger bound to ``component=name``."""
-    log = structlog.get_logger()
-    return log.bind(component=name) if name else log
+    # Initial values keep the logger lazy: it picks up the configuration in force when it is
+    # first used, not the one at import time.
+    return structlog.get_logger(component=name) if name else structlog.get_logger()

@@ -24,3 +24,17 @@ def samples_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def dataset_dir(shared_dir: Path) -> Path:
     return shared_dir / "datasets" / "fracture-xr"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small untrained model file (real format, real loading code) for pipeline mechanics."""
+    from fracture_node.ml.model import build_model, save_model_file
+
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model_file(path, build_model("mobilenet_v3_small"), {
+        "name": "tiny-test-model", "version": "0.0", "architecture": "mobilenet_v3_small",
+        "input_size": 64, "thresholds": {"balanced": 0.5, "high_sensitivity": 0.3},
+        "normalisation": {"mean": 0.5, "std": 0.25},
+    })
+    return path

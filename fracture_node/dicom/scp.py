@@ -33,8 +33,8 @@ from typing import Any
 import pydicom
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
 from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification
 
 from fracture_node.config import Config
 from fracture_node.db.store import NewInstance, Store, utcnow
@@ -140,11 +140,15 @@ class Receiver:
             return
         server.shutdown()  # no new connections from here on
         deadline = time.monotonic() + drain_timeout_s
-        while server.active_associations and time.monotonic() < deadline:
+        # Wait for established associations only: a connection still negotiating carries no
+        # store and is dropped with the process.
+        while time.monotonic() < deadline:
+            if not any(a.is_established for a in server.active_associations):
+                break
             time.sleep(0.05)
-        left = server.active_associations
+        left = [a for a in server.active_associations if a.is_established]
         for assoc in left:
-            assoc.abort()
+            assoc.abort(block=False)
         log.info("scp_stopped", aborted_associations=len(left))
         self._server = None
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up a development/runtime environment in ./.venv (idempotent).
+#   scripts/setup.sh          Python environment only (enough to run the daemon)
+#   scripts/setup.sh --test   also the test peers: DCMTK, dicom3tools, Orthanc, systemd tools,
+#                             and a running PostgreSQL (apt; needs root or sudo)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "fracture-node needs Python 3.11 or newer (found: $("$PYTHON" --version 2>&1))" >&2
+  exit 1
+fi
+
+if [[ "${1:-}" == "--test" ]]; then
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  need=()
+  for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc systemd-analyze:systemd; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || [[ -x /usr/sbin/${pair%%:*} ]] || need+=("${pair##*:}")
+  done
+  if ((${#need[@]})); then
+    echo "installing ${need[*]} (apt)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+  # PostgreSQL on 127.0.0.1:5432 for the tests that need it (started if installed but stopped).
+  if ! (echo > /dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+    if command -v pg_ctlcluster >/dev/null 2>&1; then
+      $SUDO pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+    fi
+  fi
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if [[ "${1:-}" == "--test" ]]; then
+  .venv/bin/python -m pip install -q -e '.[test]'
+else
+  .venv/bin/python -m pip install -q -e .
+fi

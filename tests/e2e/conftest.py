@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.support import free_port, wait_for_port
+
+BIN = Path(sys.executable).with_name("fracture-node")
+
+
+class ServeProcess:
+    """``fracture-node serve`` as a real process with its own configuration and state."""
+
+    def __init__(self, workdir: Path, destinations: list[tuple[str, str, int]],
+                 extra: str = "", model: Path | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.log_path = workdir / "serve.log"
+        lines = [
+            "[node]", f"port = {self.port}", 'bind_address = "127.0.0.1"', 'state_dir = "state"',
+            "[study]", "stable_after_s = 1.0",
+            "[metrics]", f"port = {self.metrics_port}",
+            "[model]", "max_wait_ms = 50",
+        ]
+        if model is not None:
+            lines.append(f'path = "{model}"')
+        for name, aet, port in destinations:
+            lines += ["[[destinations]]", f'name = "{name}"', f'ae_title = "{aet}"',
+                      'host = "127.0.0.1"', f"port = {port}"]
+        self.config = workdir / "config.toml"
+        self.config.write_text("\n".join(lines) + "\n" + extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([str(BIN), "serve", "--config", str(self.config)],
+                                     cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(self.port, timeout=90)
+        except TimeoutError:
+            self.proc.kill()
+            raise AssertionError("the node did not start:\n" + self.log_path.read_text()[-4000:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """DCMTK storescp playing the PACS (AE title PACS); yields its port and its folder."""
+    port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port)
+    yield port, out
+    proc.terminate()
+    proc.wait(10)
+
+
+def make_study(samples_dir: Path, out: Path, names: list[str], patient: str = "Doe^Jane",
+               patient_id: str = "PID-0001") -> list[Path]:
+    """Copies of sample files made into one study with a known patient, written to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    study = generate_uid()
+    series = generate_uid()
+    paths = []
+    for i, name in enumerate(names):
+        ds = pydicom.dcmread(samples_dir / name)
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientName = patient
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = "19700101"
+        ds.InstanceNumber = i + 1
+        path = out / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout}s")
+
+
+__all__ = ["ServeProcess", "make_study", "wait_until", "os"]

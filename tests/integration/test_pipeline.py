@@ -1,0 +1,291 @@
+"""Worker, reporter and delivery over a real database, spool and DICOM peers on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from fracture_node.config import Config, Destination
+from fracture_node.db import schema as s
+from fracture_node.db.store import NewInstance, Store, utcnow
+from fracture_node.delivery import Deliverer
+from fracture_node.dicom.report import AlgorithmInfo
+from fracture_node.ml.infer import Classifier
+from fracture_node.spool import Spool
+from fracture_node.studies import Reporter
+from fracture_node.worker import Worker
+from tests.integration.conftest import node_config
+from tests.support import free_port, wait_for_port
+
+SAMPLE = "CR_cspine_tiny16x16_explicitVR.dcm"
+
+
+class Node:
+    """The processing half of a node, driven step by step by the test."""
+
+    def __init__(self, config: Config, model: Path) -> None:
+        self.config = config
+        self.store = Store(config.database_url)
+        self.spool = Spool(config.spool_dir, fsync=False)
+        self.classifier = Classifier.load(model, "cpu")
+        self.worker = Worker(config, self.store, self.spool, self.classifier, "test-worker")
+        algo = AlgorithmInfo(self.classifier.name, self.classifier.version,
+                             self.classifier.sha256, 0.5, "balanced")
+        self.reporter = Reporter(config, self.store, self.spool, "test-node", algo)
+        self.deliverer = Deliverer(config, self.store, "test-node")
+
+    def add(self, ds: pydicom.Dataset, association_id: int | None = None) -> int:
+        """Spool a dataset and queue it, as the SCP does."""
+        from io import BytesIO
+
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        data = buf.getvalue()
+        import hashlib
+
+        digest = hashlib.sha256(data).hexdigest()
+        rel = self.spool.relative_path(ds.StudyInstanceUID, ds.SOPInstanceUID, digest)
+        self.spool.write(rel, data)
+        return self.store.add_instance(NewInstance(
+            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+            study_instance_uid=ds.StudyInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, modality=ds.Modality,
+            size_bytes=len(data), sha256=digest, spool_path=rel, received_at=utcnow(),
+            association_id=association_id))
+
+    def drain(self) -> None:
+        while self.worker.run_once():
+            pass
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.store.dispose()
+
+
+def _study(samples_dir: Path, n: int, study_uid: str | None = None) -> list[pydicom.Dataset]:
+    study_uid = study_uid or generate_uid()
+    out = []
+    for _ in range(n):
+        ds = pydicom.dcmread(samples_dir / SAMPLE)
+        ds.StudyInstanceUID = study_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out.append(ds)
+    return out
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A DCMTK storescp playing the PACS; yields its port and the folder it stores into."""
+    port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port)
+    yield port, out
+    proc.terminate()
+    proc.wait(10)
+
+
+def _node(tmp_path: Path, db_url: str, model: Path, pacs_port: int | None = None,
+          deadline_s: float = 3600.0, **model_cfg: object) -> Node:
+    config = node_config(tmp_path, db_url)
+    dests = (Destination(name="pacs", ae_title="PACS", host="127.0.0.1",
+                         port=pacs_port or free_port()),)
+    config = dataclasses.replace(
+        config, destinations=dests,
+        model=dataclasses.replace(config.model, path=model, **model_cfg),  # type: ignore[arg-type]
+        study=dataclasses.replace(config.study, stable_after_s=0.0),
+        delivery=dataclasses.replace(config.delivery, first_retry_s=0.2, max_retry_s=0.4,
+                                     timeout_s=3.0, deadline_s=deadline_s))
+    return Node(config.validate(), model)
+
+
+@pytest.fixture
+def node(tmp_path: Path, db_url: str, tiny_model: Path, pacs: tuple[int, Path]
+         ) -> Iterator[Node]:
+    n = _node(tmp_path, db_url, tiny_model, pacs[0])
+    yield n
+    n.close()
+
+
+def test_worker_scores_every_queued_instance_once(node: Node, samples_dir: Path) -> None:
+    """Each queued radiograph gets exactly one result with the model's identity."""
+    for ds in _study(samples_dir, 5):
+        node.add(ds)
+    node.drain()
+    results = node.store.rows(s.Result)
+    assert len(results) == 5
+    assert len({r.instance_id for r in results}) == 5
+    assert all(0.0 <= r.probability <= 1.0 for r in results)
+    assert {r.model_sha256 for r in results} == {node.classifier.sha256}
+    assert all(r.positive == (r.probability >= r.threshold) for r in results)
+    assert {i.state for i in node.store.rows(s.Instance)} == {s.PROCESSED}
+
+
+def test_batches_respect_max_batch(tmp_path: Path, sqlite_url: str, tiny_model: Path,
+                                   samples_dir: Path) -> None:
+    """With max_batch 4, ten instances are scored in batches of at most four."""
+    n = _node(tmp_path, sqlite_url, tiny_model, max_batch=4, max_wait_ms=0)
+    try:
+        for ds in _study(samples_dir, 10):
+            n.add(ds)
+        n.drain()
+        sizes = [r.batch_size for r in n.store.rows(s.Result)]
+        assert len(sizes) == 10 and max(sizes) == 4
+    finally:
+        n.close()
+
+
+def test_out_of_scope_objects_are_recorded_not_processed(node: Node, samples_dir: Path) -> None:
+    """CT, MR and US objects end as not_processed with the reason, without a result."""
+    for name in ("CT_small.dcm", "MR_small_RLE.dcm", "US_rgb_uncompressed.dcm"):
+        node.add(pydicom.dcmread(samples_dir / "negative_controls" / name))
+    node.drain()
+    rows = node.store.rows(s.Instance)
+    assert {r.state for r in rows} == {s.NOT_PROCESSED}
+    assert all(r.reason for r in rows)
+    assert node.store.rows(s.Result) == []
+
+
+def test_undecodable_pixel_data_is_recorded_with_reason(node: Node, samples_dir: Path) -> None:
+    """The malformed samples end as not_processed, reason undecodable, and the worker goes on."""
+    for path in sorted((samples_dir / "malformed").glob("*.dcm")):
+        node.add(pydicom.dcmread(path))
+    node.add(_study(samples_dir, 1)[0])
+    node.drain()
+    states = sorted((r.state, r.reason) for r in node.store.rows(s.Instance))
+    assert states.count((s.NOT_PROCESSED, "undecodable")) == 2
+    assert (s.PROCESSED, None) in states
+
+
+def test_taken_back_claim_is_processed_once(node: Node, samples_dir: Path) -> None:
+    """A claim of a dead worker is taken back, processed by another, and recorded once."""
+    node.add(_study(samples_dir, 1)[0])
+    [claimed] = node.store.claim_instances("dead-worker", 10)
+    assert node.store.take_back_stale_claims(dt.timedelta(0), max_attempts=3) == (1, 0)
+    node.drain()
+    # The dead worker comes back to life and tries to save its stale result: it is refused.
+    from fracture_node.db.store import ResultRecord
+
+    late = ResultRecord(claimed.id, 0.9, True, 0.5, "balanced", "x", "x", "x", 1, 1, 1)
+    assert node.store.save_results("dead-worker", [late]) == 0
+    assert len(node.store.rows(s.Result)) == 1
+
+
+def test_stopping_worker_gives_claims_back(node: Node, samples_dir: Path) -> None:
+    """Claims the worker holds but has not scored go back to the queue when it stops."""
+    for ds in _study(samples_dir, 3):
+        node.add(ds)
+    node.worker._refill()
+    node.worker.stop()
+    assert {r.state for r in node.store.rows(s.Instance)} == {s.QUEUED}
+
+
+def test_stable_study_is_reported_and_delivered(node: Node, samples_dir: Path,
+                                                pacs: tuple[int, Path]) -> None:
+    """A finished study gets one SR with a probability per image, delivered to the PACS."""
+    study = _study(samples_dir, 3)
+    for ds in study:
+        node.add(ds)
+    node.drain()
+    assert node.reporter.run_once() == 1
+    assert node.deliverer.run_once() == 1
+    [report] = node.store.rows(s.Report)
+    assert (report.version, report.instances_total) == (1, 3)
+    [delivery] = node.store.rows(s.Delivery)
+    assert delivery.state == s.DELIVERED
+    [attempt] = node.store.rows(s.DeliveryAttempt)
+    assert attempt.ok and attempt.status == 0
+    [received] = list(pacs[1].iterdir())
+    sr = pydicom.dcmread(received)
+    assert sr.StudyInstanceUID == study[0].StudyInstanceUID
+    referenced = {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                  for item in _walk(sr) if getattr(item, "ValueType", "") == "IMAGE"}
+    assert {ds.SOPInstanceUID for ds in study} <= referenced
+    assert sum(1 for item in _walk(sr) if getattr(item, "ValueType", "") == "NUM") >= 3
+
+
+def test_study_with_open_association_is_not_reported(node: Node, samples_dir: Path) -> None:
+    """While an association that brought instances is still open, the study waits."""
+    assoc = node.store.open_association(node="n", calling_ae_title="A", called_ae_title="B",
+                                        peer_address="127.0.0.1", peer_port=1)
+    node.add(_study(samples_dir, 1)[0], association_id=assoc)
+    node.drain()
+    assert node.reporter.run_once() == 0
+    node.store.close_association(assoc, "released")
+    assert node.reporter.run_once() == 1
+
+
+def test_late_instance_makes_a_new_version(node: Node, samples_dir: Path,
+                                           pacs: tuple[int, Path]) -> None:
+    """An instance arriving after the report gives version 2 with the predecessor named."""
+    first, late = _study(samples_dir, 2)
+    node.add(first)
+    node.drain()
+    node.reporter.run_once()
+    node.add(late)
+    node.drain()
+    assert node.reporter.run_once() == 1
+    reports = sorted(node.store.rows(s.Report), key=lambda r: r.version)
+    assert [r.version for r in reports] == [1, 2]
+    assert reports[0].series_instance_uid == reports[1].series_instance_uid
+    v2 = pydicom.dcmread(node.config.reports_dir / reports[1].path)
+    pred = v2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert pred.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == reports[0].sop_instance_uid
+    assert reports[1].instances_total == 2
+    node.deliverer.run_once()
+    assert len(list(pacs[1].iterdir())) == 2
+
+
+def test_unreachable_pacs_is_retried_then_dead_lettered_then_redelivered(
+        tmp_path: Path, sqlite_url: str, tiny_model: Path, samples_dir: Path) -> None:
+    """Failed deliveries are retried with back-off, dead-lettered at the deadline, and
+    delivered after `retry` once the PACS is back."""
+    pacs_port = free_port()
+    n = _node(tmp_path, sqlite_url, tiny_model, pacs_port, deadline_s=1.5)
+    try:
+        n.add(_study(samples_dir, 1)[0])
+        n.drain()
+        n.reporter.run_once()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            n.deliverer.run_once()
+            if n.store.delivery_states().get(s.DEAD):
+                break
+            time.sleep(0.1)
+        attempts = n.store.rows(s.DeliveryAttempt)
+        assert len(attempts) >= 2 and not any(a.ok for a in attempts)
+        assert all(a.error for a in attempts)
+        gaps = [(b.attempted_at - a.attempted_at).total_seconds()
+                for a, b in zip(attempts, attempts[1:], strict=False)]
+        assert min(gaps) >= 0.15
+        assert n.store.delivery_states() == {s.DEAD: 1}
+        out = tmp_path / "late-pacs"
+        out.mkdir()
+        proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(pacs_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(pacs_port)
+            assert n.store.retry_dead_deliveries(deadline_s=60) == 1
+            assert n.deliverer.run_once() == 1
+            assert len(list(out.iterdir())) == 1
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        n.close()
+
+
+def _walk(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _walk(item)
