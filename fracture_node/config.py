@@ -126,7 +126,7 @@ class DatabaseConfig:
     def validate(self) -> None:
         if self.url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", self.url):
             raise ConfigError(
-                f"config: [database] url must start with sqlite:// or postgresql://; "
+                "config: [database] url must start with sqlite:// or postgresql://; "
                 "fix: e.g. 'postgresql+psycopg://fracture@dbhost/fracture'"
             )
 

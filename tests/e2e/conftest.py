@@ -49,7 +49,8 @@ class ServeProcess:
             wait_for_port(self.port, timeout=90)
         except TimeoutError:
             self.proc.kill()
-            raise AssertionError("the node did not start:\n" + self.log_path.read_text()[-4000:])
+            raise AssertionError("the node did not start:\n"
+                                 + self.log_path.read_text()[-4000:]) from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.proc is not None
