@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("--aec", default="ANY-SCP", help="the called AE title")
     echo.add_argument("--timeout", type=float, default=10.0)
 
+    retry = sub.add_parser("retry", help="resend dead-lettered reports")
+    retry.add_argument("--config", "-c")
+    retry.add_argument("--destination", help="only deliveries to this destination")
+    retry.add_argument("--report-id", type=int, action="append", dest="report_ids",
+                       help="only this report (repeatable)")
+
     for name, helptext in (("predict", "score DICOM or PNG/JPEG files, write a CSV"),
                            ("train", "train a model on labelled radiographs"),
                            ("evaluate", "evaluate a model file on a labelled split")):
@@ -65,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _db(args)
         if args.command == "echo":
             return _echo(args)
+        if args.command == "retry":
+            return _retry(args)
     except FractureNodeError as exc:
         print(f"fracture-node: {exc}", file=sys.stderr)
         return 2
@@ -124,6 +132,22 @@ def _db(args: argparse.Namespace) -> int:
         print(f"schema: {before or 'empty'} -> {after}")
     else:
         print(migrate.current(url) or "empty")
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from fracture_node import config as cfg
+    from fracture_node.db.store import Store
+
+    config = cfg.load(args.config)
+    store = Store(config.database_url)
+    try:
+        count = store.retry_dead_deliveries(config.delivery.deadline_s, args.destination,
+                                            args.report_ids)
+    finally:
+        store.dispose()
+    print(f"{count} dead-lettered deliveries queued again; a running node sends them within "
+          "seconds")
     return 0
 
 

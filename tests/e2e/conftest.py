@@ -23,6 +23,7 @@ class ServeProcess:
     def __init__(self, workdir: Path, destinations: list[tuple[str, str, int]],
                  extra: str = "", model: Path | None = None) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.metrics_port = free_port()
         self.log_path = workdir / "serve.log"
