@@ -2,7 +2,7 @@
 
 The document is built with highdicom, layer by layer as the standard names them: value types
 (NUM, CODE, TEXT, IMAGE) inside TID 1501 measurement groups inside a TID 1500 Measurement
-Report inside a Comprehensive 3D SR instance. ``docs/conformance-sr.md`` shows the tree and
+Report inside a Comprehensive 3D SR instance. ``docs/conformance.md`` (section 6) shows the tree and
 lists every code; keep the two in step.
 
 The SR belongs to the study it reports on (same Study Instance UID, patient and study
