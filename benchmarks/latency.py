@@ -1,0 +1,122 @@
+"""Latency: from the last instance of a three-image study to the SR acknowledged by the PACS.
+
+    .venv/bin/python benchmarks/latency.py [--studies 20] [--model PATH]
+
+A real ``fracture-node serve`` process (SQLite, the bundled model unless ``--model``) receives
+three-image studies from pynetdicom and reports to DCMTK storescp playing the PACS. For each study:
+t0 = the C-STORE response of its last instance, t1 = the delivery recorded as acknowledged in SQL
+(``delivery_attempts.attempted_at`` + duration). Printed: p50/p95/max of t1 - t0 - stable_after_s,
+i.e. the time the node adds beyond the stability wait it is configured to observe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BIN = Path(sys.executable).with_name("fracture-node")
+sys.path.insert(0, str(REPO))
+from benchmarks.ingest import free_port, wait_port  # noqa: E402
+from benchmarks.pipeline import cr_from_jpeg  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--stable-after", type=float, default=1.0)
+    parser.add_argument("--model", type=Path, default=None)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="fn-latency-"))
+    import csv
+
+    root = SHARED / "datasets" / "fracture-xr"
+    with (root / "labels.csv").open() as fh:
+        jpegs = [root / r["file"] for r in csv.DictReader(fh) if r["split"] == "test"][:9]
+    templates = [cr_from_jpeg(p) for p in jpegs]
+
+    pacs_port, fn_port = free_port(), free_port()
+    (tmp / "pacs").mkdir()
+    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(tmp / "pacs"),
+                             str(pacs_port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    model_line = f'path = "{args.model.resolve()}"\n' if args.model else ""
+    config = tmp / "fn.toml"
+    config.write_text(
+        f'[node]\nport = {fn_port}\nbind_address = "127.0.0.1"\nstate_dir = "{tmp / "fn"}"\n'
+        f"[study]\nstable_after_s = {args.stable_after}\n[model]\n{model_line}max_wait_ms = 50\n"
+        '[logging]\nlevel = "warning"\n[metrics]\nenabled = false\n'
+        f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        f"port = {pacs_port}\n")
+    node = subprocess.Popen([str(BIN), "serve", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ends: dict[str, float] = {}
+    try:
+        wait_port(pacs_port)
+        wait_port(fn_port, timeout=300)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
+        for i in range(args.studies):
+            study = generate_uid()
+            assoc = ae.associate("127.0.0.1", fn_port, ae_title="FRACTURE_NODE")
+            for k in range(3):
+                ds = templates[(3 * i + k) % len(templates)]
+                ds.StudyInstanceUID = study
+                ds.SOPInstanceUID = generate_uid()
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                assoc.send_c_store(ds)
+            ends[study] = time.time()  # wall clock: compared with SQL timestamps
+            assoc.release()
+            time.sleep(args.stable_after + 1.5)  # studies one after another, as a modality does
+        deadline = time.monotonic() + 120
+        db = tmp / "fn" / "fracture-node.db"
+        rows: list[tuple[str, str, float]] = []
+        while time.monotonic() < deadline:
+            with sqlite3.connect(db) as conn:
+                rows = conn.execute(
+                    "SELECT r.study_instance_uid, a.attempted_at, a.duration_ms "
+                    "FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
+                    "JOIN reports r ON r.id = d.report_id WHERE a.ok").fetchall()
+            if len(rows) >= len(ends):
+                break
+            time.sleep(0.5)
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(60)
+        pacs.terminate()
+    lat = []
+    for study, attempted, duration_ms in rows:
+        acked = dt.datetime.fromisoformat(attempted).replace(tzinfo=dt.UTC).timestamp() \
+            + duration_ms / 1000
+        lat.append(acked - ends[study] - args.stable_after)
+    arr = np.array(sorted(lat))
+    print(json.dumps({
+        "benchmark": "latency", "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "studies": len(ends), "reported": len(lat), "stable_after_s": args.stable_after,
+        "p50_s": round(float(np.percentile(arr, 50)), 3),
+        "p95_s": round(float(np.percentile(arr, 95)), 3),
+        "max_s": round(float(arr.max()), 3),
+        "load_average": os.getloadavg()[0],
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

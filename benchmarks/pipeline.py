@@ -1,0 +1,211 @@
+"""Raw model throughput against the whole pipeline's (spooled instance -> SQL result), one run.
+
+    .venv/bin/python benchmarks/pipeline.py [--instances 256] [--batch 16] [--model PATH]
+        [--source dataset|samples] [--backlog 10000]
+
+Prints one JSON object:
+
+- ``raw_images_per_s``: ``Classifier.predict_batch`` on prepared batches of the serving batch size
+  (the model alone, inputs already in memory);
+- ``pipeline_images_per_s``: the worker claiming queued instances from SQL, reading them from the
+  spool, decoding (pydicom + pylibjpeg), normalising, letterboxing, scoring and committing results,
+  from the first claim to the last commit;
+- ``ratio`` = pipeline / raw (target on CPU: at least 0.9);
+- with ``--backlog N``: resident memory of the process before and while N further instances wait in
+  the queue (nothing waiting lives in RAM), in MiB.
+
+Instances are real radiographs: the dataset's test-split JPEGs wrapped as uncompressed CR objects
+(``dataset``: what most PACS send after their own decompression), or the shared DICOM samples in
+their compressed transfer syntaxes (``samples``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+from fracture_node.config import Config, ModelConfig, NodeConfig  # noqa: E402
+from fracture_node.db import migrate  # noqa: E402
+from fracture_node.db.store import NewInstance, Store, utcnow  # noqa: E402
+from fracture_node.ml.infer import Classifier  # noqa: E402
+from fracture_node.spool import Spool  # noqa: E402
+from fracture_node.worker import Worker  # noqa: E402
+
+
+def cr_from_jpeg(path: Path) -> pydicom.Dataset:
+    """An uncompressed CR object carrying a dataset JPEG's pixels (8-bit, MONOCHROME2)."""
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientName, ds.PatientID = "CR", "Bench^Mark", "BENCH"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def sources(kind: str, n: int) -> list[bytes]:
+    if kind == "dataset":
+        import csv
+
+        root = SHARED / "datasets" / "fracture-xr"
+        with (root / "labels.csv").open() as fh:
+            files = [root / r["file"] for r in csv.DictReader(fh) if r["split"] == "test"]
+        datasets = [cr_from_jpeg(p) for p in files[:n]]
+    else:
+        names = ["CR_hip_RG2_JLSL.dcm", "CR_extremity_RG3_J2KI.dcm", "CR_chest_RG1_JLSN.dcm",
+                 "CR_hip_RG2_JPLL.dcm", "DX_J2KR_1416x1420_u16.dcm", "CR_hip_RG2_JPLY_fixed.dcm"]
+        datasets = [pydicom.dcmread(SHARED / "dicom-samples" / names[i % len(names)])
+                    for i in range(n)]
+    out = []
+    for ds in datasets:
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out
+
+
+def enqueue(store: Store, spool: Spool, blobs: list[bytes]) -> None:
+    for data in blobs:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        digest = hashlib.sha256(data).hexdigest()
+        rel = spool.relative_path(ds.StudyInstanceUID, ds.SOPInstanceUID, digest)
+        spool.write(rel, data)
+        store.add_instance(NewInstance(
+            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+            study_instance_uid=ds.StudyInstanceUID, series_instance_uid=None,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, modality="CR",
+            size_bytes=len(data), sha256=digest, spool_path=rel, received_at=utcnow(),
+            association_id=None))
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--decode-threads", type=int, default=2)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--source", choices=["dataset", "samples"], default="dataset")
+    parser.add_argument("--backlog", type=int, default=0)
+    parser.add_argument("--db", default="", help="database URL (default: a SQLite file)")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="fn-bench-"))
+    url = args.db or f"sqlite:///{tmp / 'bench.db'}"
+    migrate.upgrade(url)
+    config = Config(node=NodeConfig(state_dir=tmp),
+                    model=ModelConfig(path=args.model, device=args.device,
+                                      max_batch=args.batch, max_wait_ms=50,
+                                      decode_threads=args.decode_threads)).validate()
+    store, spool = Store(url), Spool(config.spool_dir, fsync=False)
+    classifier = Classifier.load(args.model, args.device)
+    blobs = sources(args.source, args.instances)
+
+    # Raw: the model alone on prepared inputs of the serving batch size.
+    from fracture_node.dicom.pixels import load_dicom_file
+
+    prepared = []
+    for i, data in enumerate(blobs[: args.batch]):
+        path = tmp / f"raw{i}.dcm"
+        path.write_bytes(data)
+        prepared.append(classifier.prepare(load_dicom_file(path)))
+    batch = np.stack(prepared)
+    classifier.predict_batch(batch)  # warm-up
+    runs = max(3, args.instances // args.batch)
+    started = time.perf_counter()
+    for _ in range(runs):
+        classifier.predict_batch(batch)
+    raw = runs * len(batch) / (time.perf_counter() - started)
+
+    # Pipeline: spooled + queued instances to committed results.
+    enqueue(store, spool, blobs)
+    worker = Worker(config, store, spool, classifier, node="bench")
+    started = time.perf_counter()
+    done = 0
+    while done < len(blobs):
+        done += worker.run_once()
+    pipeline = len(blobs) / (time.perf_counter() - started)
+    worker.stop()
+
+    result = {
+        "benchmark": "pipeline_vs_raw",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "device": str(classifier.device),
+        "model": classifier.name, "model_sha256": classifier.sha256[:12],
+        "input_size": classifier.input_size, "batch": args.batch,
+        "decode_threads": args.decode_threads, "source": args.source,
+        "instances": len(blobs),
+        "raw_images_per_s": round(raw, 2),
+        "pipeline_images_per_s": round(pipeline, 2),
+        "ratio": round(pipeline / raw, 3),
+        "load_average": os.getloadavg()[0],
+    }
+    if args.backlog:
+        small = sources("dataset", 8)
+        big = [small[i % len(small)] for i in range(args.backlog)]
+        fresh = []
+        for data in big:  # new UIDs so that each is its own instance
+            ds = pydicom.dcmread(io.BytesIO(data))
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            fresh.append(buf.getvalue())
+        enqueue(store, spool, fresh)
+        before = rss_mib()
+        worker = Worker(config, store, spool, classifier, node="bench2")
+        samples = []
+        for _ in range(20):
+            worker.run_once()
+            samples.append(rss_mib())
+        worker.stop()
+        result.update({"backlog": args.backlog, "queue_depth": store.queue_depth(),
+                       "rss_before_mib": round(before, 1),
+                       "rss_while_processing_max_mib": round(max(samples), 1),
+                       "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                            / 1024, 1)})
+    print(json.dumps(result))
+    store.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
