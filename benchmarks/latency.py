@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
