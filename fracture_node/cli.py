@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--report-id", type=int, action="append", dest="report_ids",
                        help="only this report (repeatable)")
 
+    for name, helptext in (
+            ("audit", "answer an audit question (positives, turnaround, models, deliveries, "
+                      "sources, unprocessed)"),
+            ("status", "queue depth, states, last reports, dead deliveries"),
+            ("housekeeping", "run one housekeeping job now")):
+        p = sub.add_parser(name, help=helptext, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+
     for name, helptext in (("predict", "score DICOM or PNG/JPEG files, write a CSV"),
                            ("train", "train a model on labelled radiographs"),
                            ("evaluate", "evaluate a model file on a labelled split")):
@@ -61,6 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # predict/train/evaluate own their arguments: hand everything after the name over.
     if argv and argv[0] in ("predict", "train", "evaluate"):
         return _delegate(argv[0], argv[1:])
+    if argv and argv[0] in ("audit", "status", "housekeeping"):
+        from fracture_node.audit_cli import main as operator_main
+
+        try:
+            return int(operator_main(argv) or 0)
+        except FractureNodeError as exc:
+            print(f"fracture-node {argv[0]}: {exc}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":

@@ -8,6 +8,7 @@ next start.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
 import threading
 from types import FrameType
@@ -20,6 +21,7 @@ from fracture_node.db.store import Store
 from fracture_node.dicom.scp import Receiver, node_name
 from fracture_node.metrics import Metrics, MetricsServer
 from fracture_node.spool import Spool
+from fracture_node.systemd import Notifier, WatchdogThread, watchdog_interval
 
 log = logs.get_logger("daemon")
 
@@ -39,6 +41,9 @@ class Daemon:
         self.reporter: Any = None
         self.deliverer: Any = None
         self.scheduler: Any = None
+        self.housekeeping: Any = None
+        self.notifier = Notifier.from_environ(os.environ)
+        self.watchdog: WatchdogThread | None = None
         self.wake = threading.Event()
 
     # Life cycle ---------------------------------------------------------------------------
@@ -50,6 +55,7 @@ class Daemon:
         log.info("node_starting", version=__version__, config_source=cfg.source,
                  settings=cfg.redacted())
         cfg.node.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.notifier.extend_timeout(600)  # a long schema upgrade must not hit TimeoutStartSec
         if cfg.database.auto_upgrade:
             revision = migrate.upgrade(cfg.database_url)
             log.info("schema_ready", revision=revision)
@@ -71,6 +77,11 @@ class Daemon:
             if closed:
                 log.warning("associations_interrupted", count=closed)
         node = self.receiver.node if self.receiver else node_name(cfg.node.port)
+        from fracture_node.housekeeping import Housekeeping
+
+        self.housekeeping = Housekeeping(cfg, self.store, spool, self.metrics, node)
+        self.housekeeping.start()
+        self._parts.append(self.housekeeping)  # stopped after the worker (parts stop in reverse)
         if classifier is not None:
             self._start_processing(spool, node, classifier)
         if cfg.metrics.enabled:
@@ -80,6 +91,17 @@ class Daemon:
         self.metrics.up.set(1)
         log.info("node_started", role=cfg.node.role,
                  port=self.receiver.port if self.receiver else None)
+        self.notifier.ready(f"listening on port {self.receiver.port}" if self.receiver
+                            else f"role {cfg.node.role}")
+        self.watchdog = WatchdogThread(self.notifier, watchdog_interval(os.environ), self._alive)
+        self.watchdog.start()
+
+    def _alive(self) -> bool:
+        """Liveness for the systemd watchdog: the database answers and the worker thread runs
+        (not /health, which turns false while draining)."""
+        assert self.store is not None
+        self.store.ping()
+        return self.worker is None or self.worker.alive()
 
     def _start_processing(self, spool: Spool, node: str, classifier: Any) -> None:
         """The worker (model), the reporter and the deliverer, driven by APScheduler."""
@@ -139,6 +161,7 @@ class Daemon:
     def stop(self) -> None:
         """Stop every part in order; safe to call twice."""
         self.stopping.set()
+        self.notifier.stopping("draining")
         log.info("node_stopping")
         if self.receiver is not None:
             self.receiver.stop()
@@ -148,6 +171,9 @@ class Daemon:
         if self.metrics_server is not None:
             self.metrics_server.stop()
             self.metrics_server = None
+        if self.watchdog is not None:  # systemd enforces the watchdog while stopping too
+            self.watchdog.stop()
+            self.watchdog = None
         if self.store is not None:
             self.store.dispose()
         self.metrics.up.set(0)

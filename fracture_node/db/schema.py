@@ -150,6 +150,13 @@ class Instance(Base):
         Index(None, "study_instance_uid"),
         Index(None, "received_at"),
         Index(None, "association_id"),
+        # Retention purge walks only the files still on disk.
+        Index(
+            "ix_instances_unpurged_received_at",
+            "received_at",
+            sqlite_where=text("spool_purged_at IS NULL"),
+            postgresql_where=text("spool_purged_at IS NULL"),
+        ),
         # One current (not superseded) row per SOP Instance UID.
         Index(
             "uq_instances_current_sop_instance_uid",
@@ -189,7 +196,10 @@ class Study(Base):
     reported_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_reported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
-    __table_args__ = (Index(None, "report_due", "last_received_at"),)
+    __table_args__ = (
+        Index(None, "report_due", "last_received_at"),
+        Index(None, "first_received_at"),
+    )
 
 
 class Result(Base):
@@ -258,6 +268,7 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("report_id", "destination"),
         Index(None, "state", "next_attempt_at"),
+        Index(None, "created_at"),
     )
 
 

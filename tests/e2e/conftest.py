@@ -42,10 +42,11 @@ class ServeProcess:
         self.config.write_text("\n".join(lines) + "\n" + extra)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([str(BIN), "serve", "--config", str(self.config)],
-                                     cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+                                     cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
         try:
             wait_for_port(self.port, timeout=90)
         except TimeoutError:

@@ -90,3 +90,29 @@ def test_no_patient_data_in_logs_or_metrics(node: ServeProcess, samples_dir: Pat
     text = node.log() + metrics
     for secret in ("Zyxwv", "Quentin", "PIDSECRET77", "19700101"):
         assert secret not in text
+
+
+def test_daemon_notifies_systemd_ready_watchdog_and_stopping(
+        tmp_path: Path, tiny_model: Path) -> None:
+    """Under a NOTIFY_SOCKET of the test's own, the daemon sends READY=1, watchdog pings and
+    STOPPING=1."""
+    import socket
+
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(60)
+    serve = ServeProcess(tmp_path / "node", [], model=tiny_model)
+    serve.start(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+    messages: list[str] = []
+    try:
+        while not any("WATCHDOG=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        assert any("READY=1" in m for m in messages)
+        assert serve.stop() == 0
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+    finally:
+        sock.close()
+        if serve.proc and serve.proc.poll() is None:
+            serve.proc.kill()

@@ -1,0 +1,378 @@
+"""The quality officer's questions, as SQL for SQLite and PostgreSQL.
+
+Each question is one :class:`Question`: plain SQL per backend (the same text is printed in
+``docs/audit.md``, so it can be pasted into ``sqlite3`` or ``psql``), parameters ``:since`` and
+``:until`` (a half-open UTC interval ``[since, until)``). :class:`Audit` runs them on a read-only
+connection: on SQLite the file is opened with ``mode=ro`` and no write lock is taken, so a long
+audit query never holds up the receiver.
+
+Definitions (also in ``docs/audit.md``):
+
+- a *day* is a UTC calendar day;
+- *positives* count every result produced that day (a superseded copy's result included);
+- *turnaround* is per study: from its first instance's arrival to its first report (version 1),
+  and to the first successful delivery of that report; p50/p95 are nearest-rank percentiles;
+- *deliveries* lists every delivery that is dead or had at least one failed attempt;
+- *sources* counts associations per calling AE title (``instances_stored`` includes identical
+  copies acknowledged without being stored again);
+- *unprocessed* counts instances not processed or failed, by reason, and C-STORE requests we
+  refused (``refused``), by reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import bindparam
+
+from fracture_node.db import maintenance
+from fracture_node.db import schema as s
+from fracture_node.errors import DatabaseError
+
+
+@dataclass(frozen=True)
+class Question:
+    """One audit question and its SQL on each backend."""
+
+    name: str
+    title: str
+    columns: tuple[str, ...]
+    timestamps: tuple[str, ...]
+    sqlite: str
+    postgresql: str
+
+    def sql(self, dialect: str) -> str:
+        return self.postgresql if dialect == "postgresql" else self.sqlite
+
+
+_MACROS = {
+    "sqlite": {
+        "DAY": lambda col: f"date({col})",
+        "SECONDS": lambda a, b: f"(julianday({b}) - julianday({a})) * 86400.0",
+    },
+    "postgresql": {
+        "DAY": lambda col: f"to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        "SECONDS": lambda a, b: f"extract(epoch FROM ({b} - {a}))::float8",
+    },
+}
+_MACRO_RE = re.compile(r"\b(DAY|SECONDS)\(")
+
+
+def _render(template: str, dialect: str) -> str:
+    """Expand ``DAY(col)`` and ``SECONDS(from, to)`` (arguments may nest) for a backend."""
+    out, pos = [], 0
+    while (match := _MACRO_RE.search(template, pos)) is not None:
+        depth, end = 1, match.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(template[end], 0)
+            end += 1
+        args = _split_args(_render(template[match.end():end - 1], dialect))
+        out.append(template[pos:match.start()])
+        out.append(_MACROS[dialect][match.group(1)](*args))  # type: ignore[operator]
+        pos = end
+    out.append(template[pos:])
+    return "".join(out).strip()
+
+
+def _split_args(inner: str) -> list[str]:
+    depth, start, out = 0, 0, []
+    for i, ch in enumerate(inner):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            out.append(inner[start:i].strip())
+            start = i + 1
+    out.append(inner[start:].strip())
+    return out
+
+
+def _question(name: str, title: str, columns: str, timestamps: str, template: str,
+              sqlite: str | None = None, postgresql: str | None = None) -> Question:
+    return Question(name=name, title=title, columns=tuple(columns.split()),
+                    timestamps=tuple(timestamps.split()),
+                    sqlite=_render(sqlite or template, "sqlite"),
+                    postgresql=_render(postgresql or template, "postgresql"))
+
+
+_POSITIVES = """
+SELECT DAY(r.created_at) AS day,
+       count(*) AS instances,
+       sum(CASE WHEN r.positive THEN 1 ELSE 0 END) AS positive,
+       avg(CASE WHEN r.positive THEN 1.0 ELSE 0.0 END) AS positive_rate,
+       count(DISTINCT i.study_instance_uid) AS studies,
+       count(DISTINCT CASE WHEN r.positive THEN i.study_instance_uid END) AS positive_studies
+FROM results r
+JOIN instances i ON i.id = r.instance_id
+WHERE r.created_at >= :since AND r.created_at < :until
+GROUP BY 1
+ORDER BY 1
+"""
+
+_TURNAROUND_TIMES = """
+WITH firsts AS MATERIALIZED (
+  SELECT s.first_received_at,
+         r.created_at AS reported_at,
+         (SELECT min(d.delivered_at) FROM deliveries d WHERE d.report_id = r.id) AS delivered_at
+  FROM studies s
+  LEFT JOIN reports r ON r.study_instance_uid = s.study_instance_uid AND r.version = 1
+  WHERE s.first_received_at >= :since AND s.first_received_at < :until
+), t AS MATERIALIZED (
+  SELECT DAY(first_received_at) AS day,
+         SECONDS(first_received_at, reported_at) AS report_s,
+         SECONDS(first_received_at, delivered_at) AS delivered_s
+  FROM firsts
+)"""
+
+_TURNAROUND_SQLITE = _TURNAROUND_TIMES + """, ranked AS (
+  SELECT day, report_s, delivered_s,
+         row_number() OVER (PARTITION BY day, report_s IS NULL ORDER BY report_s) AS report_rank,
+         count(*) OVER (PARTITION BY day, report_s IS NULL) AS report_n,
+         row_number() OVER (PARTITION BY day, delivered_s IS NULL ORDER BY delivered_s)
+           AS delivered_rank,
+         count(*) OVER (PARTITION BY day, delivered_s IS NULL) AS delivered_n
+  FROM t
+)
+SELECT day,
+       count(*) AS studies,
+       count(report_s) AS reported,
+       min(CASE WHEN report_s IS NOT NULL AND report_rank >= (50 * report_n + 99) / 100
+                THEN report_s END) AS report_p50_s,
+       min(CASE WHEN report_s IS NOT NULL AND report_rank >= (95 * report_n + 99) / 100
+                THEN report_s END) AS report_p95_s,
+       max(report_s) AS report_max_s,
+       count(delivered_s) AS delivered,
+       min(CASE WHEN delivered_s IS NOT NULL AND delivered_rank >= (50 * delivered_n + 99) / 100
+                THEN delivered_s END) AS delivered_p50_s,
+       min(CASE WHEN delivered_s IS NOT NULL AND delivered_rank >= (95 * delivered_n + 99) / 100
+                THEN delivered_s END) AS delivered_p95_s,
+       max(delivered_s) AS delivered_max_s
+FROM ranked
+GROUP BY day
+ORDER BY day
+"""
+
+_TURNAROUND_POSTGRESQL = _TURNAROUND_TIMES + """
+SELECT day,
+       count(*) AS studies,
+       count(report_s) AS reported,
+       percentile_disc(0.5) WITHIN GROUP (ORDER BY report_s) AS report_p50_s,
+       percentile_disc(0.95) WITHIN GROUP (ORDER BY report_s) AS report_p95_s,
+       max(report_s) AS report_max_s,
+       count(delivered_s) AS delivered,
+       percentile_disc(0.5) WITHIN GROUP (ORDER BY delivered_s) AS delivered_p50_s,
+       percentile_disc(0.95) WITHIN GROUP (ORDER BY delivered_s) AS delivered_p95_s,
+       max(delivered_s) AS delivered_max_s
+FROM t
+GROUP BY day
+ORDER BY day
+"""
+
+_MODELS = """
+SELECT r.model_sha256, r.model_name, r.model_version, r.operating_point, r.threshold,
+       count(*) AS results,
+       sum(CASE WHEN r.positive THEN 1 ELSE 0 END) AS positive,
+       avg(CASE WHEN r.positive THEN 1.0 ELSE 0.0 END) AS positive_rate,
+       avg(r.probability) AS mean_probability,
+       min(r.created_at) AS first_used_at,
+       max(r.created_at) AS last_used_at
+FROM results r
+WHERE r.created_at >= :since AND r.created_at < :until
+GROUP BY r.model_sha256, r.model_name, r.model_version, r.operating_point, r.threshold
+ORDER BY first_used_at, r.model_sha256
+"""
+
+_DELIVERIES = """
+SELECT d.id AS delivery_id,
+       rp.study_instance_uid,
+       rp.version AS report_version,
+       rp.sop_instance_uid AS report_sop_instance_uid,
+       d.destination, d.state, d.attempts,
+       (SELECT count(*) FROM delivery_attempts a
+        WHERE a.delivery_id = d.id AND NOT a.ok) AS failed_attempts,
+       d.created_at,
+       (SELECT max(a.attempted_at) FROM delivery_attempts a
+        WHERE a.delivery_id = d.id) AS last_attempt_at,
+       d.delivered_at, d.deadline_at, d.last_status, d.last_error
+FROM deliveries d
+JOIN reports rp ON rp.id = d.report_id
+WHERE d.created_at >= :since AND d.created_at < :until
+  AND (d.state = 'dead'
+       OR EXISTS (SELECT 1 FROM delivery_attempts a WHERE a.delivery_id = d.id AND NOT a.ok))
+ORDER BY d.created_at, d.id
+"""
+
+_SOURCES = """
+SELECT DAY(a.started_at) AS day,
+       a.calling_ae_title,
+       count(*) AS associations,
+       sum(CASE WHEN a.outcome = 'rejected' THEN 1 ELSE 0 END) AS rejected,
+       sum(CASE WHEN a.outcome IN ('aborted', 'interrupted') THEN 1 ELSE 0 END) AS aborted,
+       sum(a.instances_stored) AS instances_stored,
+       sum(a.instances_failed) AS instances_failed,
+       PEERS AS peer_addresses,
+       min(a.started_at) AS first_at,
+       max(a.started_at) AS last_at
+FROM associations a
+WHERE a.started_at >= :since AND a.started_at < :until
+GROUP BY 1, 2
+ORDER BY 1, 2
+"""
+
+_UNPROCESSED = """
+SELECT i.state, coalesce(i.reason, 'unknown') AS reason, count(*) AS instances,
+       min(i.received_at) AS first_at, max(i.received_at) AS last_at
+FROM instances i
+WHERE i.state IN ('not_processed', 'failed')
+  AND i.received_at >= :since AND i.received_at < :until
+GROUP BY i.state, coalesce(i.reason, 'unknown')
+UNION ALL
+SELECT 'refused' AS state, f.reason, count(*) AS instances,
+       min(f.at) AS first_at, max(f.at) AS last_at
+FROM store_failures f
+WHERE f.at >= :since AND f.at < :until
+GROUP BY f.reason
+ORDER BY 3 DESC, 1, 2
+"""
+
+QUESTIONS: dict[str, Question] = {q.name: q for q in (
+    _question("positives", "Positive results per day",
+              "day instances positive positive_rate studies positive_studies", "", _POSITIVES),
+    _question("turnaround", "Time from receipt to report and to delivery, per day of receipt",
+              "day studies reported report_p50_s report_p95_s report_max_s delivered "
+              "delivered_p50_s delivered_p95_s delivered_max_s", "", "",
+              sqlite=_TURNAROUND_SQLITE, postgresql=_TURNAROUND_POSTGRESQL),
+    _question("models", "Results per model version",
+              "model_sha256 model_name model_version operating_point threshold results positive "
+              "positive_rate mean_probability first_used_at last_used_at",
+              "first_used_at last_used_at", _MODELS),
+    _question("deliveries", "Failed and dead-letter deliveries",
+              "delivery_id study_instance_uid report_version report_sop_instance_uid destination "
+              "state attempts failed_attempts created_at last_attempt_at delivered_at deadline_at "
+              "last_status last_error",
+              "created_at last_attempt_at delivered_at deadline_at", _DELIVERIES),
+    _question("sources", "What came from which calling AE title, per day",
+              "day calling_ae_title associations rejected aborted instances_stored "
+              "instances_failed peer_addresses first_at last_at", "first_at last_at", "",
+              sqlite=_SOURCES.replace("PEERS", "group_concat(DISTINCT a.peer_address)"),
+              postgresql=_SOURCES.replace(
+                  "PEERS", "string_agg(DISTINCT a.peer_address, ',' ORDER BY a.peer_address)")),
+    _question("unprocessed", "Instances not processed, by reason (and C-STORE requests refused)",
+              "state reason instances first_at last_at", "first_at last_at", _UNPROCESSED),
+)}
+
+
+def read_only_engine(url: str) -> Engine:
+    """An engine for reading: SQLite opened ``mode=ro`` (no write lock), PostgreSQL read-only.
+
+    On PostgreSQL the JIT compiler is turned off for these sessions: the audit queries are large
+    enough for the planner to JIT-compile them, which cost more than the queries themselves in
+    ``benchmarks/audit_million.py`` (1.2 s of 2.5 s for ``turnaround``).
+
+    Raises :class:`DatabaseError` when a SQLite file does not exist (rather than creating one).
+    """
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if not path or path == ":memory:" or not Path(path).is_file():
+            raise DatabaseError(f"there is no database file at {path or url!r}; fix: give the "
+                                "node's configuration with --config, or run the node once")
+        return create_engine(f"sqlite:///file:{Path(path).resolve()}?mode=ro&uri=true",
+                             connect_args={"timeout": 30})
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return create_engine(url, pool_pre_ping=True, connect_args={
+        "connect_timeout": 5, "options": "-c jit=off -c default_transaction_read_only=on"})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    return value
+
+
+class Audit:
+    """Runs the audit questions and the status figures on a read-only connection."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = read_only_engine(url)
+        self.dialect = self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Audit:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def ask(self, name: str, since: dt.datetime, until: dt.datetime) -> list[dict[str, Any]]:
+        """The rows answering question ``name`` for ``[since, until)`` (aware datetimes)."""
+        question = QUESTIONS[name]
+        stmt = text(question.sql(self.dialect)).bindparams(
+            bindparam("since", type_=s.UTCDateTime()), bindparam("until", type_=s.UTCDateTime()))
+        stmt = stmt.columns(**{c: s.UTCDateTime() for c in question.timestamps})  # type: ignore[assignment]
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(stmt, {"since": since, "until": until}).mappings().all()
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"audit {name} failed: {type(exc).__name__}: "
+                                f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}") from exc
+        out = []
+        for row in rows:
+            item = {c: _plain(row[c]) for c in question.columns}
+            if "peer_addresses" in item and item["peer_addresses"]:
+                item["peer_addresses"] = ",".join(sorted(set(item["peer_addresses"].split(","))))
+            out.append(item)
+        return out
+
+    def status(self, now: dt.datetime, last_reports: int = 5) -> dict[str, Any]:
+        """The node's figures: the same as the gauges, plus states and the latest reports."""
+        try:
+            with Session(self.engine) as ses:
+                g = maintenance.gauges_in(ses, now)
+                states = {k: int(v) for k, v in ses.execute(
+                    select(s.Instance.state, func.count()).group_by(s.Instance.state)).all()}
+                deliveries = {k: int(v) for k, v in ses.execute(
+                    select(s.Delivery.state, func.count()).group_by(s.Delivery.state)).all()}
+                reports = ses.execute(
+                    select(s.Report.created_at, s.Report.study_instance_uid, s.Report.version,
+                           s.Report.instances_total, s.Report.instances_positive,
+                           s.Report.instances_unprocessed)
+                    .order_by(s.Report.created_at.desc(), s.Report.id.desc()).limit(last_reports)
+                ).all()
+                runs = ses.execute(
+                    select(s.HousekeepingRun.job, func.max(s.HousekeepingRun.started_at))
+                    .group_by(s.HousekeepingRun.job)).all()
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"status failed: {type(exc).__name__}: "
+                                f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}") from exc
+        return {
+            "at": now,
+            "queue_depth": g.queue_depth,
+            "claimed": g.claimed,
+            "instance_states": dict(sorted(states.items())),
+            "dead_deliveries": g.dead_deliveries,
+            "pending_deliveries": g.pending_deliveries,
+            "delivery_states": dict(sorted(deliveries.items())),
+            "unreported_studies": g.unreported_studies,
+            "oldest_unreported_study_seconds": round(g.oldest_unreported_study_seconds, 1),
+            "last_reports": [
+                {"created_at": r[0], "study_instance_uid": r[1], "version": r[2],
+                 "instances": r[3], "positive": r[4], "unprocessed": r[5]} for r in reports],
+            "housekeeping_last_run": {job: maintenance._as_utc(at) for job, at in sorted(runs)},
+        }
+
+
+def sql_for_docs(dialects: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """Every question's SQL per backend (used to write and to check ``docs/audit.md``)."""
+    names = dialects or {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+    return {q.name: {d: q.sql(d) for d in names} for q in QUESTIONS.values()}

@@ -1,0 +1,275 @@
+"""Housekeeping: the periodic jobs that keep a node healthy for years.
+
+Jobs (APScheduler 3 ``BackgroundScheduler``, interval triggers, one run of a job at a time):
+
+``take_back_stale_claims`` (every minute)
+    Claims older than ``[model] claim_timeout_s`` belong to a worker that stopped: requeue them,
+    or mark them failed after ``[model] max_attempts`` claims.
+``purge_spool`` (hourly)
+    Delete spool files received more than ``[storage] retention_days`` ago whose instance is
+    final (processed, not processed, failed, superseded) and whose study was last reported more
+    than ``retention_days`` ago with no report due now. The SQL rows stay
+    (``instances.spool_purged_at`` is set): the audit trail is kept, only the pixels go.
+    ``retention_days = 0`` keeps every file.
+``maintain_database`` (hourly)
+    SQLite: WAL checkpoint (truncate), sampled ``ANALYZE`` and ``PRAGMA optimize``; PostgreSQL:
+    ``ANALYZE`` our tables.
+    Successful runs of the two frequent jobs older than 90 days are pruned from
+    ``housekeeping_runs`` (failures and the hourly jobs' runs are kept).
+``refresh_metrics`` (every 30 s)
+    Queue depth, dead deliveries and the age of the oldest unreported study on the gauges.
+
+Each run logs a snake_case event and leaves a row in ``housekeeping_runs`` (JSON summary). A job
+that fails logs ``housekeeping_failed`` and is tried again at its next interval: housekeeping
+never stops the node.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from fracture_node.config import Config
+from fracture_node.db import maintenance
+from fracture_node.db.store import Store, utcnow
+from fracture_node.errors import FractureNodeError
+from fracture_node.logs import get_logger
+from fracture_node.metrics import Metrics
+from fracture_node.spool import Spool
+
+log = get_logger("housekeeping")
+
+INTERVALS_S: dict[str, float] = {
+    "take_back_stale_claims": 60.0,
+    "purge_spool": 3600.0,
+    "maintain_database": 3600.0,
+    "refresh_metrics": 30.0,
+}
+"""Every job and how often it runs."""
+
+JOBS = tuple(INTERVALS_S)
+
+FIRST_RUN_DELAY_S: dict[str, float] = {
+    "take_back_stale_claims": 5.0,
+    "purge_spool": 120.0,
+    "maintain_database": 300.0,
+    "refresh_metrics": 1.0,
+}
+"""Start-up is kept light: the heavy jobs first run a few minutes after the node starts."""
+
+RUNS_KEPT_DAYS = 90.0
+PRUNED_JOBS = ("take_back_stale_claims", "refresh_metrics")
+"""Successful runs of these frequent jobs are pruned from ``housekeeping_runs`` after
+``RUNS_KEPT_DAYS``; failed runs and the hourly jobs' runs are kept for good."""
+
+PURGE_BATCH = 500
+PURGE_MAX_S = 300.0
+"""One purge run stops after this long and goes on at its next interval."""
+
+
+class UnknownJob(FractureNodeError):
+    """There is no housekeeping job of that name."""
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """What one run of a job did."""
+
+    job: str
+    ok: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Housekeeping:
+    """The housekeeping jobs of one node.
+
+    Parameters
+    ----------
+    config, store, spool, metrics:
+        The node's parts (the daemon's).
+    node:
+        This process's name in SQL rows (:func:`fracture_node.dicom.scp.node_name`).
+    clock:
+        The current UTC time (tests move it).
+    intervals_s:
+        Override job intervals (seconds); tests and special sites.
+    """
+
+    def __init__(self, config: Config, store: Store, spool: Spool, metrics: Metrics, node: str,
+                 *, clock: Callable[[], dt.datetime] = utcnow,
+                 intervals_s: dict[str, float] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.metrics = metrics
+        self.node = node
+        self.clock = clock
+        self.intervals_s = {**INTERVALS_S, **(intervals_s or {})}
+        self._scheduler: BackgroundScheduler | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._jobs: dict[str, Callable[[], dict[str, Any]]] = {
+            "take_back_stale_claims": self._take_back_stale_claims,
+            "purge_spool": self._purge_spool,
+            "maintain_database": self._maintain_database,
+            "refresh_metrics": self._refresh_metrics,
+        }
+
+    # Life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Schedule every job in a background thread pool."""
+        with self._lock:
+            if self._scheduler is not None:
+                return
+            self._stopping.clear()
+            scheduler = BackgroundScheduler(
+                timezone=dt.UTC,
+                executors={"default": ThreadPoolExecutor(max_workers=2)},
+                job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            )
+            now = dt.datetime.now(dt.UTC)
+            for name in JOBS:
+                scheduler.add_job(self._scheduled, "interval", seconds=self.intervals_s[name],
+                                  args=[name], id=name, name=name,
+                                  next_run_time=now + dt.timedelta(
+                                      seconds=min(FIRST_RUN_DELAY_S[name], self.intervals_s[name])))
+            scheduler.start()
+            self._scheduler = scheduler
+        log.info("housekeeping_started", intervals_s=self.intervals_s)
+
+    def stop(self) -> None:
+        """Stop scheduling; waits for a running job (a purge stops after its current batch).
+
+        Safe to call twice.
+        """
+        self._stopping.set()
+        with self._lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.shutdown(wait=True)
+            log.info("housekeeping_stopped")
+
+    # Running ------------------------------------------------------------------------------
+    def run_once(self, job: str) -> JobRun:
+        """Run one job now (tests, ``fracture-node housekeeping``), record and log it."""
+        if job not in self._jobs:
+            raise UnknownJob(f"no housekeeping job {job!r}; use one of: {', '.join(JOBS)}")
+        started = self.clock()
+        t0 = time.monotonic()
+        try:
+            summary = self._jobs[job]()
+            ok = not summary.get("errors")
+        except Exception as exc:  # a job never takes the node down; it is tried again later
+            ok = False
+            first_line = (str(exc).splitlines() or [""])[0][:300]
+            summary = {"error": f"{type(exc).__name__}: {first_line}"}
+            log.error("housekeeping_failed", job=job, error=summary["error"])
+        summary["duration_s"] = round(time.monotonic() - t0, 3)
+        try:
+            maintenance.record_run(self.store, job=job, node=self.node, started_at=started,
+                                   finished_at=self.clock(), ok=ok, summary=summary)
+        except FractureNodeError as exc:
+            log.error("housekeeping_run_not_recorded", job=job, error=str(exc))
+        return JobRun(job=job, ok=ok, summary=summary)
+
+    def _scheduled(self, job: str) -> None:
+        self.run_once(job)
+
+    # Jobs ---------------------------------------------------------------------------------
+    def _take_back_stale_claims(self) -> dict[str, Any]:
+        model = self.config.model
+        requeued, failed = self.store.take_back_stale_claims(
+            dt.timedelta(seconds=model.claim_timeout_s), model.max_attempts)
+        summary = {"requeued": requeued, "failed": failed}
+        if requeued or failed:
+            log.warning("stale_claims_taken_back", **summary)
+        else:
+            log.debug("stale_claims_checked")
+        return summary
+
+    def _purge_spool(self) -> dict[str, Any]:
+        days = self.config.storage.retention_days
+        if days <= 0:
+            log.debug("spool_purge_disabled")
+            return {"skipped": "retention_days = 0 keeps every spool file"}
+        now = self.clock()
+        cutoff = now - dt.timedelta(days=days)
+        summary: dict[str, Any] = {"cutoff": cutoff.isoformat(), "files_deleted": 0,
+                                   "files_missing": 0, "bytes_freed": 0, "errors": 0,
+                                   "folders_removed": 0, "complete": True}
+        folders: set[Path] = set()
+        deadline = time.monotonic() + PURGE_MAX_S
+        while True:
+            batch = maintenance.mark_spool_purged(self.store, cutoff, now, PURGE_BATCH)
+            for item in batch:
+                self._delete_spool_file(item, summary, folders)
+            if len(batch) < PURGE_BATCH:
+                break
+            if time.monotonic() > deadline or self._stopping.is_set():
+                summary["complete"] = False
+                break
+        for folder in sorted(folders):
+            try:
+                folder.rmdir()  # only when empty
+                summary["folders_removed"] += 1
+            except OSError:
+                pass
+        event = "spool_purged" if summary["files_deleted"] or summary["files_missing"] else \
+            "spool_purge_checked"
+        (log.info if event == "spool_purged" else log.debug)(event, **summary)
+        return summary
+
+    def _delete_spool_file(self, item: maintenance.SpoolFile, summary: dict[str, Any],
+                           folders: set[Path]) -> None:
+        root = self.spool.root.resolve()
+        path = (root / item.spool_path).resolve()
+        if root not in path.parents:
+            summary["errors"] += 1
+            log.error("spool_path_outside_spool", instance_id=item.instance_id)
+            return
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            summary["files_missing"] += 1
+            return
+        except OSError as exc:
+            summary["errors"] += 1
+            log.error("spool_file_not_deleted", instance_id=item.instance_id,
+                      error=os.strerror(exc.errno) if exc.errno else str(exc))
+            return
+        summary["files_deleted"] += 1
+        summary["bytes_freed"] += size
+        if path.parent != root:
+            folders.add(path.parent)
+
+    def _maintain_database(self) -> dict[str, Any]:
+        summary = maintenance.optimize(self.store)
+        pruned = maintenance.prune_runs(
+            self.store, self.clock() - dt.timedelta(days=RUNS_KEPT_DAYS),
+            PRUNED_JOBS)
+        summary["housekeeping_runs_pruned"] = pruned
+        log.info("database_maintained", **summary)
+        return summary
+
+    def _refresh_metrics(self) -> dict[str, Any]:
+        g = maintenance.gauges(self.store, self.clock())
+        self.metrics.queue_depth.set(g.queue_depth)
+        self.metrics.dead_deliveries.set(g.dead_deliveries)
+        self.metrics.oldest_unreported_study_seconds.set(g.oldest_unreported_study_seconds)
+        summary = {"queue_depth": g.queue_depth, "claimed": g.claimed,
+                   "dead_deliveries": g.dead_deliveries,
+                   "pending_deliveries": g.pending_deliveries,
+                   "unreported_studies": g.unreported_studies,
+                   "oldest_unreported_study_seconds": round(g.oldest_unreported_study_seconds, 1)}
+        log.debug("metrics_refreshed", **summary)
+        return summary
