@@ -61,7 +61,8 @@ class Reporter:
         """Report every study that is due now; returns how many reports were made."""
         stable_before = utcnow() - dt.timedelta(seconds=self.config.study.stable_after_s)
         made = 0
-        for study_uid in self.store.due_studies(stable_before):
+        silence = self.config.node.network_timeout_s + self.config.node.dimse_timeout_s
+        for study_uid in self.store.due_studies(stable_before, association_silence_s=silence):
             try:
                 made += self.report_study(study_uid)
             except DatabaseError as exc:

@@ -7,10 +7,17 @@ and forms batches across studies of up to ``max_batch`` instances, waiting at mo
 Results are committed in one transaction per batch; a result is only written for an instance
 this worker still holds, so a crash or a taken-back claim never records an instance twice. At
 most ``2 * max_batch`` instances are held in memory: whatever waits stays in SQL.
+
+Claims are kept alive by a second thread (the claim keeper): every ``claim_timeout_s / 4`` it
+refreshes ``claimed_at`` of the claims this worker holds in memory (a heartbeat, so a slow but
+live worker never loses them) and takes back every claim not refreshed for ``claim_timeout_s``
+(its worker died: SIGKILL, power loss, a lost host). Every live worker does this, so the
+claims of a dead one return to the queue without housekeeping or a restart.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections import deque
@@ -89,16 +96,27 @@ class Worker:
         self._pool = ThreadPoolExecutor(config.model.decode_threads,
                                         thread_name_prefix="decode")
         self._pending: deque[tuple[ClaimedInstance, Future[Decoded | Failed]]] = deque()
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
+        self._keeper: threading.Thread | None = None
+        self.keep_interval_s = max(0.5, config.model.claim_timeout_s / 4)
         self.batches = 0
 
     # Life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
         self._thread.start()
+        self._keeper = threading.Thread(target=self._keep_claims, name="claim-keeper",
+                                        daemon=True)
+        self._keeper.start()
         log.info("worker_started", model=self.classifier.name, model_version=self.classifier.version,
                  model_sha256=self.classifier.sha256, device=str(self.classifier.device),
                  threshold=self.threshold, operating_point=self.operating_point,
                  max_batch=self.config.model.max_batch, max_wait_ms=self.config.model.max_wait_ms)
+
+    def alive(self) -> bool:
+        """True while the worker thread runs (the systemd watchdog asks)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Finish the batch in hand, give unstarted claims back to the queue, stop."""
@@ -106,9 +124,12 @@ class Worker:
         self.wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self._keeper is not None:
+            self._keeper.join(timeout_s)
         self._pool.shutdown(wait=True, cancel_futures=True)
         left = [c.id for c, _ in self._pending]
         self._pending.clear()
+        self._let_go(left)
         if left:
             try:
                 self.store.release_claims(self.node, left)
@@ -116,12 +137,46 @@ class Worker:
                 log.error("claims_not_released", count=len(left), error=str(exc))
         log.info("worker_stopped", released=len(left), batches=self.batches)
 
+    # Claims -------------------------------------------------------------------------------
+    def held(self) -> list[int]:
+        """The instance ids this worker has claimed and not finished (in memory)."""
+        with self._held_lock:
+            return sorted(self._held)
+
+    def _let_go(self, ids: list[int]) -> None:
+        with self._held_lock:
+            self._held.difference_update(ids)
+
+    def keep_claims(self) -> tuple[int, int, int]:
+        """One heartbeat: refresh this worker's claims, then take back the claims of dead
+        workers. Returns (renewed, requeued, failed)."""
+        renewed = self.store.renew_claims(self.node, self.held())
+        requeued, failed = self.store.take_back_stale_claims(
+            dt.timedelta(seconds=self.config.model.claim_timeout_s),
+            self.config.model.max_attempts)
+        if requeued or failed:
+            log.warning("claims_taken_back", requeued=requeued, failed=failed,
+                        claim_timeout_s=self.config.model.claim_timeout_s)
+            self.wake.set()
+        return renewed, requeued, failed
+
+    def _keep_claims(self) -> None:
+        while not self._stop.wait(self.keep_interval_s):
+            try:
+                self.keep_claims()
+            except DatabaseError as exc:
+                log.error("claims_not_kept", error=str(exc))
+            except Exception as exc:  # the keeper must outlive any surprise
+                log.exception("claim_keeper_error", error=f"{type(exc).__name__}: {exc}")
+
     # The loop -----------------------------------------------------------------------------
     def _refill(self) -> int:
         room = 2 * self.config.model.max_batch - len(self._pending)
         if room <= 0:
             return 0
         claimed = self.store.claim_instances(self.node, room)
+        with self._held_lock:
+            self._held.update(item.id for item in claimed)
         for item in claimed:
             future = self._pool.submit(decode_instance, self.spool, item, self.classifier.prepare)
             self._pending.append((item, future))
@@ -145,9 +200,18 @@ class Worker:
         self._refill()
         if not self._pending:
             return 0
+        batch: list[Decoded] = []
+        try:
+            return self._form_and_score(batch)
+        except BaseException:
+            # Whatever was taken out of _pending is no longer in hand: stop renewing its claims,
+            # so that they lapse and are scored again after claim_timeout_s.
+            self._let_go([d.claimed.id for d in batch])
+            raise
+
+    def _form_and_score(self, batch: list[Decoded]) -> int:
         max_batch = self.config.model.max_batch
         max_wait = self.config.model.max_wait_ms / 1000
-        batch: list[Decoded] = []
         finished = 0
         deadline: float | None = None
         while len(batch) < max_batch and not self._stop.is_set():
@@ -181,8 +245,11 @@ class Worker:
         return finished
 
     def _finish_failed(self, failed: Failed) -> None:
-        self.store.finish_unprocessed(self.node, failed.claimed.id, failed.state, failed.reason,
-                                      failed.detail[:2000])
+        try:
+            self.store.finish_unprocessed(self.node, failed.claimed.id, failed.state,
+                                          failed.reason, failed.detail[:2000])
+        finally:
+            self._let_go([failed.claimed.id])
         if self.metrics:
             self.metrics.not_processed.labels(failed.reason).inc()
         log.info("instance_not_processed", instance_id=failed.claimed.id,
@@ -191,20 +258,26 @@ class Worker:
         self.on_batch()
 
     def _score(self, batch: list[Decoded]) -> int:
-        started = time.perf_counter()
-        probabilities = self.classifier.predict_batch(np.stack([d.array for d in batch]))
-        infer_ms = (time.perf_counter() - started) * 1000
-        c = self.classifier
-        records = [
-            ResultRecord(instance_id=d.claimed.id, probability=float(p),
-                         positive=bool(p >= self.threshold), threshold=self.threshold,
-                         operating_point=self.operating_point, model_name=c.name,
-                         model_version=c.version, model_sha256=c.sha256,
-                         decode_ms=round(d.decode_ms, 2), infer_ms=round(infer_ms, 2),
-                         batch_size=len(batch))
-            for d, p in zip(batch, probabilities, strict=True)
-        ]
-        saved = self.store.save_results(self.node, records)
+        try:
+            started = time.perf_counter()
+            probabilities = self.classifier.predict_batch(np.stack([d.array for d in batch]))
+            infer_ms = (time.perf_counter() - started) * 1000
+            c = self.classifier
+            records = [
+                ResultRecord(instance_id=d.claimed.id, probability=float(p),
+                             positive=bool(p >= self.threshold), threshold=self.threshold,
+                             operating_point=self.operating_point, model_name=c.name,
+                             model_version=c.version, model_sha256=c.sha256,
+                             decode_ms=round(d.decode_ms, 2), infer_ms=round(infer_ms, 2),
+                             batch_size=len(batch))
+                for d, p in zip(batch, probabilities, strict=True)
+            ]
+            saved = self.store.save_results(self.node, records)
+        finally:
+            # Saved, or lost with a failed model call or transaction: either way no longer
+            # ours to keep alive (an unsaved claim lapses after claim_timeout_s and is scored
+            # again).
+            self._let_go([d.claimed.id for d in batch])
         self.batches += 1
         if self.metrics:
             self.metrics.processed.inc(saved)

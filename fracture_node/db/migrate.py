@@ -12,10 +12,14 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from fracture_node.db.store import make_engine
 from fracture_node.errors import DatabaseError
+
+
+_LOCK_KEY = 0x46524E31  # "FRN1": the advisory lock taken while upgrading on PostgreSQL
 
 
 def alembic_config(url: str) -> AlembicConfig:
@@ -30,6 +34,9 @@ def upgrade(url: str, revision: str = "head") -> str:
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Several nodes starting at once: one upgrades, the others wait, then find it done.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
             cfg = alembic_config(url)
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)

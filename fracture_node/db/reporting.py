@@ -12,13 +12,14 @@ once.
 from __future__ import annotations
 
 import datetime as dt
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from fracture_node.db import schema as s
 from fracture_node.errors import DatabaseError
@@ -26,6 +27,13 @@ from fracture_node.errors import DatabaseError
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+ASSOCIATION_SILENCE_S = 180.0
+"""An association still open in SQL but silent (no new instance) for this long is treated as
+ended by :meth:`ReportingQueries.due_studies`: its receiver died and never came back to mark it
+interrupted. The default is ``[node] network_timeout_s + dimse_timeout_s`` at their defaults
+(120 + 60): a live receiver aborts an idle association after ``network_timeout_s``."""
 
 
 @dataclass(frozen=True)
@@ -87,19 +95,39 @@ class ReportingQueries:
         raise NotImplementedError
 
     # Studies ------------------------------------------------------------------------------
-    def due_studies(self, stable_before: dt.datetime, limit: int = 50) -> list[str]:
+    def due_studies(self, stable_before: dt.datetime, limit: int = 50, *,
+                    association_silence_s: float | None = ASSOCIATION_SILENCE_S) -> list[str]:
         """Studies with unreported instances, quiet since ``stable_before``, whose instances
-        are all finished and whose associations have all ended."""
+        are all finished and whose associations have all ended.
+
+        An association still open but silent for ``association_silence_s`` seconds (started,
+        and its last instance received, before then) counts as ended: the receiver that held it
+        died without coming back (None: wait for it forever).
+
+        The ``limit`` longest-quiet studies are returned in random order, so that the reporters
+        of several nodes working through the same list seldom build the same SR at once (the
+        loser's SR would be discarded by :meth:`add_report`).
+        """
         i, a = s.Instance, s.Association
         unfinished = exists().where(i.study_instance_uid == s.Study.study_instance_uid,
                                     i.state.in_([s.QUEUED, s.CLAIMED]))
+        still_open: Any = a.ended_at.is_(None)
+        if association_silence_s is not None:
+            silent_since = _now() - dt.timedelta(seconds=association_silence_s)
+            later = aliased(s.Instance)
+            still_open = still_open & or_(
+                a.started_at >= silent_since,
+                exists().where(later.association_id == a.id,
+                               later.received_at >= silent_since))
         open_assoc = exists().where(i.study_instance_uid == s.Study.study_instance_uid,
-                                    i.association_id == a.id, a.ended_at.is_(None))
-        return list(self._run(lambda ses: ses.execute(
+                                    i.association_id == a.id, still_open)
+        due = list(self._run(lambda ses: ses.execute(
             select(s.Study.study_instance_uid)
             .where(s.Study.report_due.is_(True), s.Study.last_received_at <= stable_before,
                    ~unfinished, ~open_assoc)
             .order_by(s.Study.last_received_at).limit(limit)).scalars().all()))
+        random.shuffle(due)
+        return due
 
     def next_stability_time(self) -> dt.datetime | None:
         """The earliest last arrival among studies due for a report (to plan the next check)."""
@@ -108,10 +136,15 @@ class ReportingQueries:
         ).scalar_one())
 
     def study_snapshot(self, study_uid: str) -> StudySnapshot | None:
+        """Everything a report of the study needs, read in one transaction; None when there is
+        no such study or it is not due any more: another node reported it, or one of its
+        instances is not finished (an instance arrived or a claim was taken back after
+        :meth:`due_studies` looked).
+        """
         def fn(ses: Session) -> StudySnapshot | None:
             study = ses.execute(select(s.Study).where(s.Study.study_instance_uid == study_uid)
                                 ).scalar_one_or_none()
-            if study is None:
+            if study is None or not study.report_due:
                 return None
             i, r = s.Instance, s.Result
             rows = ses.execute(
@@ -121,6 +154,8 @@ class ReportingQueries:
                 .outerjoin(r, r.instance_id == i.id)
                 .where(i.study_instance_uid == study_uid, i.state != s.SUPERSEDED)
                 .order_by(i.id)).all()
+            if any(row.state in (s.QUEUED, s.CLAIMED) for row in rows):
+                return None
             previous = ses.execute(
                 select(s.Report.path, s.Report.series_instance_uid)
                 .where(s.Report.study_instance_uid == study_uid)
@@ -137,12 +172,19 @@ class ReportingQueries:
     def add_report(self, snapshot: StudySnapshot, report: NewReport, node: str,
                    destinations: Sequence[str], deadline_s: float) -> int | None:
         """Commit a report and queue its deliveries, unless the study changed meanwhile or
-        another process committed this version first (then None: discard the file)."""
+        another process reported it first (then None: discard the file).
+
+        The study row is the arbiter: the update succeeds only while the study is still due and
+        has the instance count and reported version of ``snapshot``; a concurrent reporter's
+        update waits on the row lock and then finds it changed (PostgreSQL re-checks the
+        condition on the new row version under READ COMMITTED).
+        """
         def fn(ses: Session) -> int | None:
             now = _now()
             changed = ses.execute(
                 update(s.Study).where(
                     s.Study.study_instance_uid == snapshot.study_instance_uid,
+                    s.Study.report_due.is_(True),
                     s.Study.instances_received == snapshot.instances_received,
                     s.Study.reported_version == snapshot.reported_version)
                 .values(report_due=False, reported_version=report.version,

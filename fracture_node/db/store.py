@@ -168,10 +168,18 @@ class Store(ReportingQueries):
             .values(ended_at=utcnow(), outcome=outcome, reason=reason)))
 
     def interrupt_open_associations(self, node: str) -> int:
-        """Close the associations a previous run of ``node`` left open (it stopped or crashed)."""
+        """Close the associations a previous run of ``node`` left open (it stopped or crashed).
+
+        A node name is ``host:port:pid`` (:func:`fracture_node.dicom.scp.node_name`): a previous
+        run is any other pid on the same host and port (only one process can listen there).
+        """
+        host_port = node.rsplit(":", 1)[0] if node.count(":") >= 2 else node
+        pattern = host_port.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         return self._run(lambda ses: ses.execute(
-            update(s.Association).where(s.Association.node == node,
-                                        s.Association.ended_at.is_(None))
+            update(s.Association).where(
+                (s.Association.node == host_port)
+                | s.Association.node.like(pattern + ":%", escape="\\"),
+                s.Association.node != node, s.Association.ended_at.is_(None))
             .values(ended_at=utcnow(), outcome="interrupted",
                     reason="the node stopped before the association ended")).rowcount)
 
@@ -326,18 +334,48 @@ class Store(ReportingQueries):
             .values(state=s.QUEUED, claimed_by=None, claimed_at=None,
                     attempts=s.Instance.attempts - 1)).rowcount)
 
+    def renew_claims(self, worker: str, instance_ids: Sequence[int]) -> int:
+        """Refresh ``claimed_at`` of claims ``worker`` still holds (its heartbeat), so that a slow
+        but live worker keeps them; rows locked by another transaction are left as they are."""
+        if not instance_ids:
+            return 0
+
+        def fn(ses: Session) -> int:
+            ids = ses.execute(
+                select(s.Instance.id).where(s.Instance.id.in_(list(instance_ids)),
+                                            s.Instance.state == s.CLAIMED,
+                                            s.Instance.claimed_by == worker)
+                .with_for_update(skip_locked=True)).scalars().all()
+            if not ids:
+                return 0
+            return ses.execute(update(s.Instance).where(s.Instance.id.in_(ids))
+                               .values(claimed_at=utcnow())).rowcount
+
+        return self._run(fn)
+
     def take_back_stale_claims(self, older_than: dt.timedelta, max_attempts: int) -> tuple[int, int]:
         """Requeue claims older than ``older_than`` (their worker died); an instance that was
-        claimed ``max_attempts`` times is marked failed instead. Returns (requeued, failed)."""
+        claimed ``max_attempts`` times is marked failed instead. Returns (requeued, failed).
+
+        Safe to run from every node at once: rows another transaction holds (a worker saving
+        its results) are skipped (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), never waited on.
+        """
         def fn(ses: Session) -> tuple[int, int]:
-            cutoff = utcnow() - older_than
-            stale = (s.Instance.state == s.CLAIMED) & (s.Instance.claimed_at < cutoff)
+            now = utcnow()
+            cutoff = now - older_than
+            ids = ses.execute(
+                select(s.Instance.id).where(s.Instance.state == s.CLAIMED,
+                                            s.Instance.claimed_at < cutoff)
+                .with_for_update(skip_locked=True)).scalars().all()
+            if not ids:
+                return 0, 0
             failed = ses.execute(
-                update(s.Instance).where(stale, s.Instance.attempts >= max_attempts)
-                .values(state=s.FAILED, reason="too_many_attempts", finished_at=utcnow(),
+                update(s.Instance).where(s.Instance.id.in_(ids),
+                                         s.Instance.attempts >= max_attempts)
+                .values(state=s.FAILED, reason="too_many_attempts", finished_at=now,
                         detail=f"claimed {max_attempts} times without a result")).rowcount
             requeued = ses.execute(
-                update(s.Instance).where(stale)
+                update(s.Instance).where(s.Instance.id.in_(ids), s.Instance.state == s.CLAIMED)
                 .values(state=s.QUEUED, claimed_by=None, claimed_at=None)).rowcount
             return requeued, failed
 
