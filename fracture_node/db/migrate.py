@@ -18,7 +18,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from fracture_node.db.store import make_engine
 from fracture_node.errors import DatabaseError
 
-
 _LOCK_KEY = 0x46524E31  # "FRN1": the advisory lock taken while upgrading on PostgreSQL
 
 
