@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("--aet", default="FRACTURE_NODE", help="our (calling) AE title")
     echo.add_argument("--aec", default="ANY-SCP", help="the called AE title")
     echo.add_argument("--timeout", type=float, default=10.0)
+    echo.add_argument("--tls", action="store_true",
+                      help="use TLS with the [tls] certificates of --config")
+    echo.add_argument("--config", "-c", help="configuration with the [tls] section")
 
     retry = sub.add_parser("retry", help="resend dead-lettered reports")
     retry.add_argument("--config", "-c")
@@ -168,10 +171,12 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 def _echo(args: argparse.Namespace) -> int:
+    from fracture_node import config as cfg
     from fracture_node.dicom.send import echo
 
+    tls = cfg.load(args.config).tls if args.tls else None
     outcome = echo(args.host, args.port, called_ae_title=args.aec, calling_ae_title=args.aet,
-                   timeout_s=args.timeout)
+                   timeout_s=args.timeout, tls=tls)
     if outcome.ok:
         print(f"C-ECHO {args.host}:{args.port} ({args.aec}): success in "
               f"{outcome.duration_s * 1000:.0f} ms")

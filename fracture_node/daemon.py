@@ -50,6 +50,7 @@ class Daemon:
     def start(self) -> None:
         """Build and start every part; returns once the node listens."""
         cfg = self.config
+        os.umask(0o077)  # database, spool and reports hold patient data: owner only
         json_logs = {"auto": None, "json": True, "console": False}[cfg.logging.format]
         logs.configure(cfg.logging.level, json=json_logs)
         log.info("node_starting", version=__version__, config_source=cfg.source,
@@ -63,6 +64,10 @@ class Daemon:
         self.store.ping()
         spool = Spool(cfg.spool_dir, fsync=cfg.storage.fsync,
                       min_free_bytes=cfg.storage.min_free_bytes)
+        # On SQLite this process is the only writer: any temporary file is a crash's leftover.
+        swept = spool.sweep_temporaries(0 if not self.store.is_postgres else 3600)
+        if swept:
+            log.warning("spool_temporaries_removed", count=swept)
         classifier = None
         if cfg.node.role in ("all", "worker"):
             # Load the model before listening: a node that cannot score must not accept.

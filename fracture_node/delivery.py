@@ -70,7 +70,8 @@ class Deliverer:
             try:
                 outcome = c_store(self.config.reports_dir / item.report_path, dest,
                                   calling_ae_title=self.config.node.ae_title,
-                                  timeout_s=self.config.delivery.timeout_s)
+                                  timeout_s=self.config.delivery.timeout_s,
+                                  tls=self.config.tls if dest.tls else None)
                 ok, status, error = outcome.ok, outcome.status, outcome.error
                 duration_s = outcome.duration_s
             except DeliveryError as exc:

@@ -197,15 +197,21 @@ class Housekeeping:
         return summary
 
     def _purge_spool(self) -> dict[str, Any]:
+        # Half-written files of a crashed receiver were never acknowledged: remove them.
+        swept = self.spool.sweep_temporaries()
+        if swept:
+            log.info("spool_temporaries_removed", count=swept)
         days = self.config.storage.retention_days
         if days <= 0:
             log.debug("spool_purge_disabled")
-            return {"skipped": "retention_days = 0 keeps every spool file"}
+            return {"skipped": "retention_days = 0 keeps every spool file",
+                    "temporaries_removed": swept}
         now = self.clock()
         cutoff = now - dt.timedelta(days=days)
         summary: dict[str, Any] = {"cutoff": cutoff.isoformat(), "files_deleted": 0,
                                    "files_missing": 0, "bytes_freed": 0, "errors": 0,
-                                   "folders_removed": 0, "complete": True}
+                                   "folders_removed": 0, "complete": True,
+                                   "temporaries_removed": swept}
         folders: set[Path] = set()
         deadline = time.monotonic() + PURGE_MAX_S
         while True:

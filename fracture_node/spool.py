@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -81,6 +82,23 @@ class Spool:
             what = "out of disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise StorageError(f"cannot write {relative}: {what}") from exc
         return final
+
+    def sweep_temporaries(self, older_than_s: float = 3600.0) -> int:
+        """Delete temporary files left by writes that a crash interrupted; returns how many.
+
+        Such a file was never acknowledged (the answer follows the rename), so nothing refers
+        to it; it may hold patient data, so it should not linger. Meant for housekeeping.
+        """
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for tmp in self.root.glob("*/.tmp-*"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        return removed
 
     def remove(self, relative: str) -> None:
         """Delete a spooled file (best effort; used to undo a store that SQL refused)."""

@@ -70,8 +70,9 @@ def decode_instance(spool: Spool, claimed: ClaimedInstance,
         return Failed(claimed, s.FAILED, "spool_file_missing",
                       f"spool file {claimed.spool_path} is missing")
     except Exception as exc:  # a decoder bug must not stop the worker
+        # Only the type: a library's message can quote element values (patient data).
         return Failed(claimed, s.NOT_PROCESSED, "undecodable",
-                      f"{type(exc).__name__}: {str(exc)[:300]}")
+                      f"unexpected {type(exc).__name__} while decoding")
     return Decoded(claimed, array, (time.perf_counter() - started) * 1000)
 
 

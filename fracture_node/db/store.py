@@ -96,7 +96,7 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str, echo: bool = False) -> Engine:
+def make_engine(url: str, echo: bool = False, statement_timeout_ms: int = 0) -> Engine:
     """Create an engine with the settings fracture-node relies on for ``url``."""
     if url.startswith("sqlite"):
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30,
@@ -106,8 +106,13 @@ def make_engine(url: str, echo: bool = False) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    # A database that hangs instead of refusing must not hold a C-STORE forever: statements
+    # time out and dead TCP connections are noticed by keepalives.
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=10,
-                         connect_args={"connect_timeout": 5})
+                         connect_args={"connect_timeout": 5,
+                                       "options": f"-c statement_timeout={statement_timeout_ms}",
+                                       "keepalives": 1, "keepalives_idle": 30,
+                                       "keepalives_interval": 10, "keepalives_count": 3})
 
 
 class Store(ReportingQueries):
@@ -115,7 +120,7 @@ class Store(ReportingQueries):
 
     def __init__(self, url: str, echo: bool = False) -> None:
         self.url = url
-        self.engine = make_engine(url, echo=echo)
+        self.engine = make_engine(url, echo=echo, statement_timeout_ms=120_000)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.is_postgres = self.engine.dialect.name == "postgresql"
 

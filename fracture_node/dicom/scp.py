@@ -12,6 +12,20 @@ Statuses (PS3.4 B.2.3):
 - ``0xC000`` cannot understand: the data set cannot be parsed;
 - ``0xA701`` the object is larger than ``[node] max_object_bytes``.
 
+Access (PS3.8 9.3.4): a caller whose address is not in ``[node] allowed_peers`` or whose calling
+AE title is not in ``[node] allowed_calling_ae_titles`` gets an A-ASSOCIATE-RJ (rejected
+permanent, service user; reason "no reason given" for an address, "calling AE title not
+recognised" for an AE title); pynetdicom itself rejects a wrong called AE title (when required)
+and associations over ``max_associations`` (rejected transient, service provider presentation
+related, local limit exceeded). With ``[tls] enabled`` the TLS handshake runs first, in the
+connection's own thread, within ``acse_timeout_s``. Every rejection and failed handshake is an
+``associations`` row (outcome ``rejected`` and a reason), a log line and a metric.
+
+Limits while receiving: a PDU longer than ``max_pdu_bytes`` (what we announced) or a message
+that grows past ``max_object_bytes`` + 1 MiB aborts the association at once, before the bytes
+are held in memory (recorded as outcome ``aborted`` with the reason); an object slightly over
+``max_object_bytes`` is answered ``0xA701``.
+
 Duplicates: an object whose SOP Instance UID we hold with identical bytes is acknowledged with
 success and counted (``instances.duplicates``), not stored twice. A different object under the same
 SOP Instance UID is stored as a new row that supersedes the old one (state ``superseded``); it is
@@ -25,20 +39,25 @@ import io
 import ipaddress
 import os
 import socket
+import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
-from fracture_node.config import Config
+from fracture_node.config import Config, TlsConfig
 from fracture_node.db.store import NewInstance, Store, utcnow
-from fracture_node.errors import DatabaseError, StorageError
+from fracture_node.errors import ConfigError, DatabaseError, StorageError
 from fracture_node.logs import get_logger
 from fracture_node.spool import Spool
 
@@ -50,6 +69,32 @@ OUT_OF_RESOURCES_TOO_LARGE = 0xA701
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
+# A-ASSOCIATE-RJ parameters (PS3.8 9.3.4).
+REJECTED_PERMANENT = 0x01
+REJECTED_TRANSIENT = 0x02
+SOURCE_SERVICE_USER = 0x01
+SOURCE_PROVIDER_ACSE = 0x02
+SOURCE_PROVIDER_PRESENTATION = 0x03
+NO_REASON_GIVEN = 0x01
+CALLING_AE_NOT_RECOGNISED = 0x03
+CALLED_AE_NOT_RECOGNISED = 0x07
+LOCAL_LIMIT_EXCEEDED = 0x02
+
+# (result source, diagnostic) of a rejection -> the reason code in metrics and SQL.
+_REJECT_REASONS = {
+    (SOURCE_SERVICE_USER, NO_REASON_GIVEN): "peer_not_allowed",
+    (SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED): "calling_ae_not_allowed",
+    (SOURCE_SERVICE_USER, CALLED_AE_NOT_RECOGNISED): "called_ae_not_recognised",
+    (SOURCE_PROVIDER_ACSE, NO_REASON_GIVEN): "user_identity_refused",
+    (SOURCE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED): "too_many_associations",
+    (SOURCE_PROVIDER_PRESENTATION, NO_REASON_GIVEN): "congestion",
+}
+
+ASSOCIATION_END_RETRY_S = 2.0
+
+OBJECT_SLACK_BYTES = 1 << 20
+"""How far past ``max_object_bytes`` a message may grow before the association is aborted."""
+
 _HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
                 "Modality"]
 
@@ -57,6 +102,115 @@ _HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPC
 def node_name(port: int) -> str:
     """This process's name in SQL rows (host and port; several nodes may share one database)."""
     return f"{socket.gethostname()}:{port}:{os.getpid()}"
+
+
+def server_tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The SSL context of the SCP: our certificate, TLS 1.2 or later, mutual when required."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
+        if tls.ca_certificates:
+            ctx.load_verify_locations(cafile=str(tls.ca_certificates))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"config: [tls] certificate/private_key/ca_certificates cannot be loaded "
+            f"({type(exc).__name__}: {exc}); fix: give PEM files, the key matching the "
+            "certificate and not encrypted") from exc
+    if tls.require_client_certificate:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    elif tls.ca_certificates:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved off the accept loop.
+
+    pynetdicom wraps an accepted socket in the accepting thread, so one caller that never
+    finishes its handshake would stop every other caller. Here the handshake runs in the
+    connection's own thread, limited to ``acse_timeout_s``, and a failure is reported to
+    ``on_tls_failure`` (the connection is then closed without an association).
+    """
+
+    tls_context: ssl.SSLContext | None = None
+    handshake_timeout_s: float = 30.0
+    on_tls_failure: Callable[[tuple[str, int], str], None] = staticmethod(lambda a, r: None)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.tls_context is not None:
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request = self.tls_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                reason = getattr(exc, "reason", None) or type(exc).__name__
+                try:
+                    self.on_tls_failure(client_address, str(reason))
+                finally:
+                    self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+class _ReceiveGuard:
+    """Limits what one association may send, checked before the bytes are read.
+
+    Installed over the association socket's ``recv``: the DUL reads each PDU as a 6-byte
+    header and then its declared length, so a declared length over the limit is refused
+    before any of it is held in memory. The refusal closes the connection (pynetdicom treats
+    it as a transport failure: the association ends as aborted).
+    """
+
+    def __init__(self, sock: Any, max_pdu: int, max_message: int) -> None:
+        self.recv = sock.recv
+        self.max_pdu = max_pdu
+        self.max_message = max_message
+        self.message_bytes = 0
+        self.refused: str | None = None
+        self._pdu_type = 0
+        self._header_next = True
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        # The DUL alternates: a 6-byte header read, then one read of the declared length.
+        if not self._header_next:
+            self._header_next = True
+            return self.recv(nr_bytes)
+        header = self.recv(nr_bytes)
+        if nr_bytes == 6 and len(header) == 6:
+            self._header_next = False
+            self._pdu_type, _, length = struct.unpack(">BBL", bytes(header))
+            self._check(length)
+        return header
+
+    def _check(self, length: int) -> None:
+        if self._pdu_type == 0x04:  # P-DATA-TF
+            if self.max_pdu and length > self.max_pdu + 6:
+                self.refused = (f"a P-DATA PDU of {length} bytes is longer than "
+                                f"[node] max_pdu_bytes = {self.max_pdu}")
+            else:
+                self.message_bytes += length
+                if self.message_bytes > self.max_message:
+                    self.refused = (f"a message grew past {self.max_message} bytes "
+                                    "([node] max_object_bytes + 1 MiB)")
+        elif length > (1 << 20):  # association, release and abort PDUs are small
+            self.refused = f"a PDU of type 0x{self._pdu_type:02X} declares {length} bytes"
+        if self.refused:
+            raise OSError(self.refused)
+
+    def message_done(self) -> None:
+        self.message_bytes = 0
+
+
+class _Connection:
+    """What the receiver tracks for one connection, from open to close."""
+
+    def __init__(self, guard: _ReceiveGuard | None) -> None:
+        self.guard = guard
+        self.assoc_id: int | None = None
+        self.accept_recorded = False
+        self.ended: str | None = None
+        """Set when the connection ended before its row was written (a race with the peer)."""
 
 
 class Receiver:
@@ -84,10 +238,14 @@ class Receiver:
         self.metrics = metrics
         self.node = ""
         self._server: Any = None
-        self._assoc_ids: dict[int, int] = {}
+        self._conns: dict[int, _Connection] = {}
+        self._unrecorded_ends: list[tuple[int, str, str | None]] = []
+        self._retry_timer: threading.Timer | None = None
         self._lock = threading.Lock()
         self._networks = [ipaddress.ip_network(p, strict=False)
                           for p in config.node.allowed_peers]
+        self._allowed_aets = {a.strip() for a in config.node.allowed_calling_ae_titles}
+        self._tls = server_tls_context(config.tls) if config.tls.enabled else None
         self.ae = self._make_ae()
 
     # Set-up -------------------------------------------------------------------------------
@@ -100,11 +258,10 @@ class Receiver:
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
         ae.require_called_aet = node.require_called_ae_title
-        if node.allowed_calling_ae_titles:
-            ae.require_calling_aet = list(node.allowed_calling_ae_titles)
+        # Calling AE titles and peer addresses are checked in _on_requested (to record why).
         transfer_syntaxes = list(AllTransferSyntaxes)
         for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, transfer_syntaxes)
+            ae.add_supported_context(str(context.abstract_syntax), transfer_syntaxes)
         ae.add_supported_context(Verification)
         return ae
 
@@ -117,21 +274,34 @@ class Receiver:
 
     def start(self) -> None:
         """Listen for associations (in background threads)."""
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACSE_SENT, self._on_acse_sent),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         address = (self.config.node.bind_address, self.config.node.port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        server = cast(_Server, self.ae.make_server(address, evt_handlers=handlers,
+                                                   server_class=_Server))
+        server.tls_context = self._tls
+        server.handshake_timeout_s = self.config.node.acse_timeout_s
+        server.on_tls_failure = self._on_tls_failure
+        thread = threading.Thread(target=make_target(server.serve_forever), name="scp",
+                                  daemon=True)
+        thread.start()
+        self.ae._servers.append(server)
+        self._server = server
         self.node = node_name(self.port)
         log.info("scp_listening", ae_title=self.config.node.ae_title,
-                 address=self.config.node.bind_address, port=self.port)
+                 address=self.config.node.bind_address, port=self.port,
+                 tls=self._tls is not None,
+                 mutual_tls=self._tls is not None and self.config.tls.require_client_certificate)
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting associations, let the ones in flight finish, then close."""
@@ -151,6 +321,11 @@ class Receiver:
             assoc.abort(block=False)
         log.info("scp_stopped", aborted_associations=len(left))
         self._server = None
+        with self._lock:
+            timer, self._retry_timer = self._retry_timer, None
+        if timer is not None:
+            timer.cancel()
+        self._record_ends()  # last try; what still fails is closed as interrupted at next start
 
     # Associations -------------------------------------------------------------------------
     def _peer_allowed(self, address: str) -> bool:
@@ -163,13 +338,62 @@ class Receiver:
         return any(ip in net for net in self._networks)
 
     def _on_conn_open(self, event: Any) -> None:
-        address = event.address[0]
-        if not self._peer_allowed(address):
-            log.warning("peer_refused", peer_address=address)
-            if self.metrics:
-                self.metrics.associations_rejected.labels("peer_not_allowed").inc()
-            self._record_association(event, outcome="rejected", reason="peer address not allowed")
-            event.assoc.abort()
+        """Install the receive limits on the new connection's socket."""
+        node = self.config.node
+        guard = None
+        try:
+            sock = event.assoc.dul.socket
+            guard = _ReceiveGuard(sock, node.max_pdu_bytes,
+                                  node.max_object_bytes + OBJECT_SLACK_BYTES)
+            sock.recv = guard
+        except Exception as exc:  # a handler must not raise into pynetdicom
+            log.error("receive_guard_not_installed", error=f"{type(exc).__name__}: {exc}")
+        with self._lock:
+            self._conns[id(event.assoc)] = _Connection(guard)
+
+    def _on_requested(self, event: Any) -> None:
+        """Check the caller's address and AE title; reject with A-ASSOCIATE-RJ if not allowed."""
+        assoc = event.assoc
+        try:
+            request = assoc.requestor.primitive
+            calling = _ae(request.calling_ae_title)
+            called = _ae(request.called_ae_title)
+            address = str(assoc.requestor.address)
+            if not self._peer_allowed(address):
+                reason = f"peer address {address} is not in [node] allowed_peers"
+                diagnostic = NO_REASON_GIVEN
+            elif self._allowed_aets and calling not in self._allowed_aets:
+                reason = f"calling AE title {calling!r} is not in [node] allowed_calling_ae_titles"
+                diagnostic = CALLING_AE_NOT_RECOGNISED
+            else:
+                return
+            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
+            self._rejected(calling, called, address, int(assoc.requestor.port or 0),
+                           _REJECT_REASONS[(SOURCE_SERVICE_USER, diagnostic)], reason)
+            assoc.kill()  # wait until the A-ASSOCIATE-RJ is sent and the peer closed
+        except Exception as exc:  # never let a caller in because a check failed
+            log.error("association_check_failed", error=f"{type(exc).__name__}: {exc}")
+            if not assoc.is_rejected:
+                assoc.abort()
+
+    def _on_tls_failure(self, address: tuple[str, int], reason: str) -> None:
+        self._rejected("", self.config.node.ae_title, str(address[0]), int(address[1]),
+                       "tls_handshake_failed", f"TLS handshake failed: {reason}"[:128])
+
+    def _rejected(self, calling: str, called: str, address: str, port: int, code: str,
+                  reason: str) -> None:
+        """Record, log and count one refused association."""
+        log.warning("association_rejected", reason=code, detail=reason,
+                    calling_ae_title=calling, peer_address=address)
+        if self.metrics:
+            self.metrics.associations_rejected.labels(code).inc()
+        try:
+            self.store.open_association(
+                node=self.node, calling_ae_title=calling[:16], called_ae_title=called[:16],
+                peer_address=address[:64], peer_port=port, outcome="rejected",
+                reason=reason[:128])
+        except DatabaseError as exc:
+            log.error("association_not_recorded", error=str(exc))
 
     def _record_association(self, event: Any, outcome: str, reason: str | None = None
                             ) -> int | None:
@@ -188,9 +412,13 @@ class Receiver:
 
     def _on_accepted(self, event: Any) -> None:
         assoc_id = self._record_association(event, "open")
-        if assoc_id is not None:
-            with self._lock:
-                self._assoc_ids[id(event.assoc)] = assoc_id
+        with self._lock:
+            conn = self._conns.setdefault(id(event.assoc), _Connection(None))
+            conn.assoc_id = assoc_id
+            conn.accept_recorded = True
+            ended = conn.ended
+        if ended:  # the peer was faster than our INSERT: close the row now
+            self._end(event, ended)
         if self.metrics:
             self.metrics.associations.inc()
         log.info("association_accepted", association_id=assoc_id,
@@ -198,23 +426,82 @@ class Receiver:
                  peer_address=event.assoc.requestor.address)
 
     def _on_rejected(self, event: Any) -> None:
-        self._record_association(event, "rejected", reason="association rejected")
-        if self.metrics:
-            self.metrics.associations_rejected.labels("rejected").inc()
-        log.warning("association_rejected",
-                    calling_ae_title=str(event.assoc.requestor.ae_title).strip(),
-                    peer_address=event.assoc.requestor.address)
+        """A rejection made by pynetdicom (called AE title, association limit)."""
+        assoc = event.assoc
+        rj = assoc.acceptor.primitive
+        source = int(getattr(rj, "result_source", 0) or 0)
+        diagnostic = int(getattr(rj, "diagnostic", 0) or 0)
+        code = _REJECT_REASONS.get((source, diagnostic), "rejected")
+        reason = {
+            "too_many_associations": f"more than [node] max_associations = "
+                                     f"{self.config.node.max_associations} at once",
+            "called_ae_not_recognised": "called AE title is not [node] ae_title",
+        }.get(code, f"rejected (source {source}, reason {diagnostic})")
+        self._rejected(_ae(assoc.requestor.ae_title), _ae(assoc.acceptor.ae_title),
+                       str(assoc.requestor.address), int(assoc.requestor.port or 0), code,
+                       reason)
 
     def _end(self, event: Any, outcome: str) -> None:
+        assoc = event.assoc
         with self._lock:
-            assoc_id = self._assoc_ids.pop(id(event.assoc), None)
+            conn = self._conns.get(id(assoc))
+            if conn is None:
+                return
+            rsp = assoc.acceptor.primitive
+            accepted = rsp is not None and getattr(rsp, "result", None) == 0x00
+            if accepted and not conn.accept_recorded:
+                conn.ended = conn.ended or outcome  # _on_accepted is still writing the row
+                return
+            self._conns.pop(id(assoc), None)
+        assoc_id = conn.assoc_id
+        reason = conn.guard.refused if conn.guard is not None else None
+        if reason:
+            outcome = "aborted"
+            log.warning("association_limit_exceeded", association_id=assoc_id, detail=reason,
+                        peer_address=str(assoc.requestor.address))
+            if self.metrics:
+                self.metrics.store_failures.labels("limit_exceeded").inc()
         if assoc_id is None:
             return
-        try:
-            self.store.close_association(assoc_id, outcome)
-        except DatabaseError as exc:
-            log.error("association_end_not_recorded", association_id=assoc_id, error=str(exc))
         log.info("association_ended", association_id=assoc_id, outcome=outcome)
+        with self._lock:
+            self._unrecorded_ends.append((assoc_id, outcome, reason[:128] if reason else None))
+        self._record_ends()
+
+    def _record_ends(self) -> None:
+        """Write the ends of associations to SQL; retry those the database refused.
+
+        An association left ``open`` in SQL would hold back the report of every study it
+        brought, so an end that could not be written (database down) is retried every few
+        seconds until it is.
+        """
+        with self._lock:
+            pending, self._unrecorded_ends = self._unrecorded_ends, []
+            self._retry_timer = None
+        failed = []
+        for i, (assoc_id, outcome, reason) in enumerate(pending):
+            try:
+                self.store.close_association(assoc_id, outcome, reason)
+            except DatabaseError as exc:
+                log.error("association_end_not_recorded", association_id=assoc_id,
+                          error=str(exc), retry_in_s=ASSOCIATION_END_RETRY_S)
+                failed = pending[i:]
+                break
+        if not failed:
+            return
+        with self._lock:
+            self._unrecorded_ends[:0] = failed
+            if self._retry_timer is None and self._server is not None:
+                self._retry_timer = threading.Timer(ASSOCIATION_END_RETRY_S, self._record_ends)
+                self._retry_timer.daemon = True
+                self._retry_timer.start()
+
+    def _on_acse_sent(self, event: Any) -> None:
+        """Record a release before the A-RELEASE-RP leaves (pynetdicom fires EVT_RELEASED only
+        after sending it), so a peer that sees its release confirmed finds it in SQL."""
+        primitive = getattr(event, "primitive", None)
+        if isinstance(primitive, A_RELEASE) and primitive.result is not None:
+            self._end(event, "released")
 
     def _on_released(self, event: Any) -> None:
         self._end(event, "released")
@@ -225,12 +512,20 @@ class Receiver:
     def _on_conn_close(self, event: Any) -> None:
         self._end(event, "closed")
 
+    def _message_done(self, event: Any) -> None:
+        with self._lock:
+            conn = self._conns.get(id(event.assoc))
+        if conn is not None and conn.guard is not None:
+            conn.guard.message_done()
+
     def _association_id(self, event: Any) -> int | None:
         with self._lock:
-            return self._assoc_ids.get(id(event.assoc))
+            conn = self._conns.get(id(event.assoc))
+        return conn.assoc_id if conn is not None else None
 
     # DIMSE --------------------------------------------------------------------------------
     def _on_echo(self, event: Any) -> int:
+        self._message_done(event)
         log.info("echo_answered", calling_ae_title=str(event.assoc.requestor.ae_title).strip())
         return SUCCESS
 
@@ -257,8 +552,11 @@ class Receiver:
         try:
             return self._store(event, assoc_id, sop_uid, sop_class)
         except Exception as exc:  # the handler must answer, whatever happened
+            # The exception's text may quote a data set value: keep only its type.
             return self._fail(assoc_id, sop_uid, sop_class, CANNOT_UNDERSTAND, "internal_error",
-                              f"{type(exc).__name__}: {str(exc)[:200]}")
+                              f"unexpected {type(exc).__name__} while storing")
+        finally:
+            self._message_done(event)
 
     def _store(self, event: Any, assoc_id: int | None, sop_uid: str | None,
                sop_class: str | None) -> int:
@@ -335,6 +633,13 @@ class Receiver:
             self.metrics.received_bytes.inc(len(data))
         self.on_stored()
         return SUCCESS
+
+
+def _ae(value: Any) -> str:
+    """An AE title as text (pynetdicom gives str; older peers' values may be bytes)."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()[:16]
 
 
 def _clean_uid(value: Any) -> str | None:

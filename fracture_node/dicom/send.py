@@ -6,6 +6,10 @@ aborted association, timeout, failure status): it returns a :class:`StoreOutcome
 Only a local problem (the file to send cannot be read) raises
 :class:`~fracture_node.errors.DeliveryError`.
 
+TLS: a destination with ``tls = true`` is reached over TLS 1.2 or later with the ``[tls]``
+CA certificates (and our certificate and key as the client certificate, when set); without a
+``tls`` configuration such a destination fails every attempt rather than fall back to plain TCP.
+
 Statuses follow PS3.4 B.2.3: ``0x0000`` success; ``0xB000``, ``0xB006``, ``0xB007`` warnings
 (stored, counted as delivered, reported in ``warning``); anything else a failure.
 """
@@ -13,6 +17,7 @@ Statuses follow PS3.4 B.2.3: ``0x0000`` success; ``0xB000``, ``0xB006``, ``0xB00
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +37,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, VERIFICATION_SERVICE_CLASS_STATUS
 
-from fracture_node.config import Destination
-from fracture_node.errors import DeliveryError
+from fracture_node.config import Destination, TlsConfig
+from fracture_node.errors import ConfigError, DeliveryError
 from fracture_node.logs import get_logger
 
 log = get_logger("send")
@@ -78,6 +83,7 @@ def store(
     *,
     calling_ae_title: str,
     timeout_s: float,
+    tls: TlsConfig | None = None,
 ) -> StoreOutcome:
     """Send one object to ``destination`` with C-STORE over a new association.
 
@@ -91,6 +97,8 @@ def store(
         Our AE title (usually ``[node] ae_title``).
     timeout_s:
         Limit for the TCP connect, the association answer and the C-STORE answer, each.
+    tls:
+        The ``[tls]`` settings, used when ``destination.tls`` is true.
 
     Raises
     ------
@@ -113,10 +121,16 @@ def store(
         log.warning("store_failed", error=message, status=status, duration_s=elapsed, **fields)
         return StoreOutcome(ok=False, status=status, error=message, duration_s=elapsed)
 
+    tls_args = None
+    if destination.tls:
+        try:
+            tls_args = (client_tls_context(tls), destination.host)
+        except ConfigError as exc:
+            return fail(str(exc))
     try:
         assoc, problem = _associate(
             destination.host, destination.port, destination.ae_title, calling, sop_classes,
-            timeout_s,
+            timeout_s, tls_args,
         )
         if assoc is None:
             return fail(problem or f"no association with {_peer(destination)}")
@@ -157,8 +171,12 @@ def echo(
     called_ae_title: str = "ANY-SCP",
     calling_ae_title: str = "FRACTURE_NODE",
     timeout_s: float = 10,
+    tls: TlsConfig | None = None,
 ) -> EchoOutcome:
-    """C-ECHO a peer (``fracture-node echo``); never raises for network or peer problems."""
+    """C-ECHO a peer (``fracture-node echo``); never raises for network or peer problems.
+
+    With ``tls`` the association runs over TLS (see :func:`client_tls_context`).
+    """
     started = time.monotonic()
     peer = f"{called_ae_title}@{host}:{port}"
 
@@ -171,8 +189,12 @@ def echo(
         return EchoOutcome(ok=ok, status=status, error=error, duration_s=elapsed)
 
     try:
+        tls_args = (client_tls_context(tls), host) if tls is not None else None
+    except ConfigError as exc:
+        return done(False, None, str(exc))
+    try:
         assoc, problem = _associate(
-            host, port, called_ae_title, calling_ae_title, [VERIFICATION], timeout_s
+            host, port, called_ae_title, calling_ae_title, [VERIFICATION], timeout_s, tls_args
         )
         if assoc is None:
             return done(False, None, problem or f"no association with {peer}")
@@ -193,6 +215,32 @@ def echo(
 
 
 # Helpers -----------------------------------------------------------------------------------
+
+
+def client_tls_context(tls: TlsConfig | None) -> ssl.SSLContext:
+    """The SSL context of the SCU: TLS 1.2 or later, the peer verified against our CAs.
+
+    Raises
+    ------
+    ConfigError
+        No ``[tls]`` CA certificates are configured, or the files cannot be loaded.
+    """
+    if tls is None or tls.ca_certificates is None:
+        raise ConfigError(
+            "config: a destination has tls = true but [tls] ca_certificates is not set; "
+            "fix: give the CA bundle that signs the destination's certificate")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = tls.verify_destination_hostname
+    try:
+        ctx.load_verify_locations(cafile=str(tls.ca_certificates))
+        if tls.certificate and tls.private_key:
+            ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"config: [tls] files cannot be loaded ({type(exc).__name__}: {exc}); "
+            "fix: give PEM files, the key matching the certificate and not encrypted") from exc
+    return ctx
 
 
 def _load(path_or_dataset: str | os.PathLike[str] | pydicom.Dataset) -> pydicom.Dataset:
@@ -222,6 +270,7 @@ def _associate(
     calling: str,
     sop_classes: list[UID],
     timeout_s: float,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> tuple[Association | None, str | None]:
     """Request an association; return it when established, else a sentence saying why not."""
     ae = AE(ae_title=calling)
@@ -237,10 +286,17 @@ def _associate(
         return lambda _event: seen.add(name)
 
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, mark("connected"))]
-    assoc = ae.associate(host, port, ae_title=called, evt_handlers=handlers)
+    assoc = ae.associate(host, port, ae_title=called, evt_handlers=handlers, tls_args=tls_args)
     peer = f"{called}@{host}:{port}"
     if assoc.is_established:
         return assoc, None
+    if "connected" not in seen and tls_args is not None:
+        return None, (
+            f"cannot connect to {peer} over TLS: connection refused, no answer within "
+            f"{timeout_s:g}s, or the TLS handshake failed (its certificate is not signed by "
+            "[tls] ca_certificates or does not name the host, or it refused our certificate); "
+            "fix: check the peer's TLS port and both certificates"
+        )
     if "connected" not in seen:
         return None, (
             f"cannot connect to {peer}: connection refused, host unreachable or no answer "

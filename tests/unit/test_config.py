@@ -87,6 +87,13 @@ port = 104
         ("[[destinations]]\nname='p'\nae_title='P'\nhost='h'\nport=104\nextra=1\n",
          "[[destinations]] #1 extra"),
         ("[node\n", "not valid TOML"),
+        ("[tls]\nenabled = true\n", "[tls] certificate"),
+        ("[tls]\nenabled = true\ncertificate = 'nope.crt'\nprivate_key = 'nope.key'\n",
+         "[tls] certificate"),
+        ("[[destinations]]\nname='p'\nae_title='P'\nhost='h'\nport=104\ntls=true\n",
+         "[tls] ca_certificates"),
+        ("[node]\nallowed_peers = ['10.0.0.300']\n", "[node] allowed_peers"),
+        ("[node]\nallowed_calling_ae_titles = ['A\\\\B']\n", "[node] allowed_calling_ae_titles"),
     ],
 )
 def test_bad_config_names_the_key_and_the_fix(tmp_path: Path, text: str, key: str) -> None:
@@ -97,6 +104,28 @@ def test_bad_config_names_the_key_and_the_fix(tmp_path: Path, text: str, key: st
     assert key in message
     assert "fix:" in message
     assert "\n" not in message
+
+
+def test_tls_section_reads_paths_relative_to_the_file(tmp_path: Path) -> None:
+    """[tls] and a destination's tls = true load when the named PEM files exist."""
+    for name in ("node.crt", "node.key", "ca.crt"):
+        (tmp_path / name).write_text("-----BEGIN PLACEHOLDER-----\n")
+    config = _load(tmp_path, """
+[tls]
+enabled = true
+certificate = "node.crt"
+private_key = "node.key"
+ca_certificates = "ca.crt"
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "pacs.local"
+port = 2762
+tls = true
+""")
+    assert config.tls.enabled and config.tls.require_client_certificate
+    assert config.tls.certificate == tmp_path / "node.crt"
+    assert config.destinations[0].tls is True
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
