@@ -1,0 +1,106 @@
+"""`fracture-node predict`: one CSV row per input, unreadable inputs reported, never a crash."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from fracture_node.ml.model import build_model, save_model_file
+from fracture_node.predict import COLUMNS, main
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model_file(path, build_model("mobilenet_v3_small"), {
+        "name": "tiny", "version": "0", "architecture": "mobilenet_v3_small", "input_size": 64,
+        "normalisation": {"mean": 0.3, "std": 0.3},
+        "thresholds": {"balanced": 0.5, "high_sensitivity": 0.3}, "tta": False})
+    return path
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path, dataset_dir: Path) -> Path:
+    folder = tmp_path / "in" / "nested"
+    folder.mkdir(parents=True)
+    for name in ("fa_IMG0000000.jpg", "fa_IMG0000001.jpg", "fa_IMG0000002.jpg"):
+        (folder / name).write_bytes((dataset_dir / "images" / name).read_bytes())
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    return tmp_path / "in"
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_one_row_per_input_with_a_not_processed_row(tmp_path: Path, inputs: Path,
+                                                    tiny_model: Path) -> None:
+    """A folder of three images and a corrupt file gives four rows; the corrupt one is flagged."""
+    out = tmp_path / "out.csv"
+    assert main([str(inputs), "--output", str(out), "--model", str(tiny_model),
+                 "--device", "cpu", "--batch-size", "2"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 4
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["corrupt.jpg"]["status"] == "not_processed"
+    assert by_name["corrupt.jpg"]["reason"] == "undecodable"
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 3
+    assert all(0.0 <= float(r["probability"]) <= 1.0 for r in ok)
+    assert all(r["label"] in ("fractured", "normal") for r in ok)
+
+
+def test_csv_has_the_documented_columns(tmp_path: Path, inputs: Path, tiny_model: Path) -> None:
+    """The CSV header is exactly the documented columns, with the model's sha256 on every row."""
+    out = tmp_path / "out.csv"
+    main([str(inputs), "--output", str(out), "--model", str(tiny_model), "--device", "cpu"])
+    with out.open() as fh:
+        assert tuple(next(csv.reader(fh))) == COLUMNS
+    from fracture_node.ml.model import sha256_file
+
+    assert {r["model_sha256"] for r in _rows(out)} == {sha256_file(tiny_model)}
+
+
+def test_label_follows_the_numeric_operating_point(tmp_path: Path, inputs: Path,
+                                                   tiny_model: Path) -> None:
+    """With threshold 0 every readable image is called fractured, with 1 none is (p < 1)."""
+    out0, out1 = tmp_path / "0.csv", tmp_path / "1.csv"
+    common = [str(inputs), "--model", str(tiny_model), "--device", "cpu"]
+    main([*common, "--output", str(out0), "--operating-point", "0"])
+    main([*common, "--output", str(out1), "--operating-point", "1"])
+    assert {r["label"] for r in _rows(out0) if r["status"] == "ok"} == {"fractured"}
+    assert {r["label"] for r in _rows(out1) if r["status"] == "ok"} == {"normal"}
+
+
+def test_missing_path_gets_a_row_not_a_crash(tmp_path: Path, tiny_model: Path) -> None:
+    """A path that does not exist is reported as not processed (not_found)."""
+    out = tmp_path / "out.csv"
+    assert main([str(tmp_path / "ghost.png"), "--output", str(out), "--model", str(tiny_model),
+                 "--device", "cpu"]) == 0
+    (row,) = _rows(out)
+    assert (row["status"], row["reason"]) == ("not_processed", "not_found")
+
+
+def test_dicom_input_gets_a_row(tmp_path: Path, samples_dir: Path, tiny_model: Path) -> None:
+    """A DICOM file (sniffed by its preamble, whatever its name) gets a row and never a crash."""
+    src = sorted(samples_dir.glob("CR_*.dcm"))[0]
+    renamed = tmp_path / "no_suffix"
+    renamed.write_bytes(src.read_bytes())
+    out = tmp_path / "out.csv"
+    assert main([str(renamed), "--output", str(out), "--model", str(tiny_model),
+                 "--device", "cpu"]) == 0
+    (row,) = _rows(out)
+    assert row["status"] in ("ok", "not_processed")
+    assert row["status"] == "ok" or row["reason"] != "undecodable"
+
+
+def test_unknown_operating_point_is_an_error_exit(tmp_path: Path, inputs: Path,
+                                                 tiny_model: Path) -> None:
+    """An operating point that is neither a name on the card nor a number exits with 2."""
+    assert main([str(inputs), "--output", str(tmp_path / "o.csv"), "--model", str(tiny_model),
+                 "--operating-point", "lenient"]) == 2
