@@ -85,9 +85,13 @@ def test_corrupt_image_is_skipped_and_logged_by_file_name(
     Image.fromarray(np.arange(600, dtype=np.uint8).reshape(20, 30)).save(good)
     bad = tmp_path / "normal" / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    from structlog.testing import capture_logs
+
     records = load_records(tmp_path)
-    cached = cache_split(records, 32, cache_dir=None)
+    with capture_logs() as events:
+        cached = cache_split(records, 32, cache_dir=None)
     assert [r.path.name for r in cached.records] == ["good.png"]
     assert cached.images.shape == (1, 32, 32)
-    line = next(x for x in capsys.readouterr().out.splitlines() if "image_skipped" in x)
+    [event] = [e for e in events if e["event"] == "image_skipped"]
+    line = str(event)
     assert "bad.png" in line and str(tmp_path) not in line
