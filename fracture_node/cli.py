@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", "-c", help="TOML configuration file (default: embedded defaults)")
     serve.add_argument("--role", choices=["all", "receiver", "worker"],
                        help="override [node] role")
+    serve.add_argument("--metrics-port", type=int,
+                       help="override [metrics] port (several processes on one host)")
 
     check = sub.add_parser("check-config", help="validate a configuration file and print it")
     check.add_argument("config", help="TOML configuration file")
@@ -120,6 +122,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = cfg.load(args.config)
     if args.role:
         config = cfg.with_role(config, args.role)
+    if args.metrics_port is not None:
+        config = cfg.with_metrics_port(config, args.metrics_port)
     code = Daemon(config).run()
     # Everything is on disk and in SQL by now. Skip the interpreter's teardown: unloading the
     # CUDA-enabled torch libraries takes seconds and would only delay a service restart.

@@ -502,3 +502,9 @@ def load(path: str | os.PathLike[str] | None, environ: typing.Mapping[str, str] 
 def with_role(config: Config, role: str) -> Config:
     """The same configuration with another ``[node] role``."""
     return dataclasses.replace(config, node=dataclasses.replace(config.node, role=role)).validate()
+
+
+def with_metrics_port(config: Config, port: int) -> Config:
+    """The same configuration with another ``[metrics] port``."""
+    return dataclasses.replace(
+        config, metrics=dataclasses.replace(config.metrics, port=port)).validate()

@@ -74,3 +74,12 @@ def test_retry_requeues_dead_deliveries(tmp_path: Path, capsys: pytest.CaptureFi
     [delivery] = store.rows(s.Delivery)
     assert delivery.state == s.PENDING and delivery.deadline_at > now
     store.dispose()
+
+
+def test_metrics_port_override() -> None:
+    """--metrics-port replaces [metrics] port without touching the rest."""
+    from fracture_node import config as cfg
+
+    base = cfg.load(None, environ={})
+    changed = cfg.with_metrics_port(base, 9999)
+    assert changed.metrics.port == 9999 and changed.node == base.node
