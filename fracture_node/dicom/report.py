@@ -10,6 +10,13 @@ attributes copied from the received headers by highdicom) and lives in its own s
 as an unverified AI result: Preliminary Flag PRELIMINARY, Verification Flag UNVERIFIED.
 A corrected report is a new instance in the same series with a higher Instance Number and a
 Predecessor Documents Sequence (PS3.3 C.17.2) naming the report it replaces.
+
+Where the model looked (optional): each :class:`SaliencyRegion` of a finding becomes a TID 1410
+Planar ROI Measurements group right after the image's TID 1501 group: an IMAGE REGION SCOORD
+POLYLINE (closed, in pixel coordinates of the source image, PS3.3 C.18.6.1.1) on that image,
+finding type Fracture, the saliency method as Measurement Method (TID 1419) and the region's
+peak saliency (relative to the image's maximum) as a NUM with derivation Maximum. By default
+only images scored positive carry regions (``regions_of_negatives``).
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
@@ -59,6 +68,15 @@ IMAGES_NOT_PROCESSED = hd.sr.CodedConcept(
     "IMGNOTPROC", LOCAL_SCHEME, "Number of images not processed"
 )
 IMAGE_NOT_PROCESSED = hd.sr.CodedConcept("NOTPROC", LOCAL_SCHEME, "Image not processed")
+SALIENCY_PEAK = hd.sr.CodedConcept("SALPEAK", LOCAL_SCHEME, "Peak saliency")
+"""Maximum of the saliency map in the region, relative to the map's maximum over the image."""
+UNIT_NONE = hd.sr.CodedConcept("1", "UCUM", "no units")
+SALIENCY_METHODS = {
+    "gradcam": hd.sr.CodedConcept("GRADCAM", LOCAL_SCHEME, "Grad-CAM saliency"),
+    "gradcampp": hd.sr.CodedConcept("GRADCAMPP", LOCAL_SCHEME, "Grad-CAM++ saliency"),
+    "hirescam": hd.sr.CodedConcept("HIRESCAM", LOCAL_SCHEME, "HiResCAM saliency"),
+}
+"""TID 1419 Measurement Method of a region, by :data:`fracture_node.ml.explain.METHODS` name."""
 LOCAL_SCHEME_ITEM = CodingSchemeIdentificationItem(
     designator=LOCAL_SCHEME,
     name="fracture-node local codes",
@@ -73,6 +91,36 @@ _TYPE2_FROM_SOURCE = (
 
 
 @dataclass(frozen=True)
+class SaliencyRegion:
+    """Where the model looked on one image: a closed polygon in the source image's pixels.
+
+    ``polygon`` holds ``(column, row)`` points in continuous pixel coordinates (the top-left
+    corner of the first pixel is ``(0, 0)``), first point repeated last;
+    ``fracture_node.ml.explain.Region.polygon()`` gives one. ``peak`` is the region's maximum
+    saliency relative to the image's maximum, in [0, 1].
+    """
+
+    polygon: tuple[tuple[float, float], ...]
+    peak: float
+    method: str = "hirescam"
+    """The saliency method (a key of :data:`SALIENCY_METHODS`); pass the Explainer's."""
+
+    @classmethod
+    def of(cls, region: Any, method: str = "hirescam") -> SaliencyRegion:
+        """From anything with ``polygon()`` and ``peak`` (an ``explain.Region``)."""
+        points = tuple((float(x), float(y)) for x, y in np.asarray(region.polygon()))
+        return cls(polygon=points, peak=float(region.peak), method=method)
+
+    @classmethod
+    def from_box(cls, x0: float, y0: float, x1: float, y1: float, peak: float,
+                 method: str = "hirescam") -> SaliencyRegion:
+        """A rectangle ``[x0, x1] x [y0, y1]`` (source pixels) as a closed polygon."""
+        x0, y0, x1, y1 = float(x0), float(y0), float(x1), float(y1)
+        return cls(polygon=((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)),
+                   peak=float(peak), method=method)
+
+
+@dataclass(frozen=True)
 class ImageFinding:
     """The model's result for one processed image."""
 
@@ -81,6 +129,8 @@ class ImageFinding:
     probability: float
     positive: bool
     """``probability`` reached the operating threshold."""
+    regions: tuple[SaliencyRegion, ...] = ()
+    """Where the model looked (hottest first); none by default."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +167,7 @@ def build_report(
     station_ae_title: str,
     manufacturer: str = "fracture-node",
     software_version: str,
+    regions_of_negatives: bool = False,
 ) -> pydicom.Dataset:
     """Build the Comprehensive 3D SR that reports the fracture result of one study.
 
@@ -140,6 +191,8 @@ def build_report(
         Header of the report this one replaces (required when ``version > 1``).
     device_observer_uid, station_ae_title, manufacturer, software_version:
         Identify this node as the device observer (TID 1004) and in the equipment module.
+    regions_of_negatives:
+        Also write the saliency regions of images scored negative (default: positive only).
 
     Returns
     -------
@@ -164,7 +217,12 @@ def build_report(
                 f"operating_point={algorithm.operating_point}",
             ],
         )
-        groups = [_image_group(f, i, algorithm_id) for i, f in enumerate(findings, start=1)]
+        groups: list[Any] = []
+        for i, f in enumerate(findings, start=1):
+            groups.append(_image_group(f, i, algorithm_id))
+            if f.positive or regions_of_negatives:
+                groups.extend(_region_group(f, i, k, r, algorithm_id)
+                              for k, r in enumerate(f.regions, start=1))
         groups.append(_summary_group(study_uid, findings, unprocessed, algorithm_id))
         observer = hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
@@ -269,6 +327,8 @@ def _check_inputs(
                 f"the SR for study {study_uid}: probability {f.probability} of image "
                 f"{f.sop_instance_uid} is outside 0..1"
             )
+        for r in f.regions:
+            _check_region(study_uid, f.sop_instance_uid, r)
     named = [f.sop_instance_uid for f in findings] + [u.sop_instance_uid for u in unprocessed]
     if len(set(named)) != len(named):
         raise ReportError(
@@ -340,6 +400,53 @@ def _image_group(
                 referenced_sop_class_uid=finding.sop_class_uid,
                 referenced_sop_instance_uid=finding.sop_instance_uid,
             )
+        ],
+    )
+
+
+def _check_region(study_uid: str, sop_instance_uid: str, region: SaliencyRegion) -> None:
+    points = np.asarray(region.polygon, dtype=np.float64)
+    problem = None
+    if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] < 4:
+        problem = "needs at least 3 distinct (column, row) points and the first repeated last"
+    elif not np.array_equal(points[0], points[-1]):
+        problem = "is not closed (the last point must equal the first)"
+    elif not np.isfinite(points).all() or (points < 0).any():
+        problem = "has a negative or non-finite coordinate"
+    elif not 0.0 <= region.peak <= 1.0:
+        problem = f"has peak {region.peak} outside 0..1"
+    elif region.method not in SALIENCY_METHODS:
+        problem = f"names unknown method {region.method!r}"
+    if problem:
+        raise ReportError(
+            f"the SR for study {study_uid}: a saliency region of image {sop_instance_uid} "
+            f"{problem}"
+        )
+
+
+def _region_group(
+    finding: ImageFinding, index: int, number: int, region: SaliencyRegion,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 for one saliency region: the polygon on the image and its peak saliency."""
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(f"{finding.sop_instance_uid}/region/{number}",
+                                      f"Fracture saliency region {number}, image {index}"),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=np.asarray(region.polygon, dtype=np.float32),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=finding.sop_class_uid,
+                referenced_sop_instance_uid=finding.sop_instance_uid,
+            ),
+        ),
+        finding_category=FINDING_CATEGORY,
+        finding_type=FRACTURE,
+        method=SALIENCY_METHODS[region.method],
+        algorithm_id=algorithm_id,
+        measurements=[
+            hd.sr.Measurement(name=SALIENCY_PEAK, value=float(region.peak), unit=UNIT_NONE,
+                              derivation=MAXIMUM)
         ],
     )
 

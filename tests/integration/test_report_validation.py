@@ -1,4 +1,5 @@
-"""Every kind of SR we write passes dicom3tools' dciodvfy and DCMTK's dsrdump."""
+"""Every kind of SR we write passes dicom3tools' dciodvfy and DCMTK's dsrdump; so do the
+overlay objects (Secondary Capture, Grayscale Softcopy Presentation State)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from fracture_node.dicom.overlay import build_presentation_state, build_secondary_capture
+from fracture_node.dicom.pixels import read_pixels
 from fracture_node.dicom.report import (
     AlgorithmInfo,
     ImageFinding,
+    SaliencyRegion,
     Unprocessed,
     build_report,
     write_report,
@@ -43,12 +48,26 @@ def _finding(ds: pydicom.Dataset, p: float) -> ImageFinding:
 
 def _build(sources: list[pydicom.Dataset], findings: list[ImageFinding],
            unprocessed: list[Unprocessed], version: int = 1,
-           predecessor: pydicom.Dataset | None = None) -> pydicom.Dataset:
+           predecessor: pydicom.Dataset | None = None,
+           regions_of_negatives: bool = False) -> pydicom.Dataset:
     return build_report(
         sources, findings, unprocessed, ALGORITHM, version=version, series_instance_uid=SERIES,
         predecessor=predecessor, device_observer_uid="1.2.826.0.1.3680043.8.498.1",
         station_ae_title="FRACTURE_NODE", software_version="0.1.0",
+        regions_of_negatives=regions_of_negatives,
     )
+
+
+REGIONS = (
+    SaliencyRegion(((400.0, 610.5), (720.25, 610.5), (720.25, 905.0), (400.0, 905.0),
+                    (400.0, 610.5)), 1.0),
+    SaliencyRegion(((10.0, 20.0), (60.0, 20.0), (60.0, 80.0), (10.0, 80.0), (10.0, 20.0)),
+                   0.64, "gradcampp"),
+)
+
+
+def _with_regions(ds: pydicom.Dataset, p: float) -> ImageFinding:
+    return ImageFinding(ds.SOPInstanceUID, ds.SOPClassUID, p, p >= ALGORITHM.threshold, REGIONS)
 
 
 def one_finding(h: list[pydicom.Dataset]) -> pydicom.Dataset:
@@ -75,8 +94,19 @@ def version_2(h: list[pydicom.Dataset]) -> pydicom.Dataset:
                   version=2, predecessor=first)
 
 
+def with_regions(h: list[pydicom.Dataset]) -> pydicom.Dataset:
+    return _build(h, [_with_regions(h[0], 0.91), _with_regions(h[1], 0.12), _finding(h[2], 0.6)],
+                  [])
+
+
+def with_regions_of_negatives(h: list[pydicom.Dataset]) -> pydicom.Dataset:
+    return _build(h, [_with_regions(h[0], 0.91), _with_regions(h[1], 0.12)], [],
+                  regions_of_negatives=True)
+
+
 KINDS: list[Callable[[list[pydicom.Dataset]], pydicom.Dataset]] = [
-    one_finding, several_series, with_unprocessed, only_unprocessed, version_2,
+    one_finding, several_series, with_unprocessed, only_unprocessed, version_2, with_regions,
+    with_regions_of_negatives,
 ]
 
 
@@ -131,3 +161,66 @@ def test_sparse_source_header_only_adds_warnings_about_the_source(
         *EXPECTED_WARNINGS,
     ]
     assert [w for w in warnings if not any(p.search(w) for p in from_source)] == []
+
+
+def test_dsrdump_shows_the_region_on_its_image(samples_dir: Path, tmp_path: Path) -> None:
+    """The saliency region is a SCOORD POLYLINE selected from the source image."""
+    path = tmp_path / "sr.dcm"
+    write_report(with_regions(_headers(samples_dir)), path)
+    run = subprocess.run(["dsrdump", "-ll", "warn", str(path)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and run.stderr == ""
+    assert run.stdout.count('SCOORD:(,,"Image Region")=(POLYLINE,400/610.5') == 1
+    assert '<selected from IMAGE:(,,"Source")=(CR image,)>' in run.stdout
+    assert run.stdout.count('NUM:(,,"Peak saliency")') == 2
+
+
+# Overlay objects ---------------------------------------------------------------------------
+
+# The hip sample's header (a NEMA WG04 test image) names no laterality; an empty General
+# Series Laterality (Type 2C, "unknown") is what we can honestly write.
+OVERLAY_WARNINGS = [re.compile(r"permitted to be empty when actually unknown.*<Laterality>")]
+
+
+@pytest.fixture(scope="module")
+def hip_with_pixels(samples_dir: Path) -> tuple[pydicom.Dataset, np.ndarray]:
+    ds = pydicom.dcmread(samples_dir / "CR_hip_RG2_JLSL.dcm")
+    image = read_pixels(ds)
+    return pydicom.dcmread(samples_dir / "CR_hip_RG2_JLSL.dcm", stop_before_pixels=True), image
+
+
+def test_secondary_capture_passes_dciodvfy(hip_with_pixels: tuple[pydicom.Dataset, np.ndarray],
+                                           tmp_path: Path) -> None:
+    """The overlay Secondary Capture has no dciodvfy error and only the laterality warning."""
+    source, image = hip_with_pixels
+    heat = np.zeros(image.shape, dtype=np.float32)
+    heat[600:900, 400:720] = 1.0
+    sc = build_secondary_capture(source, image, heat, list(REGIONS),
+                                 probability=0.91, series_instance_uid=generate_uid(),
+                                 model_name="fracture-model", software_version="0.1.0")
+    path = tmp_path / "sc.dcm"
+    write_report(sc, path)
+    errors, warnings = dciodvfy(path)
+    assert errors == []
+    assert [w for w in warnings if not any(p.search(w) for p in OVERLAY_WARNINGS)] == []
+    back = pydicom.dcmread(path)
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_presentation_state_passes_dciodvfy(hip_with_pixels: tuple[pydicom.Dataset, np.ndarray],
+                                            tmp_path: Path) -> None:
+    """The overlay GSPS has no dciodvfy error and only the laterality warning."""
+    source, _ = hip_with_pixels
+    gsps = build_presentation_state(source, list(REGIONS), probability=0.91,
+                                    series_instance_uid=generate_uid(),
+                                    model_name="fracture-model", software_version="0.1.0")
+    path = tmp_path / "gsps.dcm"
+    write_report(gsps, path)
+    errors, warnings = dciodvfy(path)
+    assert errors == []
+    assert [w for w in warnings if not any(p.search(w) for p in OVERLAY_WARNINGS)] == []
+    back = pydicom.dcmread(path)
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    ref = back.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+    assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID

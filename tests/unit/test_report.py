@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
@@ -16,9 +17,11 @@ from fracture_node.dicom.report import (
     FRACTURE,
     IMAGE_NOT_PROCESSED,
     PROBABILITY,
+    SALIENCY_PEAK,
     SERIES_DESCRIPTION,
     AlgorithmInfo,
     ImageFinding,
+    SaliencyRegion,
     Unprocessed,
     build_report,
     write_report,
@@ -307,3 +310,88 @@ def test_write_report_leaves_a_complete_file_and_no_temporary(
     back = pydicom.dcmread(target)
     assert back.SOPInstanceUID == sr.SOPInstanceUID
     assert back.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+
+
+# Saliency regions (TID 1410) ---------------------------------------------------------------
+
+SQUARE = ((100.0, 200.0), (300.0, 200.0), (300.0, 400.0), (100.0, 400.0), (100.0, 200.0))
+SMALL = ((10.0, 20.0), (30.0, 20.0), (30.0, 45.0), (10.0, 45.0), (10.0, 20.0))
+
+
+def with_regions(ds: pydicom.Dataset, probability: float) -> ImageFinding:
+    return ImageFinding(ds.SOPInstanceUID, ds.SOPClassUID, probability, probability >= 0.42,
+                        (SaliencyRegion(SQUARE, 1.0), SaliencyRegion(SMALL, 0.63, "gradcam")))
+
+
+def roi_groups(sr: pydicom.Dataset) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    report = cast(hd.sr.MeasurementReport, hd.sr.Comprehensive3DSR.from_dataset(sr).content)
+    return list(report.get_planar_roi_measurement_groups())
+
+
+def test_regions_of_a_positive_image_are_planar_roi_groups(study: list[pydicom.Dataset]) -> None:
+    """Each region of a positive image is a TID 1410 group: a closed polyline on that image."""
+    sr = build(study, [with_regions(study[0], 0.9)])
+    found = roi_groups(sr)
+    assert len(found) == 2
+    for group, polygon in zip(found, (SQUARE, SMALL), strict=True):
+        assert group.finding_type == FRACTURE
+        region = group.roi
+        assert region is not None
+        assert region.GraphicType == "POLYLINE"
+        np.testing.assert_allclose(region.value, polygon)
+        (source,) = region.ContentSequence
+        assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == study[0].SOPInstanceUID
+
+
+def test_a_region_carries_its_peak_saliency_and_method(study: list[pydicom.Dataset]) -> None:
+    """The group holds the region's peak saliency (derivation Maximum) and the method's code."""
+    sr = build(study, [with_regions(study[0], 0.9)])
+    peaks, methods = [], []
+    for group in roi_groups(sr):
+        (num,) = items_named(group, SALIENCY_PEAK)
+        peaks.append(float(num.MeasuredValueSequence[0].NumericValue))
+        assert num.ContentSequence[0].ConceptCodeSequence[0].CodeMeaning == "Maximum"
+        (method,) = [i for i in group[0].ContentSequence
+                     if i.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Method"]
+        methods.append(method.ConceptCodeSequence[0].CodeValue)
+    assert peaks == pytest.approx([1.0, 0.63])
+    assert methods == ["HIRESCAM", "GRADCAM"]
+
+
+def test_regions_of_negative_images_are_left_out_by_default(
+    study: list[pydicom.Dataset],
+) -> None:
+    """A negative image's regions appear only with regions_of_negatives=True."""
+    findings = [with_regions(study[0], 0.1)]
+    assert roi_groups(build(study, findings)) == []
+    assert len(roi_groups(build(study, findings, regions_of_negatives=True))) == 2
+
+
+def test_findings_without_regions_give_no_planar_roi_group(study: list[pydicom.Dataset]) -> None:
+    """The default (no regions) keeps the report as it was: TID 1501 groups only."""
+    sr = build(study, [finding(study[0], 0.9)])
+    assert roi_groups(sr) == []
+    assert len(groups(sr)) == 2
+
+
+def test_region_tracking_uids_are_stable_across_versions(study: list[pydicom.Dataset]) -> None:
+    """A new report version keeps the tracking UID of each image's region."""
+    first = build(study, [with_regions(study[0], 0.9)])
+    second = build(study, [with_regions(study[0], 0.95)], version=2, predecessor=first)
+    assert [g.tracking_uid for g in roi_groups(first)] == [
+        g.tracking_uid for g in roi_groups(second)]
+
+
+@pytest.mark.parametrize(("polygon", "peak", "why"), [
+    (SQUARE[:-1], 1.0, "not closed"),
+    (((1.0, 1.0), (2.0, 2.0), (1.0, 1.0)), 1.0, "at least 3"),
+    (((-1.0, 0.0), (5.0, 0.0), (5.0, 5.0), (-1.0, 0.0)), 1.0, "negative"),
+    (SQUARE, 1.5, "outside 0..1"),
+])
+def test_a_malformed_region_is_refused(study: list[pydicom.Dataset], polygon: Any, peak: float,
+                                       why: str) -> None:
+    """An open, degenerate or negative polygon, or a peak outside 0..1, is a ReportError."""
+    bad = ImageFinding(study[0].SOPInstanceUID, study[0].SOPClassUID, 0.9, True,
+                       (SaliencyRegion(polygon, peak),))
+    with pytest.raises(ReportError, match=why):
+        build(study, [bad])

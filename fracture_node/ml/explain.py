@@ -1,0 +1,579 @@
+"""Explain: where the fracture model looked, as class-activation heat maps and source regions.
+
+:class:`Explainer` wraps a loaded :class:`~fracture_node.ml.infer.Classifier` and returns, for a
+prepared batch (the same ``[N, S, S]`` array ``predict_batch`` takes), the probabilities and one
+heat map per image in model-input coordinates, ``[N, S, S]`` float32 in [0, 1] (each map divided
+by its own maximum; an all-zero map means no positive evidence). Methods, on the activations
+``A`` of the target layer and the gradients ``G`` of the fracture logit with respect to them:
+
+``gradcam``    Grad-CAM (Selvaraju et al. 2017): ``relu(sum_c mean(G_c) A_c)``.
+``gradcampp``  Grad-CAM++ (Chattopadhay et al. 2018): channel weights from positive gradients,
+               weighted by the closed-form alphas (exponential of the logit as the score).
+``hirescam``   HiResCAM (Draelos & Carin 2020): ``relu(sum_c G_c * A_c)``, element-wise.
+``layercam``   LayerCAM (Jiang et al. 2021): ``relu(sum_c relu(G_c) * A_c)``, element-wise.
+
+The cost is one extra backward pass per batch, and only through the layers after the target
+layer: the backbone up to the target layer runs without recording a graph, its output is cut
+from it and made a leaf that requires grad, and ``torch.autograd.grad`` differentiates the head
+alone. No parameter gradient is computed or stored.
+
+Target layers, per family: ``layer="last"`` is the last convolutional stage (stride 32):
+``layer4`` (ResNet), ``features`` (DenseNet, before the final ReLU), ``features[-1]``
+(EfficientNet, MobileNetV3, ConvNeXt). ``layer="stride16"`` (the default) takes the last stage at
+stride 16 instead (``layer3``, ``features.denseblock3``, ...: a map twice as fine, for a backward
+pass through the last stage); ``layer="fused"`` takes both from the same backward pass and returns the
+geometric mean of their normalised maps (coarse class evidence, finer position).
+
+torch is imported by the functions that need it, so that the geometry below (pure numpy) can
+be used outside ``ml/`` without importing torch.
+
+Geometry: :class:`Letterbox` is the exact inverse of :func:`fracture_node.images.letterbox`
+(scale per axis and centring offset), used by :func:`heatmap_to_source` (a map in source pixels)
+and :func:`find_regions` (connected components above a threshold, as boxes in source pixels with
+their peak value). Coordinates are continuous pixel coordinates: pixel ``(col, row)`` covers
+``[col, col + 1) x [row, row + 1)``, so its centre is ``(col + 0.5, row + 0.5)``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from fracture_node.errors import ModelError
+from fracture_node.logs import get_logger
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = get_logger("ml.explain")
+
+METHODS: tuple[str, ...] = ("gradcam", "gradcampp", "hirescam", "layercam")
+DEFAULT_METHOD = "hirescam"
+LAYERS: tuple[str, ...] = ("last", "stride16", "fused")
+DEFAULT_LAYER = "stride16"
+"""HiResCAM at stride 16: the best pointing game on the val split at each of three checkpoints
+(docs/model-card-saliency.md); ``gradcam`` at ``last`` is the cheapest (about +2% vs +18%)."""
+DEFAULT_THRESHOLD = 0.5
+"""A region is where the map reaches this fraction of its maximum over the image."""
+DEFAULT_MAX_REGIONS = 3
+MIN_REGION_FRACTION = 0.002
+"""Components smaller than this fraction of the image area are dropped (noise)."""
+
+HeatMaps = NDArray[np.float32]
+
+
+# Target layers ------------------------------------------------------------------------------
+
+
+def _stages(net: nn.Module, architecture: str) -> list[tuple[str, nn.Module]]:
+    """The network's feature stages in forward order, each with its dotted name."""
+    from torch import nn
+    if architecture.startswith("resnet"):
+        return [(n, getattr(net, n)) for n in ("layer1", "layer2", "layer3", "layer4")]
+    features = getattr(net, "features", None)
+    if not isinstance(features, nn.Sequential):
+        raise ModelError(f"architecture {architecture!r}: no `features` stages to explain")
+    return [(f"features.{n}", m) for n, m in features.named_children()]
+
+
+def target_layer(net: nn.Module, architecture: str, layer: str = "last"
+                 ) -> tuple[str, nn.Module]:
+    """The module whose output is explained: the last feature stage, or the last at stride 16.
+
+    Parameters
+    ----------
+    net:
+        A network built by :func:`fracture_node.ml.model.build_model`.
+    architecture:
+        Its name (``resnet18``, ``densenet121``, ``efficientnet_b0``, ``mobilenet_v3_small``,
+        ``convnext_tiny``, ...).
+    layer:
+        ``last`` (stride 32, the usual Grad-CAM layer) or ``stride16``.
+
+    Returns
+    -------
+    (name, module)
+    """
+    from torch import nn
+
+    if layer not in ("last", "stride16"):
+        raise ModelError(f"unknown saliency layer {layer!r}; choose one of {', '.join(LAYERS)}")
+    if architecture.startswith("densenet") and layer == "last":
+        features = getattr(net, "features", None)
+        if not isinstance(features, nn.Module):
+            raise ModelError(f"architecture {architecture!r}: no `features` to explain")
+        return "features", features
+    stages = _stages(net, architecture)
+    if layer == "last":
+        return stages[-1]
+    sizes = _stage_sizes(net, stages)
+    final = sizes[-1]
+    for (name, module), size in zip(reversed(stages), reversed(sizes), strict=True):
+        if size >= 2 * final:
+            return name, module
+    raise ModelError(f"architecture {architecture!r}: no feature stage at stride 16")
+
+
+def _stage_sizes(net: nn.Module, stages: Sequence[tuple[str, nn.Module]]) -> list[int]:
+    """Output height of every stage on a 64 x 64 probe (stride 16 gives 4, stride 32 gives 2)."""
+    import torch
+
+    sizes: dict[int, int] = {}
+    handles = [m.register_forward_hook(
+        lambda _m, _i, out, k=k: sizes.__setitem__(k, int(out.shape[-2])))
+        for k, (_, m) in enumerate(stages)]
+    param = next(net.parameters())
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 1, 64, 64, device=param.device, dtype=param.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    return [sizes[k] for k in range(len(stages))]
+
+
+# Class activation maps ----------------------------------------------------------------------
+
+
+def cams(activations: torch.Tensor, gradients: torch.Tensor, method: str) -> torch.Tensor:
+    """A class activation map ``[N, h, w]`` (>= 0, not normalised) from ``A`` and ``dlogit/dA``.
+
+    Parameters
+    ----------
+    activations, gradients:
+        ``[N, C, h, w]``, float32.
+    method:
+        One of :data:`METHODS`.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    a, g = activations, gradients
+    if method == "gradcam":
+        weights = g.mean(dim=(2, 3), keepdim=True)
+        cam = (weights * a).sum(dim=1)
+    elif method == "hirescam":
+        cam = (g * a).sum(dim=1)
+    elif method == "layercam":
+        cam = (F.relu(g) * a).sum(dim=1)
+    elif method == "gradcampp":
+        # Chattopadhay et al. 2018, eq. 19 with S = exp(logit): the higher derivatives of the
+        # exponential reduce to powers of the first one.
+        g2, g3 = g.pow(2), g.pow(3)
+        denominator = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3
+        alpha = torch.where(g != 0, g2 / torch.where(denominator != 0, denominator,
+                                                     torch.ones_like(denominator)),
+                            torch.zeros_like(g))
+        weights = (alpha * F.relu(g)).sum(dim=(2, 3), keepdim=True)
+        cam = (weights * a).sum(dim=1)
+    else:
+        raise ModelError(f"unknown saliency method {method!r}; choose one of {', '.join(METHODS)}")
+    return F.relu(cam)
+
+
+def _upsample_normalised(cam: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear upsampling to ``size`` x ``size`` and division by each map's maximum."""
+    import torch
+    import torch.nn.functional as F
+
+    up = F.interpolate(cam[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    up = F.relu(up)
+    peak = up.amax(dim=(1, 2), keepdim=True)
+    return torch.where(peak > 0, up / torch.where(peak > 0, peak, torch.ones_like(peak)),
+                       torch.zeros_like(up))
+
+
+@contextmanager
+def _graph_from(modules: Sequence[nn.Module], slots: list[torch.Tensor | None]
+                ) -> Iterator[None]:
+    """Run the network without a graph until ``modules[0]``; record one from its output on.
+
+    The first module's output is detached and made a leaf that requires grad, so the backward
+    pass stops there; the outputs of later modules are kept as they are (in the graph).
+    ``slots[k]`` receives the output of ``modules[k]`` during the forward pass.
+    """
+    import torch
+
+    previous = torch.is_grad_enabled()
+
+    def first(_m: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        torch.set_grad_enabled(True)
+        leaf = output.detach().requires_grad_(True)
+        slots[0] = leaf
+        return leaf.clone()  # not the leaf itself: a later in-place op (DenseNet's ReLU) is fine
+
+    def later(k: int) -> Any:
+        def hook(_m: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            slots[k] = output
+            return output.clone()
+        return hook
+
+    handles = [modules[0].register_forward_hook(first)]
+    handles += [m.register_forward_hook(later(k)) for k, m in enumerate(modules) if k > 0]
+    torch.set_grad_enabled(False)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        torch.set_grad_enabled(previous)
+
+
+class Explainer:
+    """Probabilities and saliency heat maps for batches, from a loaded classifier.
+
+    Parameters
+    ----------
+    classifier:
+        A :class:`fracture_node.ml.infer.Classifier`; its network, normalisation, device,
+        test-time augmentation and lock are used as they are (nothing is copied or changed).
+    method:
+        One of :data:`METHODS`.
+    layer:
+        ``last``, ``stride16`` (see :func:`target_layer`), or ``fused``: the geometric mean of
+        the two normalised maps (both from the same single backward pass).
+    """
+
+    def __init__(self, classifier: Any, method: str = DEFAULT_METHOD,
+                 layer: str = DEFAULT_LAYER) -> None:
+        if method not in METHODS:
+            raise ModelError(
+                f"unknown saliency method {method!r}; choose one of {', '.join(METHODS)}")
+        self.classifier = classifier
+        self.method = method
+        self.layer = layer
+        self.input_size: int = int(classifier.input_size)
+        # The Classifier keeps its network private; infer.py exposes no accessor yet.
+        self._net: nn.Module = classifier._net
+        self._device: torch.device = classifier._device
+        self.architecture = str(classifier.card["architecture"])
+        wanted = ("stride16", "last") if layer == "fused" else (layer,)
+        found = [target_layer(self._net, self.architecture, w) for w in wanted]
+        self.layer_name = "+".join(name for name, _ in found)
+        self._layers = [module for _, module in found]
+
+    def explain_batch(self, batch: NDArray[np.float32]) -> tuple[NDArray[np.float64], HeatMaps]:
+        """Probabilities of ``fractured`` and heat maps ``[N, S, S]`` in [0, 1] (model input).
+
+        The probabilities equal :meth:`Classifier.predict_batch` on the same batch (up to
+        floating-point rounding).
+        """
+        probabilities, maps = self.explain_methods(batch, (self.method,))
+        return probabilities, maps[self.method]
+
+    def explain_methods(self, batch: NDArray[np.float32], methods: Sequence[str]
+                        ) -> tuple[NDArray[np.float64], dict[str, HeatMaps]]:
+        """Like :meth:`explain_batch`, with one heat map per method from the same passes."""
+        for m in methods:
+            if m not in METHODS:
+                raise ModelError(f"unknown saliency method {m!r}; choose one of "
+                                 f"{', '.join(METHODS)}")
+        clf = self.classifier
+        size = self.input_size
+        arr = np.asarray(batch, dtype=np.float32)
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3 or arr.shape[1:] != (size, size):
+            raise ValueError(f"expected a batch of shape [N, {size}, {size}], got {arr.shape}")
+        import torch
+
+        if arr.shape[0] == 0:
+            return (np.zeros(0, dtype=np.float64),
+                    {m: np.zeros((0, size, size), dtype=np.float32) for m in methods})
+        x = torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1).to(self._device)
+        x = (x - clf._mean) / clf._std
+        if self._device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        views = [x, torch.flip(x, dims=[3])] if clf.tta else [x]
+        logits_sum: torch.Tensor | None = None
+        cam_sum: dict[str, list[torch.Tensor]] = {}
+        with clf._lock:
+            for k, view in enumerate(views):
+                logits, pairs = self._pass(view)
+                logits_sum = logits if logits_sum is None else logits_sum + logits
+                for m in methods:
+                    per_layer = [cams(a, g, m) for a, g in pairs]
+                    if k == 1:
+                        per_layer = [torch.flip(c, dims=[2]) for c in per_layer]
+                    if m in cam_sum:
+                        per_layer = [c + d for c, d in zip(cam_sum[m], per_layer, strict=True)]
+                    cam_sum[m] = per_layer
+        assert logits_sum is not None
+        probabilities = torch.sigmoid(logits_sum / len(views)).double().cpu().numpy()
+        maps: dict[str, HeatMaps] = {}
+        for m, per_layer in cam_sum.items():
+            ups = [_upsample_normalised(c, size) for c in per_layer]
+            fused = ups[0]
+            for u in ups[1:]:
+                fused = fused * u
+            if len(ups) > 1:
+                fused = _upsample_normalised(fused.pow(1.0 / len(ups)), size)
+            maps[m] = fused.detach().float().cpu().numpy().astype(np.float32, copy=False)
+        return probabilities, maps
+
+    def _pass(self, x: torch.Tensor
+              ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One forward (graph from the first target layer on) and one backward to it."""
+        import torch
+
+        slots: list[torch.Tensor | None] = [None] * len(self._layers)
+        use_amp = self._device.type == "cuda"
+        amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
+                     else torch.float16)
+        with _graph_from(self._layers, slots), torch.autocast(
+            device_type=self._device.type, dtype=amp_dtype, enabled=use_amp
+        ):
+            logits = self._net(x).float().squeeze(1)
+            activations = [a for a in slots if a is not None]
+            if len(activations) != len(slots):
+                raise ModelError(f"saliency layer {self.layer_name} was not run by the network")
+            gradients = torch.autograd.grad(logits.sum(), activations)
+        return logits.detach(), [(a.detach().float(), g.detach().float())
+                                 for a, g in zip(activations, gradients, strict=True)]
+
+
+# Geometry: model input <-> source image -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where a ``height`` x ``width`` source image lies in the ``size`` x ``size`` model input.
+
+    The same arithmetic as :func:`fracture_node.images.letterbox`: scale ``size / max(h, w)``,
+    rounded content size ``nw`` x ``nh``, centred at offset ``(left, top)``.
+    """
+
+    size: int
+    height: int
+    width: int
+    top: int
+    left: int
+    nh: int
+    nw: int
+
+    @classmethod
+    def of(cls, source_shape: tuple[int, int], size: int) -> Letterbox:
+        h, w = int(source_shape[0]), int(source_shape[1])
+        if h < 1 or w < 1:
+            raise ValueError(f"source shape {source_shape} has an empty side")
+        scale = size / max(h, w)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        return cls(size=size, height=h, width=w, top=(size - nh) // 2, left=(size - nw) // 2,
+                   nh=nh, nw=nw)
+
+    @property
+    def scale_x(self) -> float:
+        """Source pixels per model-input pixel, horizontally."""
+        return self.width / self.nw
+
+    @property
+    def scale_y(self) -> float:
+        return self.height / self.nh
+
+    def to_source(self, x: float, y: float) -> tuple[float, float]:
+        """A point in model-input coordinates to source coordinates (continuous)."""
+        return (x - self.left) * self.scale_x, (y - self.top) * self.scale_y
+
+    def to_model(self, x: float, y: float) -> tuple[float, float]:
+        """A point in source coordinates to model-input coordinates (continuous)."""
+        return x / self.scale_x + self.left, y / self.scale_y + self.top
+
+    def crop(self, heatmap: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
+        """The part of a model-input map that covers the source image."""
+        if heatmap.shape != (self.size, self.size):
+            raise ValueError(f"expected a {self.size} x {self.size} map, got {heatmap.shape}")
+        return np.asarray(heatmap[self.top : self.top + self.nh, self.left : self.left + self.nw],
+                          dtype=np.float32)
+
+
+def _normalised_crop(heatmap: NDArray[np.floating[Any]], box: Letterbox) -> NDArray[np.float32]:
+    crop = np.clip(box.crop(heatmap), 0.0, None)
+    peak = float(crop.max()) if crop.size else 0.0
+    return crop / peak if peak > 0 else np.zeros_like(crop)
+
+
+def heatmap_to_source(heatmap: NDArray[np.floating[Any]], source_shape: tuple[int, int],
+                      input_size: int | None = None) -> NDArray[np.float32]:
+    """A model-input heat map as a map over the source image ``[H, W]``, in [0, 1].
+
+    The letterbox padding is cut off, the rest resized (bilinear) to the source size and divided
+    by its maximum over the image (so the maximum is 1, or the map is all zero).
+    """
+    size = int(input_size or heatmap.shape[0])
+    box = Letterbox.of(source_shape, size)
+    crop = _normalised_crop(heatmap, box)
+    if crop.max() <= 0:
+        return np.zeros((box.height, box.width), dtype=np.float32)
+    resized = np.clip(np.asarray(Image.fromarray(np.ascontiguousarray(crop), mode="F").resize(
+        (box.width, box.height), Image.Resampling.BILINEAR), dtype=np.float32), 0.0, None)
+    peak = float(resized.max())
+    return resized / peak if peak > 0 else resized
+
+
+def peak_point(heatmap: NDArray[np.floating[Any]], source_shape: tuple[int, int],
+               input_size: int | None = None) -> tuple[float, float] | None:
+    """The source coordinates ``(x, y)`` of the map's maximum over the image; None if all zero."""
+    size = int(input_size or heatmap.shape[0])
+    box = Letterbox.of(source_shape, size)
+    crop = box.crop(heatmap)
+    if crop.size == 0 or float(crop.max()) <= 0:
+        return None
+    row, col = np.unravel_index(int(np.argmax(crop)), crop.shape)
+    return box.to_source(box.left + col + 0.5, box.top + row + 0.5)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A connected area of the heat map above the threshold, in source-image pixels.
+
+    ``x0, y0, x1, y1`` bound it (continuous coordinates, ``x1``/``y1`` exclusive edges);
+    ``peak`` is its maximum (relative to the image's maximum, so 1.0 for the hottest region) at
+    ``(peak_x, peak_y)``; ``area`` is its area in source pixels.
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    peak: float
+    peak_x: float
+    peak_y: float
+    area: float
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return self.x0, self.y0, self.x1, self.y1
+
+    def polygon(self) -> NDArray[np.float32]:
+        """The bounding box as a closed polyline ``[5, 2]`` of ``(column, row)`` points."""
+        return np.array([[self.x0, self.y0], [self.x1, self.y0], [self.x1, self.y1],
+                         [self.x0, self.y1], [self.x0, self.y0]], dtype=np.float32)
+
+
+def label_components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], int]:
+    """4-connected components of a boolean mask: labels (0 = background, 1..n) and n."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    h, w = mask.shape
+    count = 0
+    for r0, c0 in zip(*np.nonzero(mask), strict=True):
+        if labels[r0, c0]:
+            continue
+        count += 1
+        labels[r0, c0] = count
+        queue = deque([(int(r0), int(c0))])
+        while queue:
+            r, c = queue.popleft()
+            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= rr < h and 0 <= cc < w and mask[rr, cc] and not labels[rr, cc]:
+                    labels[rr, cc] = count
+                    queue.append((rr, cc))
+    return labels, count
+
+
+def find_regions(heatmap: NDArray[np.floating[Any]], source_shape: tuple[int, int],
+                 input_size: int | None = None, threshold: float = DEFAULT_THRESHOLD,
+                 max_regions: int = DEFAULT_MAX_REGIONS,
+                 min_fraction: float = MIN_REGION_FRACTION) -> list[Region]:
+    """Connected regions where the map reaches ``threshold`` of its maximum, in source pixels.
+
+    Components are found on the model-input grid (cheap; exact up to one model pixel, i.e.
+    ``max(H, W) / S`` source pixels) and their bounding boxes mapped back through the letterbox.
+
+    Parameters
+    ----------
+    heatmap:
+        One ``[S, S]`` map from :meth:`Explainer.explain_batch`.
+    source_shape:
+        ``(rows, columns)`` of the source image that was letterboxed.
+    threshold:
+        Fraction of the map's maximum over the image, in (0, 1].
+    max_regions:
+        Keep at most this many, hottest first.
+    min_fraction:
+        Drop components smaller than this fraction of the image (unless it is the hottest).
+
+    Returns
+    -------
+    Regions sorted by peak, hottest first; empty when the map is all zero.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold {threshold} is outside (0, 1]")
+    size = int(input_size or heatmap.shape[0])
+    box = Letterbox.of(source_shape, size)
+    crop = _normalised_crop(heatmap, box)
+    if crop.max() <= 0:
+        return []
+    labels, count = label_components(crop >= threshold)
+    pixel_area = box.scale_x * box.scale_y
+    regions: list[Region] = []
+    for k in range(1, count + 1):
+        rows, cols = np.nonzero(labels == k)
+        values = crop[rows, cols]
+        i = int(np.argmax(values))
+        x0, y0 = box.to_source(box.left + cols.min(), box.top + rows.min())
+        x1, y1 = box.to_source(box.left + cols.max() + 1, box.top + rows.max() + 1)
+        px, py = box.to_source(box.left + cols[i] + 0.5, box.top + rows[i] + 0.5)
+        regions.append(Region(
+            x0=max(0.0, x0), y0=max(0.0, y0), x1=min(float(box.width), x1),
+            y1=min(float(box.height), y1), peak=float(values[i]), peak_x=px, peak_y=py,
+            area=float(rows.size * pixel_area)))
+    regions.sort(key=lambda r: (-r.peak, -r.area))
+    image_area = float(box.height * box.width)
+    kept = [r for i, r in enumerate(regions) if i == 0 or r.area >= min_fraction * image_area]
+    return kept[:max_regions]
+
+
+def heatmap_png(heatmap: NDArray[np.floating[Any]]) -> bytes:
+    """A heat map as an 8-bit grey PNG (a 384 x 384 map takes a few kB), to keep beside results."""
+    grey = np.round(np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0) * 255)
+    out = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint8), mode="L").save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def heatmap_from_png(data: bytes) -> NDArray[np.float32]:
+    """The heat map written by :func:`heatmap_png`, in [0, 1] (8-bit precision)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+# Localisation scores (benchmarks, model card) -----------------------------------------------
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def point_in_boxes(point: tuple[float, float] | None, boxes: Sequence[Sequence[float]],
+                   tolerance: float = 0.0) -> bool:
+    """The pointing game's hit: the point lies in a box (grown by ``tolerance`` pixels)."""
+    if point is None:
+        return False
+    x, y = point
+    return any(b[0] - tolerance <= x <= b[2] + tolerance and b[1] - tolerance <= y <= b[3]
+               + tolerance for b in boxes)
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score 95% interval of a proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -1,0 +1,109 @@
+"""``fracture-node predict --saliency DIR``: one overlay PNG per input, where the model looked.
+
+Each readable input gives ``DIR/<name>.saliency.png``: the image as the model read it (normalised
+grey levels, full size), the saliency heat map blended in, the regions above the threshold
+outlined with their peak value, and the probability in the caption. Unreadable inputs are
+skipped (the CSV of ``predict`` says why). Names that collide get ``-2``, ``-3``... appended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fracture_node.dicom.overlay import render_overlay
+from fracture_node.dicom.report import SaliencyRegion
+from fracture_node.errors import NotProcessable
+from fracture_node.images import FloatImage
+from fracture_node.logs import get_logger
+from fracture_node.ml.explain import (
+    DEFAULT_MAX_REGIONS,
+    DEFAULT_METHOD,
+    DEFAULT_THRESHOLD,
+    Explainer,
+    find_regions,
+    heatmap_to_source,
+)
+
+log = get_logger("predict.saliency")
+
+SUFFIX = ".saliency.png"
+
+
+def _output_name(path: Path, taken: set[str]) -> str:
+    stem = path.stem or "image"
+    name, n = f"{stem}{SUFFIX}", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}{SUFFIX}"
+    taken.add(name)
+    return name
+
+
+def write_overlays(paths: Iterable[Path], classifier: Any, out_dir: Path, *,
+                   method: str = DEFAULT_METHOD, threshold: float = DEFAULT_THRESHOLD,
+                   max_regions: int = DEFAULT_MAX_REGIONS, batch_size: int = 8,
+                   operating_point: str = "balanced") -> dict[Path, Path]:
+    """Write one overlay PNG per readable input into ``out_dir``.
+
+    Parameters
+    ----------
+    paths:
+        Image or DICOM files (read like ``predict`` does).
+    classifier:
+        A loaded :class:`fracture_node.ml.infer.Classifier`.
+    out_dir:
+        Created if needed.
+    method, threshold, max_regions:
+        Saliency method and region extraction (see :mod:`fracture_node.ml.explain`).
+    operating_point:
+        Names the threshold written in the caption (positive / negative).
+
+    Returns
+    -------
+    Input path -> PNG written, for the inputs that could be read.
+    """
+    from fracture_node.predict import load_any
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    explainer = Explainer(classifier, method=method)
+    cut = float(classifier.threshold(operating_point))
+    files = list(paths)
+    taken: set[str] = set()
+    written: dict[Path, Path] = {}
+    for start in range(0, len(files), max(1, batch_size)):
+        chunk: list[tuple[Path, FloatImage]] = []
+        for path in files[start : start + batch_size]:
+            try:
+                chunk.append((path, load_any(path)))
+            except NotProcessable as exc:
+                log.warning("saliency_input_skipped", file=path.name, reason=exc.reason)
+        if not chunk:
+            continue
+        batch = np.stack([classifier.prepare(img) for _, img in chunk])
+        probabilities, maps = explainer.explain_batch(batch)
+        for (path, img), p, heat in zip(chunk, probabilities, maps, strict=True):
+            written[path] = _write_one(out_dir / _output_name(path, taken), img, heat, float(p),
+                                       cut, operating_point, threshold, max_regions, method)
+    log.info("saliency_written", images=len(written), out_dir=str(out_dir), method=method)
+    return written
+
+
+def _write_one(target: Path, image: FloatImage, heat: np.ndarray, probability: float,
+               cut: float, operating_point: str, threshold: float, max_regions: int,
+               method: str) -> Path:
+    regions: Sequence[SaliencyRegion] = [
+        SaliencyRegion.of(r, method)
+        for r in find_regions(heat, image.shape, threshold=threshold, max_regions=max_regions)
+    ]
+    label = "fractured" if probability >= cut else "normal"
+    caption = f"p={probability:.3f} {label} ({operating_point} {cut:.3f}) - AI, unverified"
+    pixels = render_overlay(image, heatmap_to_source(heat, image.shape), regions, caption)
+    tmp = target.with_name(f".{target.name}.tmp")
+    Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
+    tmp.replace(target)
+    return target

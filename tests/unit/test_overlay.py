@@ -1,0 +1,191 @@
+"""Overlay objects (dicom/overlay.py) and overlay PNGs (predict_saliency.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from fracture_node.dicom.overlay import (
+    GSPS_LAYER,
+    GSPS_SERIES_DESCRIPTION,
+    REGION_COLOUR,
+    SC_SERIES_DESCRIPTION,
+    build_presentation_state,
+    build_secondary_capture,
+    overlay_series_uid,
+    render_overlay,
+)
+from fracture_node.dicom.pixels import read_pixels
+from fracture_node.dicom.report import SaliencyRegion
+from fracture_node.errors import ReportError
+from fracture_node.ml.infer import Classifier
+from fracture_node.predict_saliency import write_overlays
+
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+REGION = SaliencyRegion(((100.0, 150.0), (220.0, 150.0), (220.0, 260.0), (100.0, 260.0),
+                         (100.0, 150.0)), 1.0)
+
+
+@pytest.fixture(scope="module")
+def hip(samples_dir: Path) -> tuple[pydicom.Dataset, np.ndarray]:
+    """A real CR header and its grey image as the model reads it."""
+    ds = pydicom.dcmread(samples_dir / "derived" / "CR_hip_RG2_uncompressed_explicitVRLE.dcm")
+    image = read_pixels(ds)
+    del ds.PixelData
+    return ds, image
+
+
+def heat_at(shape: tuple[int, int], cx: float, cy: float) -> np.ndarray:
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 30.0 ** 2)).astype(np.float32)
+
+
+def test_render_blends_the_heat_and_outlines_the_regions() -> None:
+    """Hot pixels turn red, cold ones stay grey, the region's edge is drawn in yellow."""
+    image = np.full((400, 300), 0.5, dtype=np.float32)
+    out = render_overlay(image, heat_at(image.shape, 160, 200), [REGION])
+    assert out.shape == (400, 300, 3) and out.dtype == np.uint8
+    hot = out[200, 160].astype(int)
+    assert hot[0] > hot[2] + 40  # red over blue
+    assert tuple(out[390, 10]) == (128, 128, 128)  # far away: the grey image
+    assert tuple(out[150, 160]) == REGION_COLOUR  # the top edge of the region
+
+
+def test_render_shrinks_to_max_side() -> None:
+    """max_side bounds the longest side of the picture, keeping the aspect ratio."""
+    out = render_overlay(np.zeros((400, 200), dtype=np.float32), None, [REGION], max_side=100)
+    assert out.shape == (100, 50, 3)
+
+
+def test_secondary_capture_belongs_to_the_study_in_its_own_series(
+    hip: tuple[pydicom.Dataset, np.ndarray],
+) -> None:
+    """The SC carries the study UID and patient attributes, a new series and UNVERIFIED label."""
+    source, image = hip
+    sc = build_secondary_capture(source, image, heat_at(image.shape, 160, 200), [REGION],
+                                 probability=0.81, series_instance_uid="1.2.3.4.5",
+                                 model_name="fracture-model", software_version="0.1.0")
+    assert sc.SOPClassUID == SC_CLASS
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                    "AccessionNumber", "StudyID"):
+        assert (sc[keyword].value or "") == (source[keyword].value or ""), keyword
+    assert sc.SeriesInstanceUID == "1.2.3.4.5" != source.SeriesInstanceUID
+    assert sc.SOPInstanceUID != source.SOPInstanceUID
+    assert sc.SeriesDescription == SC_SERIES_DESCRIPTION
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+
+
+def test_secondary_capture_references_its_source_image(
+    hip: tuple[pydicom.Dataset, np.ndarray],
+) -> None:
+    """The Source Image Sequence names the radiograph the overlay was made from."""
+    source, image = hip
+    sc = build_secondary_capture(source, image, None, [REGION], probability=0.81,
+                                 series_instance_uid="1.2.3.4.5", model_name="m",
+                                 software_version="0.1.0")
+    (ref,) = sc.SourceImageSequence
+    assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert ref.ReferencedSOPClassUID == source.SOPClassUID
+    assert ref.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+
+
+def test_secondary_capture_is_shrunk_to_max_side(
+    hip: tuple[pydicom.Dataset, np.ndarray],
+) -> None:
+    """A 2140-row radiograph gives a picture of at most max_side rows and columns."""
+    source, image = hip
+    sc = build_secondary_capture(source, image, None, [REGION], probability=0.5,
+                                 series_instance_uid="1.2.3.4.5", model_name="m",
+                                 software_version="0.1.0", max_side=512)
+    assert max(sc.Rows, sc.Columns) == 512
+    assert sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
+
+
+def test_secondary_capture_refuses_an_image_of_another_size(
+    hip: tuple[pydicom.Dataset, np.ndarray],
+) -> None:
+    """A grey image that is not the source's pixel matrix is a ReportError naming the UIDs."""
+    source, _ = hip
+    with pytest.raises(ReportError, match=source.SOPInstanceUID):
+        build_secondary_capture(source, np.zeros((10, 10), dtype=np.float32), None, [REGION],
+                                probability=0.5, series_instance_uid="1.2.3", model_name="m",
+                                software_version="0.1.0")
+
+
+def test_presentation_state_outlines_the_regions_on_the_source_image(
+    hip: tuple[pydicom.Dataset, np.ndarray],
+) -> None:
+    """The GSPS references the radiograph and carries each region as a PIXEL polyline."""
+    source, _ = hip
+    second = SaliencyRegion(((10.0, 20.0), (30.0, 20.0), (30.0, 50.0), (10.0, 50.0),
+                             (10.0, 20.0)), 0.7)
+    gsps = build_presentation_state(source, [REGION, second], probability=0.81,
+                                    series_instance_uid="1.2.3.4.6", model_name="m",
+                                    software_version="0.1.0")
+    assert gsps.SOPClassUID == GSPS_CLASS
+    assert gsps.StudyInstanceUID == source.StudyInstanceUID
+    assert gsps.PatientID == source.PatientID
+    assert gsps.SeriesInstanceUID == "1.2.3.4.6"
+    assert gsps.SeriesDescription == GSPS_SERIES_DESCRIPTION
+    (series,) = gsps.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == source.SeriesInstanceUID
+    (image_ref,) = series.ReferencedImageSequence
+    assert image_ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    (annotation,) = gsps.GraphicAnnotationSequence
+    assert annotation.GraphicLayer == GSPS_LAYER
+    assert annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == (
+        source.SOPInstanceUID)
+    graphics = annotation.GraphicObjectSequence
+    assert [g.GraphicType for g in graphics] == ["POLYLINE", "POLYLINE"]
+    assert all(g.GraphicAnnotationUnits == "PIXEL" for g in graphics)
+    np.testing.assert_allclose(np.reshape(graphics[0].GraphicData, (-1, 2)), REGION.polygon)
+    assert "p=0.81" in annotation.TextObjectSequence[0].UnformattedTextValue
+
+
+def test_presentation_state_without_a_region_is_refused(
+    hip: tuple[pydicom.Dataset, np.ndarray],
+) -> None:
+    """A GSPS with nothing to show is a ReportError."""
+    with pytest.raises(ReportError, match="at least one region"):
+        build_presentation_state(hip[0], [], probability=0.9, series_instance_uid="1.2.3",
+                                 model_name="m", software_version="0.1.0")
+
+
+def test_write_overlays_writes_one_png_per_readable_input(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Readable images get a PNG of their own size; an unreadable file is skipped."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray((rng.random((90, 120)) * 255).astype(np.uint8)).save(inputs / "a.png")
+    Image.fromarray((rng.random((150, 70)) * 255).astype(np.uint8)).save(inputs / "b.png")
+    (inputs / "broken.png").write_bytes(b"not an image")
+    classifier = Classifier.load(tiny_model, device="cpu")
+    written = write_overlays(sorted(inputs.iterdir()), classifier, tmp_path / "out")
+    assert sorted(p.name for p in written.values()) == ["a.saliency.png", "b.saliency.png"]
+    with Image.open(written[inputs / "b.png"]) as png:
+        assert png.size == (70, 150) and png.mode == "RGB"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a.saliency.png", "b.saliency.png"]
+
+
+def test_overlay_series_uid_is_stable_per_study_and_kind() -> None:
+    """Each study has one SC series and one GSPS series UID, the same at every call."""
+    assert overlay_series_uid("1.2.3", "sc") == overlay_series_uid("1.2.3", "sc")
+    assert overlay_series_uid("1.2.3", "sc") != overlay_series_uid("1.2.3", "gsps")
+    assert overlay_series_uid("1.2.3", "sc") != overlay_series_uid("1.2.4", "sc")
+
+
+def test_a_region_from_a_box_is_a_closed_rectangle() -> None:
+    """SaliencyRegion.from_box gives the five corners of the box, first repeated last."""
+    region = SaliencyRegion.from_box(1, 2, 3, 4, 0.5)
+    assert region.polygon == ((1.0, 2.0), (3.0, 2.0), (3.0, 4.0), (1.0, 4.0), (1.0, 2.0))
+    assert region.peak == 0.5 and region.method == "hirescam"
