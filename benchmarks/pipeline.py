@@ -179,11 +179,12 @@ def main() -> int:
         "load_average": os.getloadavg()[0],
     }
     if args.backlog:
-        small = sources("dataset", 8)
-        big = [small[i % len(small)] for i in range(args.backlog)]
+        # Small objects (the 16x16 CR sample): what is measured is what the worker holds in
+        # memory while N instances wait, not the size of the objects.
+        tiny = pydicom.dcmread(SHARED / "dicom-samples" / "CR_cspine_tiny16x16_explicitVR.dcm")
         fresh = []
-        for data in big:  # new UIDs so that each is its own instance
-            ds = pydicom.dcmread(io.BytesIO(data))
+        for _ in range(args.backlog):  # new UIDs so that each is its own instance
+            ds = tiny
             ds.SOPInstanceUID = generate_uid()
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             buf = io.BytesIO()

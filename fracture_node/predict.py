@@ -38,7 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="balanced, high_sensitivity, or a probability threshold")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
-    # TODO(saliency): --saliency DIR to write a heat map per image (separate issue; ml/explain.py).
+    p.add_argument("--saliency", type=Path, default=None, metavar="DIR",
+                   help="also write an overlay PNG per image (heat map and regions) into DIR")
     return p.parse_args(argv)
 
 
@@ -128,6 +129,12 @@ def run(args: argparse.Namespace) -> tuple[int, int]:
                 writer.writerow(row)
     log.info("predict_done", processed=ok, not_processed=bad, output=str(args.output),
              model_sha256=clf.sha256, operating_point=args.operating_point, threshold=threshold)
+    if args.saliency is not None:
+        from fracture_node.predict_saliency import write_overlays
+
+        written = write_overlays(files, clf, args.saliency, batch_size=args.batch_size,
+                                 operating_point=args.operating_point)
+        log.info("saliency_written", images=len(written), folder=str(args.saliency))
     return ok, bad
 
 

@@ -104,3 +104,16 @@ def test_unknown_operating_point_is_an_error_exit(tmp_path: Path, inputs: Path,
     """An operating point that is neither a name on the card nor a number exits with 2."""
     assert main([str(inputs), "--output", str(tmp_path / "o.csv"), "--model", str(tiny_model),
                  "--operating-point", "lenient"]) == 2
+
+
+def test_saliency_folder_gets_an_overlay_per_readable_image(tmp_path: Path, tiny_model: Path,
+                                                            dataset_dir: Path) -> None:
+    """`predict --saliency DIR` writes one overlay PNG per readable input image."""
+    from fracture_node.predict import main as predict_main
+
+    images = sorted((dataset_dir / "images").iterdir())[:2]
+    out = tmp_path / "sal"
+    assert predict_main([*map(str, images), "--output", str(tmp_path / "p.csv"),
+                         "--model", str(tiny_model), "--saliency", str(out)]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2
