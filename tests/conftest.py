@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
@@ -38,3 +42,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "normalisation": {"mean": 0.5, "std": 0.25},
     })
     return path
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """DCMTK storescp playing the PACS (AE title PACS); yields its port and its folder."""
+    port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port)
+    yield port, out
+    proc.terminate()
+    proc.wait(10)

@@ -5,11 +5,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.uid import generate_uid
 
 from tests.support import free_port, wait_for_port
@@ -61,19 +59,6 @@ class ServeProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """DCMTK storescp playing the PACS (AE title PACS); yields its port and its folder."""
-    port, out = free_port(), tmp_path / "pacs"
-    out.mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port)
-    yield port, out
-    proc.terminate()
-    proc.wait(10)
 
 
 def make_study(samples_dir: Path, out: Path, names: list[str], patient: str = "Doe^Jane",

@@ -83,16 +83,9 @@ def _study(samples_dir: Path, n: int, study_uid: str | None = None) -> list[pydi
 
 
 @pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """A DCMTK storescp playing the PACS; yields its port and the folder it stores into."""
-    port, out = free_port(), tmp_path / "pacs"
-    out.mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port)
-    yield port, out
-    proc.terminate()
-    proc.wait(10)
+def pacs(storescp: tuple[int, Path]) -> tuple[int, Path]:
+    """The PACS of these tests: DCMTK storescp (see tests/conftest.py)."""
+    return storescp
 
 
 def _node(tmp_path: Path, db_url: str, model: Path, pacs_port: int | None = None,
