@@ -145,10 +145,16 @@ def test_stopped_peer_gives_a_clear_failure(sr_file: Path) -> None:
 
 
 def test_refused_association_gives_a_clear_failure(refusing_storescp: int, sr_file: Path) -> None:
-    """storescp --refuse rejects the association: ok=False and the error says rejected."""
+    """storescp --refuse refuses us: ok=False with a clear error, no exception.
+
+    DCMTK sends the A-ASSOCIATE-RJ and closes at once, so pynetdicom sometimes sees the close
+    before the reject; both are named clearly (the reject text itself is checked against a
+    pynetdicom peer in test_wrong_called_ae_title_is_rejected)."""
     outcome = store(sr_file, pacs(refusing_storescp), calling_ae_title=CALLING, timeout_s=10)
     assert not outcome.ok
-    assert outcome.error is not None and "rejected the association" in outcome.error
+    assert outcome.error is not None
+    assert ("rejected the association" in outcome.error
+            or "aborted the association request" in outcome.error)
 
 
 def test_wrong_called_ae_title_is_rejected(pynetdicom_scp: Callable[..., int],
