@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from fracture_node.errors import ConfigError
+from fracture_node.ml import explain
+
+OVERLAY_CHOICES: tuple[str, ...] = ("none", "sc", "gsps", "both")
+"""Values of ``[[destinations]] overlays``: which saliency objects go with the SR."""
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: no backslash, no controls
 
@@ -213,6 +217,16 @@ class Destination:
     """Our AE title towards this destination; default: ``[node] ae_title``."""
     tls: bool = False
     """Send over TLS with the ``[tls]`` certificate, key and CA certificates."""
+    overlays: str = "none"
+    """Saliency objects sent with the SR: ``none``, ``sc`` (Secondary Capture with the heat map
+    burned in), ``gsps`` (Grayscale Softcopy Presentation State outlining the regions) or
+    ``both``; only for images that have regions in the SR."""
+
+    @property
+    def overlay_kinds(self) -> frozenset[str]:
+        """The overlay objects this destination receives: a subset of ``{"sc", "gsps"}``."""
+        return frozenset({"none": (), "sc": ("sc",), "gsps": ("gsps",),
+                          "both": ("sc", "gsps")}.get(self.overlays, ()))
 
     def validate(self, index: int) -> None:
         key = f"[[destinations]] #{index + 1}"
@@ -227,6 +241,49 @@ class Destination:
         if not self.host:
             raise ConfigError(f"config: {key} host is empty; fix: give the PACS host name or address")
         _check_port(f"{key} port", self.port)
+        if self.overlays not in OVERLAY_CHOICES:
+            raise ConfigError(
+                f"config: {key} overlays = {self.overlays!r} is unknown; "
+                f"fix: use {', '.join(repr(c) for c in OVERLAY_CHOICES)}"
+            )
+
+
+@dataclass(frozen=True)
+class SaliencyConfig:
+    """Where the model looked: heat maps and regions, stored with each result and reported."""
+
+    enabled: bool = True
+    """Compute a heat map and regions for every scored image (one extra backward pass)."""
+    method: str = explain.DEFAULT_METHOD
+    layer: str = explain.DEFAULT_LAYER
+    threshold: float = explain.DEFAULT_THRESHOLD
+    """A region is where the map reaches this fraction of its maximum over the image."""
+    max_regions: int = explain.DEFAULT_MAX_REGIONS
+    """Regions kept per image, hottest first (0: heat map only)."""
+    positive_only: bool = True
+    """Report regions (SR, overlays) only for images scored positive."""
+
+    def validate(self) -> None:
+        if self.method not in explain.METHODS:
+            raise ConfigError(
+                f"config: [saliency] method = {self.method!r} is unknown; "
+                f"fix: use one of {', '.join(repr(m) for m in explain.METHODS)}"
+            )
+        if self.layer not in explain.LAYERS:
+            raise ConfigError(
+                f"config: [saliency] layer = {self.layer!r} is unknown; "
+                f"fix: use one of {', '.join(repr(m) for m in explain.LAYERS)}"
+            )
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(
+                f"config: [saliency] threshold = {self.threshold} is impossible; "
+                "fix: use a fraction of the map's maximum between 0 and 1, e.g. 0.5"
+            )
+        if not 0 <= self.max_regions <= 10:
+            raise ConfigError(
+                f"config: [saliency] max_regions = {self.max_regions} is out of range; "
+                "fix: use a whole number 0..10"
+            )
 
 
 @dataclass(frozen=True)
@@ -320,6 +377,7 @@ class Config:
     study: StudyConfig = field(default_factory=StudyConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     destinations: tuple[Destination, ...] = ()
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -340,12 +398,19 @@ class Config:
 
     def validate(self) -> Config:
         for section in (self.node, self.storage, self.database, self.model, self.study,
-                        self.delivery, self.logging, self.metrics):
-            section.validate()  # type: ignore[attr-defined]
+                        self.delivery, self.saliency, self.logging, self.metrics):
+            section.validate()
         names = [d.name for d in self.destinations]
         for i, dest in enumerate(self.destinations):
             dest.validate(i)
         self.tls.check(scu=any(d.tls for d in self.destinations))
+        for i, dest in enumerate(self.destinations):
+            if dest.overlays != "none" and not self.saliency.enabled:
+                raise ConfigError(
+                    f"config: [[destinations]] #{i + 1} overlays = {dest.overlays!r} needs "
+                    "saliency, but [saliency] enabled = false; fix: set enabled = true or "
+                    "overlays = 'none'"
+                )
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
             raise ConfigError(
@@ -389,6 +454,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "study": StudyConfig,
     "delivery": DeliveryConfig,
+    "saliency": SaliencyConfig,
     "logging": LoggingConfig,
     "metrics": MetricsConfig,
     "tls": TlsConfig,

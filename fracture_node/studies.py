@@ -5,13 +5,25 @@ every association that brought its instances has ended, and every instance has a
 (processed, not processed, failed). A late instance makes the study due again and produces a
 new SR version in the same series that supersedes the previous one (new SOP Instance UID,
 Predecessor Documents Sequence), never a silent merge.
+
+Saliency: the regions stored with each result (``results.saliency``) go into the SR as TID 1410
+groups (for positive images only, unless ``[saliency] positive_only = false``). For destinations
+with ``overlays``, each image with regions in the SR also gets a Secondary Capture (the heat map
+burned into the radiograph, re-read from the spool) and/or a GSPS (the regions outlined on the
+radiograph), in the same study, queued with the SR for those destinations only. An overlay that
+cannot be made is logged and left out; it never holds back the SR. An overlay's SOP Instance UID
+is derived from what it shows, so a new report version re-sends the same objects (the PACS keeps
+one copy) rather than adding new ones beside the old.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -20,22 +32,45 @@ from pydicom.uid import generate_uid
 from fracture_node import __version__
 from fracture_node.config import Config
 from fracture_node.db import schema as s
-from fracture_node.db.reporting import NewReport, StudySnapshot
+from fracture_node.db.reporting import NewObject, NewReport, StudyInstance, StudySnapshot
 from fracture_node.db.store import Store, utcnow
+from fracture_node.dicom.overlay import (
+    build_presentation_state,
+    build_secondary_capture,
+    overlay_instance_uid,
+    overlay_series_uid,
+)
+from fracture_node.dicom.pixels import read_pixels
 from fracture_node.dicom.report import (
+    SALIENCY_METHODS,
     AlgorithmInfo,
     ImageFinding,
+    SaliencyRegion,
     Unprocessed,
     build_report,
     write_report,
 )
 from fracture_node.errors import DatabaseError, ReportError
 from fracture_node.logs import get_logger
+from fracture_node.saliency import SaliencyRecord
 from fracture_node.spool import Spool, safe_name
 
 log = get_logger("studies")
 
 RETRY_FAILED_REPORT_S = 60.0
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """An image whose regions are in the SR: what its overlays are drawn from."""
+
+    instance: StudyInstance
+    header: pydicom.Dataset
+    number: int
+    """Its number in the SR ("Fracture, image <n>"), the overlays' Instance Number."""
+    record: SaliencyRecord
+    regions: tuple[SaliencyRegion, ...]
+    probability: float
 
 
 class Reporter:
@@ -56,6 +91,8 @@ class Reporter:
         self.device_uid = generate_uid(entropy_srcs=["fracture-node device",
                                                      config.node.ae_title])
         self._failed: dict[tuple[str, int], float] = {}
+        self.overlays = {d.name: d.overlay_kinds for d in config.destinations}
+        self.overlay_kinds = frozenset().union(*self.overlays.values())
 
     def run_once(self) -> int:
         """Report every study that is due now; returns how many reports were made."""
@@ -78,7 +115,7 @@ class Reporter:
             return 0
         started = time.perf_counter()
         try:
-            sr, counts = self._build(snapshot)
+            sr, counts, shown = self._build(snapshot)
         except ReportError as exc:
             self._failed[key] = time.monotonic() + RETRY_FAILED_REPORT_S
             log.error("report_failed", study_instance_uid=study_uid, error=str(exc),
@@ -87,15 +124,19 @@ class Reporter:
         relative = f"{safe_name(study_uid)}/{sr.SOPInstanceUID}.dcm"
         path = self.reports_dir / relative
         write_report(sr, path)
+        objects = self._overlays(study_uid, str(sr.SOPInstanceUID), shown)
         report = NewReport(
             study_instance_uid=study_uid, version=int(sr.InstanceNumber),
             sop_instance_uid=str(sr.SOPInstanceUID),
             series_instance_uid=str(sr.SeriesInstanceUID), path=relative, **counts)
         report_id = self.store.add_report(snapshot, report, self.node,
                                           [d.name for d in self.config.destinations],
-                                          self.config.delivery.deadline_s)
+                                          self.config.delivery.deadline_s,
+                                          objects=objects, overlays=self.overlays)
         if report_id is None:
             path.unlink(missing_ok=True)
+            for obj in objects:
+                (self.reports_dir / obj.path).unlink(missing_ok=True)
             log.info("report_discarded", study_instance_uid=study_uid,
                      detail="the study changed or another node reported it first")
             return 0
@@ -105,13 +146,37 @@ class Reporter:
                  sop_instance_uid=report.sop_instance_uid, version=report.version,
                  images=report.instances_total, positives=report.instances_positive,
                  unprocessed=report.instances_unprocessed,
-                 ms=round((time.perf_counter() - started) * 1000, 1))
+                 images_with_regions=len(shown),
+                 overlays=len(objects), ms=round((time.perf_counter() - started) * 1000, 1))
         self.on_report()
         return 1
 
-    def _build(self, snap: StudySnapshot) -> tuple[pydicom.Dataset, dict[str, Any]]:
+    def _regions(self, inst: StudyInstance) -> tuple[SaliencyRecord | None,
+                                                     tuple[SaliencyRegion, ...]]:
+        """The stored saliency of a processed image and the regions the SR shows for it."""
+        if inst.saliency is None:
+            return None, ()
+        try:
+            record = SaliencyRecord.from_json(inst.saliency)
+        except ValueError as exc:
+            log.warning("saliency_unreadable", instance_id=inst.id,
+                        sop_instance_uid=inst.sop_instance_uid, error=str(exc))
+            return None, ()
+        if record.method not in SALIENCY_METHODS:
+            log.warning("saliency_unreadable", instance_id=inst.id,
+                        sop_instance_uid=inst.sop_instance_uid,
+                        error=f"method {record.method!r} has no SR code")
+            return None, ()
+        if self.config.saliency.positive_only and not inst.positive:
+            return record, ()
+        return record, tuple(SaliencyRegion.from_box(r.x0, r.y0, r.x1, r.y1, r.peak,
+                                                     record.method) for r in record.regions)
+
+    def _build(self, snap: StudySnapshot
+               ) -> tuple[pydicom.Dataset, dict[str, Any], list[_Shown]]:
         sources: list[pydicom.Dataset] = []
         findings: list[ImageFinding] = []
+        shown: list[_Shown] = []
         unprocessed: list[Unprocessed] = []
         algorithm = self.algorithm
         for inst in snap.instances:
@@ -124,9 +189,14 @@ class Reporter:
                 continue
             sources.append(header)
             if inst.state == s.PROCESSED and inst.probability is not None:
+                record, regions = self._regions(inst)
                 findings.append(ImageFinding(
                     sop_instance_uid=inst.sop_instance_uid, sop_class_uid=inst.sop_class_uid,
-                    probability=float(inst.probability), positive=bool(inst.positive)))
+                    probability=float(inst.probability), positive=bool(inst.positive),
+                    regions=regions))
+                if record is not None and regions:
+                    shown.append(_Shown(inst, header, len(findings), record, regions,
+                                        float(inst.probability)))
                 if inst.model_sha256 and (algorithm is None
                                           or algorithm.sha256 != inst.model_sha256):
                     algorithm = AlgorithmInfo(
@@ -156,7 +226,8 @@ class Reporter:
             sources, findings, unprocessed, algorithm, version=version,
             series_instance_uid=snap.previous_series_uid or generate_uid(),
             predecessor=predecessor, device_observer_uid=self.device_uid,
-            station_ae_title=self.config.node.ae_title, software_version=__version__)
+            station_ae_title=self.config.node.ae_title, software_version=__version__,
+            regions_of_negatives=not self.config.saliency.positive_only)
         probabilities = [f.probability for f in findings]
         counts = {
             "instances_total": len(findings) + len(unprocessed),
@@ -165,4 +236,58 @@ class Reporter:
             "max_probability": max(probabilities) if probabilities else None,
             "model_sha256": algorithm.sha256 if findings else None,
         }
-        return sr, counts
+        return sr, counts, shown
+
+    # Overlays -------------------------------------------------------------------------------
+    def _overlays(self, study_uid: str, sr_uid: str, shown: list[_Shown]) -> list[NewObject]:
+        """Write the overlays some destination wants for the images with regions; never raises
+        for one overlay (it is logged and left out)."""
+        if not self.overlay_kinds or not shown:
+            return []
+        folder = f"{safe_name(study_uid)}/{safe_name(sr_uid)}.overlays"
+        made: list[NewObject] = []
+        for item in shown:
+            for kind in ("sc", "gsps"):
+                if kind not in self.overlay_kinds:
+                    continue
+                try:
+                    obj = self._overlay(kind, study_uid, folder, item)
+                except Exception as exc:  # an overlay must never hold back the SR
+                    log.warning("overlay_failed", kind=kind, study_instance_uid=study_uid,
+                                source_sop_instance_uid=item.instance.sop_instance_uid,
+                                error=type(exc).__name__,
+                                detail="the SR and the other overlays are sent without it")
+                    continue
+                made.append(obj)
+        return made
+
+    def _overlay(self, kind: str, study_uid: str, folder: str, item: _Shown) -> NewObject:
+        inst = item.instance
+        key = hashlib.sha256("\n".join([
+            inst.spool_path, inst.model_sha256 or "", f"{item.probability:.6f}",
+            inst.saliency or "", repr(item.regions)]).encode()).hexdigest()
+        uid = overlay_instance_uid(kind, inst.sop_instance_uid, key)
+        series = overlay_series_uid(study_uid, kind)
+        common: dict[str, Any] = {
+            "probability": item.probability, "series_instance_uid": series,
+            "instance_number": item.number, "model_name": inst.model_name or "",
+            "software_version": __version__, "sop_instance_uid": uid}
+        if kind == "sc":
+            try:
+                full = pydicom.dcmread(self.spool.path(inst.spool_path))
+            except FileNotFoundError as exc:
+                raise ReportError(f"the spool file of image {inst.sop_instance_uid} is gone "
+                                  "(retention)") from exc
+            image = read_pixels(full)
+            heat = item.record.source_map()
+            if heat.shape != image.shape:
+                raise ReportError(f"the stored heat map of image {inst.sop_instance_uid} is "
+                                  f"{heat.shape}, the image {image.shape}")
+            ds = build_secondary_capture(item.header, image, heat, item.regions, **common)
+        else:
+            ds = build_presentation_state(item.header, item.regions, **common)
+        relative = f"{folder}/{kind}-{safe_name(uid)}.dcm"
+        write_report(ds, Path(self.reports_dir) / relative)
+        return NewObject(kind=kind, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=uid,
+                         series_instance_uid=series,
+                         source_sop_instance_uid=inst.sop_instance_uid, path=relative)

@@ -8,6 +8,13 @@ Results are committed in one transaction per batch; a result is only written for
 this worker still holds, so a crash or a taken-back claim never records an instance twice. At
 most ``2 * max_batch`` instances are held in memory: whatever waits stays in SQL.
 
+With ``[saliency] enabled`` the batch is scored by
+:meth:`~fracture_node.ml.explain.Explainer.explain_batch` (one forward and one backward pass; the
+same probabilities as ``predict_batch``, test-time augmentation included) and each result keeps
+its heat map and regions in source pixels (``results.saliency``). Saliency never costs a score:
+if the explainer fails the batch is scored by ``predict_batch``, and if one image's regions
+cannot be made its ``saliency`` stays NULL.
+
 Claims are kept alive by a second thread (the claim keeper): every ``claim_timeout_s / 4`` it
 refreshes ``claimed_at`` of the claims this worker holds in memory (a heartbeat, so a slow but
 live worker never loses them) and takes back every claim not refreshed for ``claim_timeout_s``
@@ -36,6 +43,7 @@ from fracture_node.db.store import ClaimedInstance, ResultRecord, Store
 from fracture_node.dicom.pixels import check_scope, read_pixels
 from fracture_node.errors import DatabaseError, NotProcessable
 from fracture_node.logs import get_logger
+from fracture_node.saliency import SaliencyRecord
 from fracture_node.spool import Spool
 
 log = get_logger("worker")
@@ -46,6 +54,7 @@ class Decoded:
     claimed: ClaimedInstance
     array: Any  # the model input, (S, S) float32
     decode_ms: float
+    source_shape: tuple[int, int] = (0, 0)  # rows, columns of the image before the letterbox
 
 
 @dataclass
@@ -63,7 +72,8 @@ def decode_instance(spool: Spool, claimed: ClaimedInstance,
     try:
         ds = pydicom.dcmread(spool.path(claimed.spool_path))
         check_scope(ds)
-        array = prepare(read_pixels(ds))
+        image = read_pixels(ds)
+        array = prepare(image)
     except NotProcessable as exc:
         return Failed(claimed, s.NOT_PROCESSED, exc.reason, str(exc))
     except FileNotFoundError:
@@ -73,7 +83,8 @@ def decode_instance(spool: Spool, claimed: ClaimedInstance,
         # Only the type: a library's message can quote element values (patient data).
         return Failed(claimed, s.NOT_PROCESSED, "undecodable",
                       f"unexpected {type(exc).__name__} while decoding")
-    return Decoded(claimed, array, (time.perf_counter() - started) * 1000)
+    return Decoded(claimed, array, (time.perf_counter() - started) * 1000,
+                   (int(image.shape[0]), int(image.shape[1])))
 
 
 class Worker:
@@ -81,7 +92,8 @@ class Worker:
 
     def __init__(self, config: Config, store: Store, spool: Spool, classifier: Any,
                  node: str, wake: threading.Event | None = None, metrics: Any | None = None,
-                 on_batch: Callable[[], None] | None = None) -> None:
+                 on_batch: Callable[[], None] | None = None,
+                 explainer: Any | None = None) -> None:
         self.config = config
         self.store = store
         self.spool = spool
@@ -102,6 +114,9 @@ class Worker:
         self._keeper: threading.Thread | None = None
         self.keep_interval_s = max(0.5, config.model.claim_timeout_s / 4)
         self.batches = 0
+        self.explainer = explainer
+        if self.explainer is None and config.saliency.enabled:
+            self.explainer = _make_explainer(config, classifier)
 
     # Life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -113,7 +128,9 @@ class Worker:
         log.info("worker_started", model=self.classifier.name, model_version=self.classifier.version,
                  model_sha256=self.classifier.sha256, device=str(self.classifier.device),
                  threshold=self.threshold, operating_point=self.operating_point,
-                 max_batch=self.config.model.max_batch, max_wait_ms=self.config.model.max_wait_ms)
+                 max_batch=self.config.model.max_batch, max_wait_ms=self.config.model.max_wait_ms,
+                 saliency=(f"{self.explainer.method}@{self.explainer.layer}"
+                           if self.explainer is not None else "off"))
 
     def alive(self) -> bool:
         """True while the worker thread runs (the systemd watchdog asks)."""
@@ -258,20 +275,48 @@ class Worker:
                  reason=failed.reason)
         self.on_batch()
 
+    def _infer(self, stacked: Any) -> tuple[Any, Any | None]:
+        """Probabilities and, with saliency on, the heat maps (None when the explainer fails)."""
+        if self.explainer is not None:
+            try:
+                return self.explainer.explain_batch(stacked)
+            except Exception as exc:  # saliency must never cost a score
+                # Only the type: the message of a library error is not ours to vouch for.
+                log.error("saliency_failed", size=len(stacked), error=type(exc).__name__,
+                          detail="scored without saliency; results.saliency stays NULL")
+        return self.classifier.predict_batch(stacked), None
+
+    def _saliency(self, decoded: Decoded, heatmap: Any) -> str | None:
+        cfg = self.config.saliency
+        explainer: Any = self.explainer
+        try:
+            return SaliencyRecord.from_map(
+                heatmap, decoded.source_shape, method=explainer.method,
+                layer=explainer.layer, threshold=cfg.threshold,
+                max_regions=cfg.max_regions).to_json()
+        except Exception as exc:  # one image's regions must never cost its score
+            log.error("saliency_regions_failed", instance_id=decoded.claimed.id,
+                      sop_instance_uid=decoded.claimed.sop_instance_uid,
+                      error=type(exc).__name__)
+            return None
+
     def _score(self, batch: list[Decoded]) -> int:
         try:
             started = time.perf_counter()
-            probabilities = self.classifier.predict_batch(np.stack([d.array for d in batch]))
+            probabilities, heatmaps = self._infer(np.stack([d.array for d in batch]))
             infer_ms = (time.perf_counter() - started) * 1000
             c = self.classifier
+            saliency: list[str | None] = (
+                [self._saliency(d, h) for d, h in zip(batch, heatmaps, strict=True)]
+                if heatmaps is not None else [None] * len(batch))
             records = [
                 ResultRecord(instance_id=d.claimed.id, probability=float(p),
                              positive=bool(p >= self.threshold), threshold=self.threshold,
                              operating_point=self.operating_point, model_name=c.name,
                              model_version=c.version, model_sha256=c.sha256,
                              decode_ms=round(d.decode_ms, 2), infer_ms=round(infer_ms, 2),
-                             batch_size=len(batch))
-                for d, p in zip(batch, probabilities, strict=True)
+                             batch_size=len(batch), saliency=sal)
+                for d, p, sal in zip(batch, probabilities, saliency, strict=True)
             ]
             saved = self.store.save_results(self.node, records)
         finally:
@@ -287,9 +332,23 @@ class Worker:
             for d in batch:
                 self.metrics.decode_seconds.observe(d.decode_ms / 1000)
         log.info("batch_scored", size=len(batch), saved=saved, infer_ms=round(infer_ms, 1),
-                 positives=sum(r.positive for r in records))
+                 positives=sum(r.positive for r in records),
+                 with_saliency=sum(r.saliency is not None for r in records))
         if saved < len(batch):
             log.warning("results_skipped", count=len(batch) - saved,
                         detail="claims were taken back before the results were saved")
         self.on_batch()
         return len(batch)
+
+
+def _make_explainer(config: Config, classifier: Any) -> Any | None:
+    """The Explainer of ``[saliency]``, or None (logged) when the model cannot be explained."""
+    from fracture_node.ml.explain import Explainer
+
+    try:
+        return Explainer(classifier, method=config.saliency.method, layer=config.saliency.layer)
+    except Exception as exc:  # an unexplainable model still scores
+        log.error("saliency_unavailable", method=config.saliency.method,
+                  layer=config.saliency.layer, error=f"{type(exc).__name__}: {exc}",
+                  detail="results are scored without saliency")
+        return None

@@ -44,6 +44,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def saliency_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like ``tiny_model`` with fixed weights (seeded), so its heat maps and regions are the
+    same at every run; its probabilities sit near 0.5 (untrained), with test-time augmentation."""
+    import torch
+
+    from fracture_node.ml.model import build_model, save_model_file
+
+    torch.manual_seed(20261122)
+    path = tmp_path_factory.mktemp("model") / "saliency.pt"
+    save_model_file(path, build_model("mobilenet_v3_small"), {
+        "name": "saliency-test-model", "version": "0.0", "architecture": "mobilenet_v3_small",
+        "input_size": 64, "thresholds": {"balanced": 0.5, "high_sensitivity": 0.3},
+        "normalisation": {"mean": 0.5, "std": 0.25}, "tta": True,
+    })
+    return path
+
+
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """DCMTK storescp playing the PACS (AE title PACS); yields its port and its folder."""

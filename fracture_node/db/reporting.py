@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,7 @@ class StudyInstance:
     model_name: str | None
     model_version: str | None
     model_sha256: str | None
+    saliency: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,39 @@ class NewReport:
 
 
 @dataclass(frozen=True)
+class NewObject:
+    """An overlay made with a report (a ``report_objects`` row to be)."""
+
+    kind: str
+    """``sc`` or ``gsps``."""
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    source_sop_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class DueObject:
+    """An overlay a delivery still has to store (a ``delivery_objects`` row)."""
+
+    id: int
+    kind: str
+    sop_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ObjectOutcome:
+    """What happened to one overlay in a delivery attempt."""
+
+    id: int
+    ok: bool
+    status: int | None
+    error: str | None
+
+
+@dataclass(frozen=True)
 class DueDelivery:
     id: int
     report_id: int
@@ -86,6 +120,10 @@ class DueDelivery:
     report_sop_instance_uid: str
     attempts: int
     deadline_at: dt.datetime
+    report_delivered: bool = False
+    """The SR itself was stored at an earlier attempt (only overlays are left)."""
+    objects: tuple[DueObject, ...] = ()
+    """Overlays not stored yet, in the order they are sent."""
 
 
 class ReportingQueries:
@@ -150,7 +188,7 @@ class ReportingQueries:
             rows = ses.execute(
                 select(i.id, i.sop_instance_uid, i.sop_class_uid, i.spool_path, i.state,
                        i.reason, r.probability, r.positive, r.threshold, r.operating_point,
-                       r.model_name, r.model_version, r.model_sha256)
+                       r.model_name, r.model_version, r.model_sha256, r.saliency)
                 .outerjoin(r, r.instance_id == i.id)
                 .where(i.study_instance_uid == study_uid, i.state != s.SUPERSEDED)
                 .order_by(i.id)).all()
@@ -163,16 +201,21 @@ class ReportingQueries:
             return StudySnapshot(
                 study_instance_uid=study_uid, instances_received=study.instances_received,
                 reported_version=study.reported_version,
-                instances=[StudyInstance(*row) for row in rows],
+                instances=[StudyInstance(**row._mapping) for row in rows],
                 previous_report_path=previous[0] if previous else None,
                 previous_series_uid=previous[1] if previous else None)
 
         return self._run(fn)
 
     def add_report(self, snapshot: StudySnapshot, report: NewReport, node: str,
-                   destinations: Sequence[str], deadline_s: float) -> int | None:
+                   destinations: Sequence[str], deadline_s: float,
+                   objects: Sequence[NewObject] = (),
+                   overlays: Mapping[str, frozenset[str]] | None = None) -> int | None:
         """Commit a report and queue its deliveries, unless the study changed meanwhile or
-        another process reported it first (then None: discard the file).
+        another process reported it first (then None: discard the files).
+
+        ``objects`` are the overlays made with the report; each destination's delivery carries
+        those whose kind is in ``overlays[destination]`` (none when it is not named).
 
         The study row is the arbiter: the update succeeds only while the study is still due and
         has the instance count and reported version of ``snapshot``; a concurrent reporter's
@@ -202,10 +245,24 @@ class ReportingQueries:
                 made_by=node)
             ses.add(row)
             ses.flush()
+            made = [s.ReportObject(report_id=row.id, kind=o.kind, sop_class_uid=o.sop_class_uid,
+                                   sop_instance_uid=o.sop_instance_uid,
+                                   series_instance_uid=o.series_instance_uid,
+                                   source_sop_instance_uid=o.source_sop_instance_uid,
+                                   path=o.path, created_at=now) for o in objects]
+            ses.add_all(made)
+            ses.flush()
             for name in destinations:
-                ses.add(s.Delivery(report_id=row.id, destination=name, state=s.PENDING,
-                                   attempts=0, created_at=now, next_attempt_at=now,
-                                   deadline_at=now + dt.timedelta(seconds=deadline_s)))
+                delivery = s.Delivery(report_id=row.id, destination=name, state=s.PENDING,
+                                      attempts=0, created_at=now, next_attempt_at=now,
+                                      deadline_at=now + dt.timedelta(seconds=deadline_s))
+                ses.add(delivery)
+                kinds = (overlays or {}).get(name, frozenset())
+                carried = [o for o in made if o.kind in kinds]
+                if carried:
+                    ses.flush()
+                    ses.add_all(s.DeliveryObject(delivery_id=delivery.id, object_id=o.id)
+                                for o in carried)
             return row.id
 
         try:
@@ -228,27 +285,56 @@ class ReportingQueries:
             d, r = s.Delivery, s.Report
             rows = ses.execute(
                 select(d.id, d.report_id, d.destination, r.path, r.sop_instance_uid, d.attempts,
-                       d.deadline_at)
+                       d.deadline_at, d.report_delivered_at)
                 .join(r, r.id == d.report_id)
                 .where(d.state == s.PENDING, d.next_attempt_at <= now)
                 .order_by(d.next_attempt_at, d.id).limit(limit)
                 .with_for_update(skip_locked=True, of=d)).all()
-            if rows:
-                ses.execute(update(d).where(d.id.in_([row[0] for row in rows]))
-                            .values(next_attempt_at=now + dt.timedelta(seconds=lease_s)))
-            return [DueDelivery(*row) for row in rows]
+            if not rows:
+                return []
+            ids = [row[0] for row in rows]
+            ses.execute(update(d).where(d.id.in_(ids))
+                        .values(next_attempt_at=now + dt.timedelta(seconds=lease_s)))
+            do, ro = s.DeliveryObject, s.ReportObject
+            pending: dict[int, list[DueObject]] = {}
+            for delivery_id, object_id, kind, uid, path in ses.execute(
+                    select(do.delivery_id, do.id, ro.kind, ro.sop_instance_uid, ro.path)
+                    .join(ro, ro.id == do.object_id)
+                    .where(do.delivery_id.in_(ids), do.delivered_at.is_(None))
+                    .order_by(do.delivery_id, ro.id)).all():
+                pending.setdefault(delivery_id, []).append(DueObject(object_id, kind, uid, path))
+            return [DueDelivery(*row[:7], report_delivered=row[7] is not None,
+                                objects=tuple(pending.get(row[0], ())))
+                    for row in rows]
 
         return self._run(fn)
 
     def record_attempt(self, delivery: DueDelivery, *, ok: bool, status: int | None,
                        error: str | None, duration_ms: float, node: str,
-                       retry_in_s: float | None) -> str:
-        """Record one attempt; returns the delivery's new state (delivered, pending or dead)."""
+                       retry_in_s: float | None, report_stored: bool | None = None,
+                       objects: Sequence[ObjectOutcome] = ()) -> str:
+        """Record one attempt; returns the delivery's new state (delivered, pending or dead).
+
+        ``ok`` means everything the delivery still had to send was stored. ``report_stored``
+        (default: ``ok``) says whether the SR was stored in this attempt; ``objects`` give the
+        outcome of each overlay sent.
+        """
+        stored = ok if report_stored is None else report_stored
+
         def fn(ses: Session) -> str:
             now = _now()
             ses.add(s.DeliveryAttempt(delivery_id=delivery.id, attempted_at=now,
                                       duration_ms=duration_ms, ok=ok, status=status,
                                       error=error, node=node))
+            for o in objects:
+                ses.execute(update(s.DeliveryObject).where(
+                    s.DeliveryObject.id == o.id, s.DeliveryObject.delivered_at.is_(None))
+                    .values(last_status=o.status, last_error=o.error,
+                            **({"delivered_at": now} if o.ok else {})))
+            if stored:
+                ses.execute(update(s.Delivery).where(s.Delivery.id == delivery.id,
+                                                     s.Delivery.report_delivered_at.is_(None))
+                            .values(report_delivered_at=now))
             if ok:
                 state, values = s.DELIVERED, {"delivered_at": now}
             elif retry_in_s is None or now + dt.timedelta(seconds=retry_in_s) > delivery.deadline_at:

@@ -6,9 +6,12 @@ Tables
 ``instances``      every received object: UIDs, transfer syntax, size, spool path, state.
 ``store_failures`` every C-STORE answered with a failure status, with the reason.
 ``studies``        one row per Study Instance UID: arrival times and whether a report is due.
-``results``        one row per processed instance: probability, label, model identity, timings.
+``results``        one row per processed instance: probability, label, model identity, timings,
+                   and where the model looked (``saliency``, JSON).
 ``reports``        every Structured Report produced (one row per version).
+``report_objects`` the saliency overlays made with a report (Secondary Capture, GSPS).
 ``deliveries``     one row per (report, destination): state, attempts, next attempt.
+``delivery_objects`` the overlays a delivery carries besides the SR, each with its own outcome.
 ``delivery_attempts`` every attempt to deliver, with status and error.
 ``housekeeping_runs`` what each housekeeping job did.
 
@@ -219,6 +222,9 @@ class Result(Base):
     batch_size: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str] = mapped_column(NODE)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    saliency: Mapped[str | None] = mapped_column(Text)
+    """Where the model looked, a JSON object (method, layer, heat map, regions in source pixels;
+    see ``docs/audit.md``); NULL when saliency was off or failed for this image."""
 
     __table_args__ = (
         Index(None, "created_at"),
@@ -250,6 +256,31 @@ class Report(Base):
     )
 
 
+class ReportObject(Base):
+    """A saliency overlay made with a report: one per (image with regions, kind)."""
+
+    __tablename__ = "report_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"))
+    kind: Mapped[str] = mapped_column(String(8))
+    """``sc`` (Secondary Capture) or ``gsps`` (Grayscale Softcopy Presentation State)."""
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    """The same across report versions while the image and its result are unchanged."""
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    source_sop_instance_uid: Mapped[str] = mapped_column(UID)
+    """The radiograph it is about."""
+    path: Mapped[str] = mapped_column(String(512))
+    """Relative to the reports folder."""
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("report_id", "sop_instance_uid"),
+        Index(None, "sop_instance_uid"),
+    )
+
+
 class Delivery(Base):
     __tablename__ = "deliveries"
 
@@ -264,11 +295,32 @@ class Delivery(Base):
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
+    report_delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    """When the SR itself was stored at the destination; the delivery is ``delivered`` once its
+    ``delivery_objects`` are stored too."""
 
     __table_args__ = (
         UniqueConstraint("report_id", "destination"),
         Index(None, "state", "next_attempt_at"),
         Index(None, "created_at"),
+    )
+
+
+class DeliveryObject(Base):
+    """An overlay that a delivery carries besides the SR, and whether it was stored."""
+
+    __tablename__ = "delivery_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"))
+    object_id: Mapped[int] = mapped_column(ForeignKey("report_objects.id"))
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("delivery_id", "object_id"),
+        Index(None, "object_id"),
     )
 
 

@@ -80,6 +80,8 @@ class ResultRecord:
     decode_ms: float
     infer_ms: float
     batch_size: int
+    saliency: str | None = None
+    """JSON (:class:`fracture_node.saliency.SaliencyRecord`), or None."""
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -312,7 +314,8 @@ class Store(ReportingQueries):
                                  operating_point=r.operating_point, model_name=r.model_name,
                                  model_version=r.model_version, model_sha256=r.model_sha256,
                                  decode_ms=r.decode_ms, infer_ms=r.infer_ms,
-                                 batch_size=r.batch_size, worker=worker, created_at=now))
+                                 batch_size=r.batch_size, worker=worker, created_at=now,
+                                 saliency=r.saliency))
                 saved += 1
             return saved
 

@@ -47,7 +47,7 @@ GSPS_SERIES_DESCRIPTION = "AI fracture regions - UNVERIFIED"
 GSPS_LAYER = "AI_FRACTURE"
 GSPS_CONTENT_LABEL = "AI_FRACTURE"
 SEND_OVERLAY_CHOICES = ("none", "sc", "gsps", "both")
-"""Values of the per-destination ``send_overlay`` key."""
+"""Values of the per-destination ``overlays`` key (``fracture_node.config.OVERLAY_CHOICES``)."""
 
 HEAT_ALPHA = 0.45
 """Opacity of the hottest part of the heat map over the radiograph."""
@@ -163,6 +163,7 @@ def build_secondary_capture(
     model_name: str,
     software_version: str,
     max_side: int | None = DEFAULT_MAX_SIDE,
+    sop_instance_uid: str | None = None,
 ) -> Dataset:
     """A Secondary Capture of the radiograph with the saliency burned in.
 
@@ -178,6 +179,8 @@ def build_secondary_capture(
         The model's probability for the image, written in the caption.
     series_instance_uid:
         The overlay series of the study (one per study; keep it across report versions).
+    sop_instance_uid:
+        The object's UID (default: a new one); :func:`overlay_instance_uid` gives a stable one.
 
     Raises
     ------
@@ -201,7 +204,7 @@ def build_secondary_capture(
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
             series_instance_uid=series_instance_uid,
             series_number=SC_SERIES_NUMBER,
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=sop_instance_uid or hd.UID(),
             instance_number=instance_number,
             manufacturer=manufacturer,
             # highdicom wants one in the patient coordinate system; a source without one gets
@@ -262,6 +265,7 @@ def build_presentation_state(
     model_name: str,
     software_version: str,
     device_serial_number: str = "",
+    sop_instance_uid: str | None = None,
 ) -> Dataset:
     """A Grayscale Softcopy Presentation State outlining the regions on the radiograph.
 
@@ -276,6 +280,8 @@ def build_presentation_state(
         Written in the label of the first region.
     series_instance_uid:
         The presentation-state series of the study.
+    sop_instance_uid:
+        The object's UID (default: a new one); :func:`overlay_instance_uid` gives a stable one.
 
     Raises
     ------
@@ -318,7 +324,7 @@ def build_presentation_state(
             referenced_images=[header],
             series_instance_uid=series_instance_uid,
             series_number=GSPS_SERIES_NUMBER,
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=sop_instance_uid or hd.UID(),
             instance_number=instance_number,
             manufacturer=manufacturer,
             manufacturer_model_name=model_name,
@@ -351,3 +357,16 @@ def overlay_series_uid(study_instance_uid: str, kind: str) -> str:
     if kind not in ("sc", "gsps"):
         raise ValueError(f"overlay kind {kind!r} is not sc or gsps")
     return str(generate_uid(entropy_srcs=["fracture-node overlay", kind, study_instance_uid]))
+
+
+def overlay_instance_uid(kind: str, source_sop_instance_uid: str, content_key: str) -> str:
+    """A stable SOP Instance UID for an overlay of one image (``sc`` or ``gsps``).
+
+    ``content_key`` identifies what the overlay shows (e.g. the result row it is drawn from):
+    every report version that shows the same result sends the same object again, which the
+    PACS stores once, instead of piling up copies in the overlay series.
+    """
+    if kind not in ("sc", "gsps"):
+        raise ValueError(f"overlay kind {kind!r} is not sc or gsps")
+    return str(generate_uid(entropy_srcs=["fracture-node overlay instance", kind,
+                                          source_sop_instance_uid, content_key]))

@@ -75,6 +75,7 @@ SALIENCY_METHODS = {
     "gradcam": hd.sr.CodedConcept("GRADCAM", LOCAL_SCHEME, "Grad-CAM saliency"),
     "gradcampp": hd.sr.CodedConcept("GRADCAMPP", LOCAL_SCHEME, "Grad-CAM++ saliency"),
     "hirescam": hd.sr.CodedConcept("HIRESCAM", LOCAL_SCHEME, "HiResCAM saliency"),
+    "layercam": hd.sr.CodedConcept("LAYERCAM", LOCAL_SCHEME, "LayerCAM saliency"),
 }
 """TID 1419 Measurement Method of a region, by :data:`fracture_node.ml.explain.METHODS` name."""
 LOCAL_SCHEME_ITEM = CodingSchemeIdentificationItem(

@@ -1,6 +1,7 @@
 """Send: C-STORE (and C-ECHO) towards a destination, as an SCU, with pynetdicom.
 
-:func:`store` never raises for a network or peer problem (refused connection, rejected or
+:func:`store` (one object) and :func:`store_many` (several over one association) never raise
+for a network or peer problem (refused connection, rejected or
 aborted association, timeout, failure status): it returns a :class:`StoreOutcome` whose
 ``error`` says what happened, so that the export step can record the attempt and retry.
 Only a local problem (the file to send cannot be read) raises
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,8 @@ STORE_SOP_CLASSES: tuple[UID, ...] = (
     SecondaryCaptureImageStorage,
     GrayscaleSoftcopyPresentationStateStorage,
 )
-"""The storage SOP classes we propose: the SR now, Secondary Capture and GSPS later."""
+"""The storage SOP classes we propose: the SR, and the saliency overlays (Secondary Capture,
+Grayscale Softcopy Presentation State) for destinations with ``overlays``."""
 
 TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -105,53 +107,92 @@ def store(
     DeliveryError
         The file cannot be read (a local problem that no retry mends).
     """
+    return store_many([path_or_dataset], destination, calling_ae_title=calling_ae_title,
+                      timeout_s=timeout_s, tls=tls)[0]
+
+
+def store_many(
+    objects: Sequence[str | os.PathLike[str] | pydicom.Dataset],
+    destination: Destination,
+    *,
+    calling_ae_title: str,
+    timeout_s: float,
+    tls: TlsConfig | None = None,
+) -> list[StoreOutcome]:
+    """Send several objects to ``destination``, one C-STORE each, over one new association.
+
+    Like :func:`store` (same parameters, same statuses), with one outcome per object in order.
+    A refused C-STORE does not stop the others; a failure of the association (refused,
+    aborted, timed out) fails the object in hand and every object after it with that error.
+
+    Raises
+    ------
+    DeliveryError
+        A file cannot be read (before anything is sent).
+    """
     started = time.monotonic()
-    ds = _load(path_or_dataset)
-    sop_class = UID(str(ds.get("SOPClassUID", "")))
-    sop_instance = str(ds.get("SOPInstanceUID", ""))
+    datasets = [_load(item) for item in objects]
+    if not datasets:
+        return []
     calling = destination.calling_ae_title or calling_ae_title
-    fields = {"destination": destination.name, "sop_instance_uid": sop_instance}
-
     sop_classes = list(STORE_SOP_CLASSES)
-    if sop_class and sop_class not in sop_classes:
-        sop_classes.append(sop_class)
+    for ds in datasets:
+        sop_class = UID(str(ds.get("SOPClassUID", "")))
+        if sop_class and sop_class not in sop_classes:
+            sop_classes.append(sop_class)
+    outcomes: list[StoreOutcome] = []
 
-    def fail(message: str, status: int | None = None) -> StoreOutcome:
+    def fail(ds: pydicom.Dataset, message: str, status: int | None = None) -> StoreOutcome:
         elapsed = time.monotonic() - started
-        log.warning("store_failed", error=message, status=status, duration_s=elapsed, **fields)
+        log.warning("store_failed", error=message, status=status, duration_s=elapsed,
+                    destination=destination.name, sop_instance_uid=str(ds.SOPInstanceUID))
         return StoreOutcome(ok=False, status=status, error=message, duration_s=elapsed)
+
+    def fail_rest(message: str) -> list[StoreOutcome]:
+        return outcomes + [fail(ds, message) for ds in datasets[len(outcomes):]]
 
     tls_args = None
     if destination.tls:
         try:
             tls_args = (client_tls_context(tls), destination.host)
         except ConfigError as exc:
-            return fail(str(exc))
+            return fail_rest(str(exc))
     try:
         assoc, problem = _associate(
             destination.host, destination.port, destination.ae_title, calling, sop_classes,
             timeout_s, tls_args,
         )
         if assoc is None:
-            return fail(problem or f"no association with {_peer(destination)}")
+            return fail_rest(problem or f"no association with {_peer(destination)}")
         try:
-            if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
-                return fail(
-                    f"{_peer(destination)} accepted no presentation context for "
-                    f"{sop_class.name or sop_class}; fix: configure the PACS to accept it"
-                )
-            rsp = assoc.send_c_store(ds)
+            for ds in datasets:
+                outcomes.append(_send_one(assoc, ds, destination, timeout_s, started, fail))
+                if not assoc.is_established:
+                    break
         finally:
             _close(assoc)
     except (OSError, RuntimeError, ValueError, AttributeError) as exc:
         # pynetdicom raises these for sockets that die or data it cannot encode.
-        return fail(f"C-STORE to {_peer(destination)} failed: {type(exc).__name__}: {exc}")
+        return fail_rest(
+            f"C-STORE to {_peer(destination)} failed: {type(exc).__name__}: {exc}")
+    return fail_rest(f"{_peer(destination)} ended the association before every object was sent")
 
+
+def _send_one(assoc: Association, ds: pydicom.Dataset, destination: Destination,
+              timeout_s: float, started: float,
+              fail: Callable[..., StoreOutcome]) -> StoreOutcome:
+    """One C-STORE on an established association."""
+    sop_class = UID(str(ds.get("SOPClassUID", "")))
+    fields = {"destination": destination.name, "sop_instance_uid": str(ds.SOPInstanceUID)}
+    if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
+        return fail(ds,
+                    f"{_peer(destination)} accepted no presentation context for "
+                    f"{sop_class.name or sop_class}; fix: configure the PACS to accept it")
+    rsp = assoc.send_c_store(ds)
     if "Status" not in rsp:
-        return fail(
-            f"{_peer(destination)} gave no C-STORE response within {timeout_s:g}s "
-            "(timeout or association aborted)"
-        )
+        return fail(ds,
+                    f"{_peer(destination)} gave no C-STORE response within {timeout_s:g}s "
+                    "(timeout or association aborted)")
     status = int(rsp.Status)
     text = _status_text(status, rsp, STORAGE_SERVICE_CLASS_STATUS)
     elapsed = time.monotonic() - started
@@ -161,7 +202,7 @@ def store(
     if status in _WARNING_STATUSES:
         log.warning("store_warning", status=status, warning=text, duration_s=elapsed, **fields)
         return StoreOutcome(ok=True, status=status, error=None, duration_s=elapsed, warning=text)
-    return fail(f"{_peer(destination)} refused the C-STORE: {text}", status)
+    return fail(ds, f"{_peer(destination)} refused the C-STORE: {text}", status)
 
 
 def echo(

@@ -197,6 +197,72 @@ def prepare_exact(records: Sequence[Record], size: int, workers: int = 1,
     return images, kept
 
 
+def load_boxes(path: str | Path) -> dict[str, list[tuple[float, float, float, float]]]:
+    """Fracture boxes per image file name from a ``file,x0,y0,x1,y1`` CSV (stored-image pixels).
+
+    The fracture-xr ``boxes.csv`` has this layout. Rows whose numbers do not parse are skipped
+    with a warning; the file is keyed by the name of the image file (not its folder).
+    """
+    boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    with Path(path).open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        need = {"file", "x0", "y0", "x1", "y1"}
+        if not need <= set(reader.fieldnames or ()):
+            raise DatasetError(f"{Path(path).name}: needs the columns file,x0,y0,x1,y1")
+        for row in reader:
+            try:
+                box = (float(row["x0"]), float(row["y0"]), float(row["x1"]), float(row["y1"]))
+            except (TypeError, ValueError):
+                log.warning("box_skipped", file=Path(row.get("file") or "").name)
+                continue
+            if box[2] > box[0] and box[3] > box[1]:
+                boxes.setdefault(Path(row["file"]).name, []).append(box)
+    return boxes
+
+
+def _stored_size(record: Record) -> tuple[int, int]:
+    """(height, width) of a record's stored image: from ``labels.csv`` when given, else the file."""
+    try:
+        return int(record.extra["height"]), int(record.extra["width"])
+    except (KeyError, TypeError, ValueError):
+        from PIL import Image
+
+        with Image.open(record.path) as img:
+            return img.height, img.width
+
+
+def model_boxes(records: Sequence[Record], size: int,
+                boxes: dict[str, list[tuple[float, float, float, float]]]
+                ) -> list[list[tuple[float, float, float, float]]]:
+    """Each record's boxes in model-input pixels (the :func:`letterbox` arithmetic); [] if none."""
+    out: list[list[tuple[float, float, float, float]]] = []
+    for rec in records:
+        found = boxes.get(rec.path.name, [])
+        if not found:
+            out.append([])
+            continue
+        h, w = _stored_size(rec)
+        scale = size / max(h, w)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        top, left = (size - nh) // 2, (size - nw) // 2
+        sx, sy = nw / w, nh / h
+        out.append([(x0 * sx + left, y0 * sy + top, x1 * sx + left, y1 * sy + top)
+                    for x0, y0, x1, y1 in found])
+    return out
+
+
+def box_masks(boxes: Sequence[Sequence[tuple[float, float, float, float]]], size: int
+              ) -> NDArray[np.float32]:
+    """``[B, size, size]`` masks, 1 inside any of an image's boxes (model-input pixels)."""
+    masks = np.zeros((len(boxes), size, size), np.float32)
+    for k, image_boxes in enumerate(boxes):
+        for x0, y0, x1, y1 in image_boxes:
+            c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+            c1, r1 = min(size, int(np.ceil(x1))), min(size, int(np.ceil(y1)))
+            masks[k, r0:r1, c0:c1] = 1.0
+    return masks
+
+
 def _cache_key(records: Sequence[Record], size: int) -> str:
     h = hashlib.sha256(f"v{CACHE_VERSION}:{size}".encode())
     for r in records:

@@ -94,7 +94,9 @@ def build_model(arch: str, pretrained: str | Path | None = None) -> nn.Module:
         One of :data:`ARCHITECTURES`.
     pretrained:
         A torchvision ``state_dict`` file of the same architecture (ImageNet weights, say),
-        loaded with ``weights_only=True``; the classifier head is re-initialised.
+        loaded with ``weights_only=True``; the classifier head is re-initialised. A
+        fracture-node model file (1-channel stem, one logit) is loaded whole, head included,
+        to fine-tune it (on a hospital's own images, say, or at another input size).
 
     Raises
     ------
@@ -104,28 +106,48 @@ def build_model(arch: str, pretrained: str | Path | None = None) -> nn.Module:
     if arch not in _BUILDERS:
         raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     model = _BUILDERS[arch](weights=None)
-    if pretrained is not None:
-        path = Path(pretrained)
-        if not path.is_file():
-            raise ModelError(f"pretrained weights file {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelError(f"pretrained weights file {path.name} cannot be read: {exc}") from exc
-        if isinstance(state, Mapping) and "state_dict" in state:
-            state = state["state_dict"]
-        if not isinstance(state, Mapping):
-            raise ModelError(f"pretrained weights file {path.name} is not a state_dict")
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ModelError(
-                f"pretrained weights file {path.name} does not match architecture {arch}: {exc}"
-            ) from exc
     parent, attr, conv = _first_conv(model)
+    state = _read_state(Path(pretrained)) if pretrained is not None else None
+    if state is not None and not _is_grey_state(state, model):
+        _load_state(model, state, arch, Path(pretrained))  # type: ignore[arg-type]
+        state = None
     setattr(parent, attr, _grey_conv(conv))
     _replace_head(model, arch)
+    if state is not None:  # a fracture-node model (1-channel stem, 1 logit): continue from it
+        _load_state(model, state, arch, Path(pretrained))  # type: ignore[arg-type]
     return model
+
+
+def _read_state(path: Path) -> Mapping[str, Any]:
+    if not path.is_file():
+        raise ModelError(f"pretrained weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"pretrained weights file {path.name} cannot be read: {exc}") from exc
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ModelError(f"pretrained weights file {path.name} is not a state_dict")
+    return state
+
+
+def _is_grey_state(state: Mapping[str, Any], rgb_model: nn.Module) -> bool:
+    """True when ``state`` has a 1-channel stem where ``rgb_model`` has a 3-channel one."""
+    for name, tensor in rgb_model.state_dict().items():
+        if tensor.ndim == 4 and tensor.shape[1] == 3:
+            other = state.get(name)
+            return isinstance(other, torch.Tensor) and other.ndim == 4 and other.shape[1] == 1
+    return False
+
+
+def _load_state(model: nn.Module, state: Mapping[str, Any], arch: str, path: Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"pretrained weights file {path.name} does not match architecture {arch}: {exc}"
+        ) from exc
 
 
 def sha256_file(path: Path) -> str:

@@ -35,7 +35,15 @@ from fracture_node import __version__
 from fracture_node.errors import FractureNodeError
 from fracture_node.logs import configure, get_logger
 from fracture_node.ml import metrics
-from fracture_node.ml.data import CachedSplit, cache_split, load_records, split_records
+from fracture_node.ml.data import (
+    CachedSplit,
+    box_masks,
+    cache_split,
+    load_boxes,
+    load_records,
+    model_boxes,
+    split_records,
+)
 from fracture_node.ml.infer import Classifier
 from fracture_node.ml.model import (
     ARCHITECTURES,
@@ -80,13 +88,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--val-limit", type=int, default=0)
     p.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16",
                    help="how the final model file stores its weights (float16 halves the file)")
+    p.add_argument("--boxes", type=Path, default=None,
+                   help="fracture boxes CSV (file,x0,y0,x1,y1 in stored-image pixels) for "
+                        "localisation supervision; default: boxes.csv beside labels.csv")
+    p.add_argument("--box-weight", type=float, default=0.25,
+                   help="weight of the box loss (the share of the class-evidence map inside "
+                        "the boxes of fractured images); 0 disables")
     p.add_argument("--finalize-only", action="store_true",
                    help="skip training: re-score val and fix thresholds of <out>/<name>.pt")
     return p.parse_args(argv)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random radiograph-friendly augmentation of a uint8 batch ``[B, S, S]`` -> float ``[B,1,S,S]``."""
+def augment(x: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random radiograph-friendly augmentation of a uint8 batch ``[B, S, S]`` -> float ``[B,1,S,S]``.
+
+    ``masks`` (``[B, S, S]`` float, boxes) get the same geometric transform and come back as
+    ``[B, 1, S, S]``; the random numbers drawn do not depend on whether masks are given.
+    """
     b = x.shape[0]
     img = x.float().unsqueeze(1) / 255.0
 
@@ -102,11 +121,71 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
                          torch.stack([sin * flip, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(img.shape), align_corners=False)
     img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped = None
+    if masks is not None:
+        warped = F.grid_sample(masks.float().unsqueeze(1), grid, mode="bilinear",
+                               padding_mode="zeros", align_corners=False)
     gamma = torch.exp(u(math.log(0.7), math.log(1.4))).view(b, 1, 1, 1)
     contrast = u(0.85, 1.15).view(b, 1, 1, 1)
     bright = u(-0.06, 0.06).view(b, 1, 1, 1)
     img = img.clamp(0.0, 1.0).pow(gamma) * contrast + bright
-    return img.clamp(0.0, 1.0)
+    return img.clamp(0.0, 1.0), warped
+
+
+def supports_evidence_map(arch: str) -> bool:
+    """Architectures whose head is global-average pooling then one linear layer."""
+    return arch.startswith(("resnet", "densenet"))
+
+
+def forward_with_map(model: nn.Module, arch: str, x: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logit ``[B]`` and the class-evidence map ``[B, h, w]`` of the last stage.
+
+    For a GAP + linear head the logit is exactly the mean of the map (the linear layer applied
+    at every position), so this is the network's own forward pass; the map is the last-stage
+    HiResCAM / CAM before ReLU and normalisation.
+    """
+    if arch.startswith("resnet"):
+        m: Any = model
+        f = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
+        head = m.fc
+    elif arch.startswith("densenet"):
+        f = F.relu(model.features(x))  # type: ignore[operator]
+        head = model.classifier
+    else:
+        raise FractureNodeError(f"no class-evidence map for architecture {arch}")
+    emap = F.conv2d(f, head.weight[:, :, None, None], head.bias).squeeze(1)  # type: ignore[index]
+    return emap.mean(dim=(1, 2)), emap
+
+
+def box_loss(emap: torch.Tensor, masks: torch.Tensor) -> torch.Tensor | None:
+    """``-log`` of the softmax mass of the evidence map inside the boxes, over boxed images.
+
+    ``masks`` ``[B, 1, S, S]`` (augmented, 0 where no box) are max-pooled to the map's grid; a
+    cell counts as inside when it overlaps a box. Images with no box cell are left out; None
+    when no image of the batch has one.
+    """
+    cells = F.adaptive_max_pool2d(masks, emap.shape[-2:]).flatten(1) > 0.25
+    keep = cells.any(dim=1)
+    if not bool(keep.any()):
+        return None
+    logp = F.log_softmax(emap.float().flatten(1)[keep], dim=1)
+    inside = torch.logsumexp(logp.masked_fill(~cells[keep], float("-inf")), dim=1)
+    return -inside.mean()
+
+
+def pointing_hits(emap: torch.Tensor, boxes: list[list[tuple[float, float, float, float]]],
+                  size: int) -> list[bool]:
+    """Per boxed image: does the map's peak cell centre fall inside one of its boxes?"""
+    h, w = emap.shape[-2:]
+    flat = emap.float().flatten(1).argmax(dim=1).tolist()
+    hits = []
+    for k, image_boxes in enumerate(boxes):
+        if not image_boxes:
+            continue
+        cy, cx = (flat[k] // w + 0.5) * size / h, (flat[k] % w + 0.5) * size / w
+        hits.append(any(x0 <= cx <= x1 and y0 <= cy <= y1 for x0, y0, x1, y1 in image_boxes))
+    return hits
 
 
 def lr_factor(progress: float, warmup: float) -> float:
@@ -145,21 +224,29 @@ def _batches(x: np.ndarray, idx: np.ndarray, bs: int) -> Any:
 
 @torch.no_grad()
 def predict_cached(model: nn.Module, split: CachedSplit, mean: float, std: float, bs: int,
-                   device: torch.device, amp: bool) -> tuple[np.ndarray, float]:
-    """Probabilities and mean BCE loss of a cached split (no augmentation)."""
+                   device: torch.device, amp: bool,
+                   boxes: list[list[tuple[float, float, float, float]]] | None = None,
+                   arch: str = "") -> tuple[np.ndarray, float, list[bool]]:
+    """Probabilities, mean BCE loss and (with ``boxes``) pointing-game hits of a cached split."""
     model.eval()
-    probs, losses = [], []
+    probs, losses, hits = [], [], []
     order = np.arange(len(split))
+    size = split.images.shape[-1]
     for sel, xb in _batches(split.images, order, bs):
         x = ((xb.float().unsqueeze(1) / 255.0 - mean) / std).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logit = model(x).float().squeeze(1)
+            if boxes is not None:
+                logit, emap = forward_with_map(model, arch, x)
+                hits.extend(pointing_hits(emap, [boxes[i] for i in sel], size))
+            else:
+                logit = model(x).squeeze(1)
+        logit = logit.float()
         y = torch.from_numpy(split.labels[sel]).to(device)
         losses.append(F.binary_cross_entropy_with_logits(logit, y, reduction="sum").item())
         probs.append(torch.sigmoid(logit).cpu().numpy())
     p = np.concatenate(probs) if probs else np.zeros(0)
-    return p, float(sum(losses) / max(1, len(split)))
+    return p, float(sum(losses) / max(1, len(split))), hits
 
 
 def val_summary(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
@@ -235,6 +322,21 @@ def run(args: argparse.Namespace) -> Path:
         raise FractureNodeError("the dataset needs images in both the train and the val split")
     train = cache_split(tr_rec, args.input_size, args.cache_dir, args.workers, "train")
     val = cache_split(va_rec, args.input_size, args.cache_dir, args.workers, "val")
+    box_csv = args.boxes
+    if box_csv is None and Path(args.data).is_dir() and (Path(args.data) / "boxes.csv").is_file():
+        box_csv = Path(args.data) / "boxes.csv"
+    tr_boxes = va_boxes = None
+    if box_csv is not None and args.box_weight > 0:
+        if not supports_evidence_map(args.arch):
+            log.warning("box_supervision_unavailable", arch=args.arch,
+                        reason="needs a global-average-pooling + linear head (ResNet, DenseNet)")
+        else:
+            table = load_boxes(box_csv)
+            tr_boxes = model_boxes(train.records, args.input_size, table)
+            va_boxes = model_boxes(val.records, args.input_size, table)
+            log.info("box_supervision", boxes=box_csv.name, weight=args.box_weight,
+                     train_images=sum(1 for b in tr_boxes if b),
+                     val_images=sum(1 for b in va_boxes if b))
     sample = train.images[:: max(1, len(train) // 256)].astype(np.float32) / 255.0
     mean, std = float(sample.mean()), float(sample.std() or 1.0)
 
@@ -278,6 +380,9 @@ def run(args: argparse.Namespace) -> Path:
         "hardware": f"{platform.processor() or platform.machine()}, {args.threads} CPU threads"
                     if device.type == "cpu" else torch.cuda.get_device_name(device),
         "pretrained": args.pretrained.name if args.pretrained else None,
+        "box_supervision": (f"{args.box_weight} x -log(share of the last-stage evidence map "
+                            f"inside the fracture boxes), {sum(1 for b in tr_boxes if b)} boxed "
+                            f"train images ({box_csv.name})") if tr_boxes is not None else None,
     }
 
     interactive = sys.stderr.isatty()
@@ -288,12 +393,15 @@ def run(args: argparse.Namespace) -> Path:
         model.train()
         perm = torch.randperm(len(train), generator=gen).numpy()[: steps_per_epoch * args.batch_size]
         t_epoch = time.monotonic()
-        run_loss, seen = 0.0, 0
+        run_loss, seen, run_box, box_steps = 0.0, 0, 0.0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=interactive,
                    mininterval=1.0 if interactive else 60.0, file=sys.stderr)
         for i in bar:
             sel = np.sort(perm[i * args.batch_size : (i + 1) * args.batch_size])
-            x = augment(torch.from_numpy(train.images[sel]), gen)
+            boxed = [tr_boxes[j] for j in sel] if tr_boxes is not None else []
+            masks = (torch.from_numpy(box_masks(boxed, args.input_size))
+                     if any(boxed) else None)
+            x, warped = augment(torch.from_numpy(train.images[sel]), gen, masks)
             x = ((x - mean) / std).to(device).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(train.labels[sel]).to(device)
             y_s = y * (1 - args.label_smoothing) + 0.5 * args.label_smoothing
@@ -304,9 +412,20 @@ def run(args: argparse.Namespace) -> Path:
                 break
             for g in opt.param_groups:
                 g["lr"] = args.lr * lr_factor(progress, args.warmup)
+            b_loss = None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logit = model(x).float().squeeze(1)
-            loss = F.binary_cross_entropy_with_logits(logit, y_s, pos_weight=pos_weight)
+                if warped is not None:
+                    logit, emap = forward_with_map(model, args.arch, x)
+                    b_loss = box_loss(emap, warped.to(device))
+                else:
+                    logit = model(x).squeeze(1)
+                logit = logit.float()
+            cls_loss = F.binary_cross_entropy_with_logits(logit, y_s, pos_weight=pos_weight)
+            loss = cls_loss
+            if b_loss is not None:
+                run_box += b_loss.item()
+                box_steps += 1
+                loss = loss + args.box_weight * b_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -314,15 +433,17 @@ def run(args: argparse.Namespace) -> Path:
             if ema is not None:
                 ema.update(model)
             state["step"] += 1
-            run_loss += loss.item() * len(sel)
+            run_loss += cls_loss.item() * len(sel)
             seen += len(sel)
+            extra = {"box": f"{run_box / box_steps:.3f}"} if box_steps else {}
             bar.set_postfix(loss=f"{run_loss / seen:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
-                            best_auc=f"{state['best_auroc']:.4f}")
+                            best_auc=f"{state['best_auroc']:.4f}", **extra)
         bar.close()
         if seen == 0:
             break
         eval_model = ema.model if ema is not None else model
-        p_val, val_loss = predict_cached(eval_model, val, mean, std, args.batch_size * 2, device, amp)
+        p_val, val_loss, val_hits = predict_cached(eval_model, val, mean, std, args.batch_size * 2,
+                                                   device, amp, va_boxes, args.arch)
         auc = metrics.auroc(val.labels, p_val)
         state["epoch"] = epoch + 1
         state["elapsed"] = time.monotonic() - t_start
@@ -330,6 +451,9 @@ def run(args: argparse.Namespace) -> Path:
                "val_auroc": auc, "lr": opt.param_groups[0]["lr"], "steps": state["step"],
                "images_per_s": seen / max(1e-9, time.monotonic() - t_epoch),
                "elapsed_min": state["elapsed"] / 60.0, "partial": bool(stop)}
+        if tr_boxes is not None:
+            rec["box_loss"] = run_box / max(1, box_steps)
+            rec["val_pointing_game"] = sum(val_hits) / max(1, len(val_hits))
         state["history"].append(rec)
         # a val set with one class only (tiny runs) has no AUROC: keep the first model then
         score = auc if math.isfinite(auc) else 0.0

@@ -94,6 +94,17 @@ port = 104
          "[tls] ca_certificates"),
         ("[node]\nallowed_peers = ['10.0.0.300']\n", "[node] allowed_peers"),
         ("[node]\nallowed_calling_ae_titles = ['A\\\\B']\n", "[node] allowed_calling_ae_titles"),
+        ("[saliency]\nmethod = 'occlusion'\n", "[saliency] method"),
+        ("[saliency]\nlayer = 'layer2'\n", "[saliency] layer"),
+        ("[saliency]\nthreshold = 0\n", "[saliency] threshold"),
+        ("[saliency]\nthreshold = 1.0\n", "[saliency] threshold"),
+        ("[saliency]\nmax_regions = 11\n", "[saliency] max_regions"),
+        ("[saliency]\nmax_regions = -1\n", "[saliency] max_regions"),
+        ("[saliency]\nenabled = 'yes'\n", "[saliency] enabled"),
+        ("[[destinations]]\nname='p'\nae_title='P'\nhost='h'\nport=104\noverlays='png'\n",
+         "[[destinations]] #1 overlays"),
+        ("[saliency]\nenabled = false\n[[destinations]]\nname='p'\nae_title='P'\nhost='h'\n"
+         "port=104\noverlays='sc'\n", "[[destinations]] #1 overlays"),
     ],
 )
 def test_bad_config_names_the_key_and_the_fix(tmp_path: Path, text: str, key: str) -> None:
@@ -145,3 +156,51 @@ def test_config_is_frozen() -> None:
     config = cfg.load(None, environ={})
     with pytest.raises(AttributeError):
         config.node.port = 1  # type: ignore[misc]
+
+
+def test_saliency_defaults_follow_the_explain_module(tmp_path: Path) -> None:
+    """Without a [saliency] section, saliency is on with explain's defaults, positives only."""
+    from fracture_node.ml import explain
+
+    s = cfg.load(None, environ={}).saliency
+    assert s.enabled is True and s.positive_only is True
+    assert (s.method, s.layer) == (explain.DEFAULT_METHOD, explain.DEFAULT_LAYER)
+    assert (s.threshold, s.max_regions) == (explain.DEFAULT_THRESHOLD, explain.DEFAULT_MAX_REGIONS)
+
+
+def test_saliency_section_is_read(tmp_path: Path) -> None:
+    """Every [saliency] key is read from the file."""
+    s = _load(tmp_path, """
+[saliency]
+enabled = true
+method = "gradcam"
+layer = "last"
+threshold = 0.3
+max_regions = 0
+positive_only = false
+""").saliency
+    assert (s.method, s.layer, s.threshold, s.max_regions, s.positive_only) == (
+        "gradcam", "last", 0.3, 0, False)
+
+
+@pytest.mark.parametrize(("value", "kinds"), [
+    ("none", set()), ("sc", {"sc"}), ("gsps", {"gsps"}), ("both", {"sc", "gsps"})])
+def test_destination_overlays_choose_the_objects(tmp_path: Path, value: str,
+                                                 kinds: set[str]) -> None:
+    """A destination's overlays value names the overlay objects it receives."""
+    config = _load(tmp_path, f"""
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "pacs.local"
+port = 104
+overlays = "{value}"
+""")
+    assert config.destinations[0].overlay_kinds == kinds
+
+
+def test_destination_overlays_default_to_none(tmp_path: Path) -> None:
+    """A destination that does not ask for overlays gets the SR only."""
+    config = _load(tmp_path, "[[destinations]]\nname='p'\nae_title='P'\nhost='h'\nport=104\n")
+    assert config.destinations[0].overlays == "none"
+    assert config.destinations[0].overlay_kinds == frozenset()
