@@ -6,10 +6,11 @@
     fracture-node status [--config F] [--json]
     fracture-node housekeeping <job> [--config F] [--json]
 
-Questions: ``positives``, ``turnaround``, ``models``, ``deliveries``, ``sources``,
-``unprocessed`` (see :mod:`fracture_node.db.audit` and ``docs/audit.md``). ``--since`` and
-``--until`` take UTC dates (``2026-11-01``; both days included) or ISO date-times (``--until`` then
-excluded); the default is the last 30 days. People get an aligned table, scripts ``--json``.
+Questions: ``positives``, ``turnaround``, ``models``, ``deliveries``, ``objects``,
+``sources``, ``unprocessed`` (see :mod:`fracture_node.db.audit` and ``docs/audit.md``).
+``--since`` and ``--until`` take UTC dates (``2026-11-01``; both days included) or ISO date-times
+(``--until`` then excluded); the default is the last 30 days. People get an aligned table,
+scripts ``--json``.
 
 ``audit`` and ``status`` only read (SQLite is opened read-only), so they are safe beside a running
 node. ``housekeeping`` runs one job now, exactly as the node's scheduler would.
@@ -29,7 +30,8 @@ from typing import Any
 
 from fracture_node.errors import FractureNodeError
 
-QUESTION_NAMES = ("positives", "turnaround", "models", "deliveries", "sources", "unprocessed")
+QUESTION_NAMES = ("positives", "turnaround", "models", "deliveries", "objects", "sources",
+                  "unprocessed")
 DEFAULT_DAYS = 30
 
 
@@ -94,7 +96,7 @@ def _audit(args: argparse.Namespace) -> int:
     else:
         print(f"{question.title}, {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC")
         print()
-        print(table(list(question.columns), rows) if rows else "(no rows)")
+        print(table(list(question.table_columns), rows) if rows else "(no rows)")
     return 0
 
 

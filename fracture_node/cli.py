@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, helptext in (
             ("audit", "answer an audit question (positives, turnaround, models, deliveries, "
-                      "sources, unprocessed)"),
+                      "objects, sources, unprocessed)"),
             ("status", "queue depth, states, last reports, dead deliveries"),
             ("housekeeping", "run one housekeeping job now")):
         p = sub.add_parser(name, help=helptext, add_help=False)

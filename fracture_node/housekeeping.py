@@ -10,7 +10,8 @@ Jobs (APScheduler 3 ``BackgroundScheduler``, interval triggers, one run of a job
     final (processed, not processed, failed, superseded) and whose study was last reported more
     than ``retention_days`` ago with no report due now. The SQL rows stay
     (``instances.spool_purged_at`` is set): the audit trail is kept, only the pixels go.
-    ``retention_days = 0`` keeps every file.
+    ``retention_days = 0`` keeps every file. The reports folder (the SRs and their overlays,
+    which ``fracture-node retry`` and later report versions read) is not touched.
 ``maintain_database`` (hourly)
     SQLite: WAL checkpoint (truncate), sampled ``ANALYZE`` and ``PRAGMA optimize``; PostgreSQL:
     ``ANALYZE`` our tables.

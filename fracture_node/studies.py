@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,9 +135,7 @@ class Reporter:
                                           self.config.delivery.deadline_s,
                                           objects=objects, overlays=self.overlays)
         if report_id is None:
-            path.unlink(missing_ok=True)
-            for obj in objects:
-                (self.reports_dir / obj.path).unlink(missing_ok=True)
+            self._discard_files(path, str(sr.SOPInstanceUID), objects)
             log.info("report_discarded", study_instance_uid=study_uid,
                      detail="the study changed or another node reported it first")
             return 0
@@ -150,6 +149,21 @@ class Reporter:
                  overlays=len(objects), ms=round((time.perf_counter() - started) * 1000, 1))
         self.on_report()
         return 1
+
+    def _discard_files(self, sr_path: Path, sr_uid: str, objects: list[NewObject]) -> None:
+        """Remove the files of a report no row refers to: the SR, its overlays and their
+        ``<sr_uid>.overlays`` folder (named after this SR alone, so no other report's files are
+        in it; the study folder is left, other versions and reporters write there)."""
+        sr_path.unlink(missing_ok=True)
+        for obj in objects:
+            (self.reports_dir / obj.path).unlink(missing_ok=True)
+        try:
+            (sr_path.parent / f"{safe_name(sr_uid)}.overlays").rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # not empty (a file we did not write) or not ours to remove
+            log.warning("overlay_folder_not_removed", sop_instance_uid=sr_uid,
+                        error=os.strerror(exc.errno) if exc.errno else type(exc).__name__)
 
     def _regions(self, inst: StudyInstance) -> tuple[SaliencyRecord | None,
                                                      tuple[SaliencyRegion, ...]]:

@@ -12,7 +12,10 @@ Definitions (also in ``docs/audit.md``):
 - *positives* count every result produced that day (a superseded copy's result included);
 - *turnaround* is per study: from its first instance's arrival to its first report (version 1),
   and to the first successful delivery of that report; p50/p95 are nearest-rank percentiles;
-- *deliveries* lists every delivery that is dead or had at least one failed attempt;
+- *deliveries* lists every delivery that is dead or had at least one failed attempt, with the
+  overlays it carries (Secondary Captures, presentation states) and how many of them were stored;
+- *objects* lists every object of every delivery made in the window (the SR, then its overlays),
+  with the destination and when it was stored;
 - *sources* counts associations per calling AE title (``instances_stored`` includes identical
   copies acknowledged without being stored again);
 - *unprocessed* counts instances not processed or failed, by reason, and C-STORE requests we
@@ -49,9 +52,17 @@ class Question:
     timestamps: tuple[str, ...]
     sqlite: str
     postgresql: str
+    derived: tuple[str, ...] = ()
+    """Columns :meth:`Audit.ask` adds to each row from the SQL's own (not in the SQL)."""
+    shown: tuple[str, ...] = ()
+    """The columns of the table for people (default: every column); ``--json`` has them all."""
 
     def sql(self, dialect: str) -> str:
         return self.postgresql if dialect == "postgresql" else self.sqlite
+
+    @property
+    def table_columns(self) -> tuple[str, ...]:
+        return self.shown or self.columns + self.derived
 
 
 _MACROS = {
@@ -96,11 +107,13 @@ def _split_args(inner: str) -> list[str]:
 
 
 def _question(name: str, title: str, columns: str, timestamps: str, template: str,
-              sqlite: str | None = None, postgresql: str | None = None) -> Question:
+              sqlite: str | None = None, postgresql: str | None = None, derived: str = "",
+              shown: str = "") -> Question:
     return Question(name=name, title=title, columns=tuple(columns.split()),
                     timestamps=tuple(timestamps.split()),
                     sqlite=_render(sqlite or template, "sqlite"),
-                    postgresql=_render(postgresql or template, "postgresql"))
+                    postgresql=_render(postgresql or template, "postgresql"),
+                    derived=tuple(derived.split()), shown=tuple(shown.split()))
 
 
 _POSITIVES = """
@@ -201,6 +214,17 @@ SELECT d.id AS delivery_id,
        d.created_at,
        (SELECT max(a.attempted_at) FROM delivery_attempts a
         WHERE a.delivery_id = d.id) AS last_attempt_at,
+       d.report_delivered_at,
+       (SELECT count(*) FROM delivery_objects x JOIN report_objects o ON o.id = x.object_id
+        WHERE x.delivery_id = d.id AND o.kind = 'sc') AS sc_objects,
+       (SELECT count(*) FROM delivery_objects x JOIN report_objects o ON o.id = x.object_id
+        WHERE x.delivery_id = d.id AND o.kind = 'sc' AND x.delivered_at IS NOT NULL)
+         AS sc_stored,
+       (SELECT count(*) FROM delivery_objects x JOIN report_objects o ON o.id = x.object_id
+        WHERE x.delivery_id = d.id AND o.kind = 'gsps') AS gsps_objects,
+       (SELECT count(*) FROM delivery_objects x JOIN report_objects o ON o.id = x.object_id
+        WHERE x.delivery_id = d.id AND o.kind = 'gsps' AND x.delivered_at IS NOT NULL)
+         AS gsps_stored,
        d.delivered_at, d.deadline_at, d.last_status, d.last_error
 FROM deliveries d
 JOIN reports rp ON rp.id = d.report_id
@@ -208,6 +232,31 @@ WHERE d.created_at >= :since AND d.created_at < :until
   AND (d.state = 'dead'
        OR EXISTS (SELECT 1 FROM delivery_attempts a WHERE a.delivery_id = d.id AND NOT a.ok))
 ORDER BY d.created_at, d.id
+"""
+
+_OBJECTS = """
+SELECT * FROM (
+  SELECT d.id AS delivery_id, rp.study_instance_uid, rp.version AS report_version,
+         d.destination, d.state AS delivery_state, d.created_at,
+         'sr' AS kind, rp.sop_instance_uid, NULL AS source_sop_instance_uid,
+         d.report_delivered_at AS delivered_at,
+         CASE WHEN d.report_delivered_at IS NULL THEN d.last_status END AS last_status,
+         CASE WHEN d.report_delivered_at IS NULL THEN d.last_error END AS last_error
+  FROM deliveries d
+  JOIN reports rp ON rp.id = d.report_id
+  WHERE d.created_at >= :since AND d.created_at < :until
+  UNION ALL
+  SELECT d.id, rp.study_instance_uid, rp.version, d.destination, d.state, d.created_at,
+         o.kind, o.sop_instance_uid, o.source_sop_instance_uid,
+         x.delivered_at, x.last_status, x.last_error
+  FROM delivery_objects x
+  JOIN deliveries d ON d.id = x.delivery_id
+  JOIN report_objects o ON o.id = x.object_id
+  JOIN reports rp ON rp.id = d.report_id
+  WHERE d.created_at >= :since AND d.created_at < :until
+) t
+ORDER BY created_at, delivery_id, CASE kind WHEN 'sr' THEN 0 WHEN 'sc' THEN 1 ELSE 2 END,
+         source_sop_instance_uid, sop_instance_uid
 """
 
 _SOURCES = """
@@ -256,9 +305,20 @@ QUESTIONS: dict[str, Question] = {q.name: q for q in (
               "first_used_at last_used_at", _MODELS),
     _question("deliveries", "Failed and dead-letter deliveries",
               "delivery_id study_instance_uid report_version report_sop_instance_uid destination "
-              "state attempts failed_attempts created_at last_attempt_at delivered_at deadline_at "
+              "state attempts failed_attempts created_at last_attempt_at report_delivered_at "
+              "sc_objects sc_stored gsps_objects gsps_stored delivered_at deadline_at "
               "last_status last_error",
-              "created_at last_attempt_at delivered_at deadline_at", _DELIVERIES),
+              "created_at last_attempt_at report_delivered_at delivered_at deadline_at",
+              _DELIVERIES, derived="objects",
+              shown="delivery_id study_instance_uid report_version report_sop_instance_uid "
+                    "destination state objects attempts failed_attempts created_at "
+                    "last_attempt_at report_delivered_at delivered_at deadline_at last_status "
+                    "last_error"),
+    _question("objects", "Objects of each delivery: the SR and its overlays, where and when stored",
+              "delivery_id study_instance_uid report_version destination delivery_state "
+              "created_at kind sop_instance_uid source_sop_instance_uid delivered_at "
+              "last_status last_error",
+              "created_at delivered_at", _OBJECTS),
     _question("sources", "What came from which calling AE title, per day",
               "day calling_ae_title associations rejected aborted instances_stored "
               "instances_failed peer_addresses first_at last_at", "first_at last_at", "",
@@ -268,6 +328,27 @@ QUESTIONS: dict[str, Question] = {q.name: q for q in (
     _question("unprocessed", "Instances not processed, by reason (and C-STORE requests refused)",
               "state reason instances first_at last_at", "first_at last_at", _UNPROCESSED),
 )}
+
+
+def objects_summary(row: Mapping[str, Any]) -> str:
+    """What a ``deliveries`` row carries and what of it is not stored yet, for people.
+
+    ``SR+2 SC+2 GSPS, all stored``; ``SR+1 SC+1 GSPS, 1 GSPS not stored``; ``SR, none stored``.
+    The SR counts as stored when ``report_delivered_at`` is set.
+    """
+    counts = {"SC": int(row["sc_objects"] or 0), "GSPS": int(row["gsps_objects"] or 0)}
+    left = {"SC": counts["SC"] - int(row["sc_stored"] or 0),
+            "GSPS": counts["GSPS"] - int(row["gsps_stored"] or 0)}
+    sr_left = row["report_delivered_at"] is None
+    carried = ["SR"] + [f"{n} {kind}" for kind, n in counts.items() if n]
+    if not sr_left and not any(left.values()):
+        status = "all stored"
+    elif sr_left and left == counts:
+        status = "none stored"
+    else:
+        status = "+".join(["SR"] * sr_left + [f"{n} {kind}" for kind, n in left.items() if n]) \
+            + " not stored"
+    return "+".join(carried) + ", " + status
 
 
 def read_only_engine(url: str) -> Engine:
@@ -331,6 +412,8 @@ class Audit:
             item = {c: _plain(row[c]) for c in question.columns}
             if "peer_addresses" in item and item["peer_addresses"]:
                 item["peer_addresses"] = ",".join(sorted(set(item["peer_addresses"].split(","))))
+            if "objects" in question.derived:
+                item["objects"] = objects_summary(item)
             out.append(item)
         return out
 

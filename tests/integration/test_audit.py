@@ -23,6 +23,7 @@ NOW = D3 + dt.timedelta(hours=9)
 MODEL_A = "a" * 64
 MODEL_B = "b" * 64
 REPO = Path(__file__).resolve().parents[2]
+OVERLAY_CLASSES = {"sc": "1.2.840.10008.5.1.4.1.1.7", "gsps": "1.2.840.10008.5.1.4.1.1.11.1"}
 
 
 def at(day: dt.datetime, hh: int, mm: int = 0, ss: int = 0) -> dt.datetime:
@@ -30,7 +31,8 @@ def at(day: dt.datetime, hh: int, mm: int = 0, ss: int = 0) -> dt.datetime:
 
 
 def build_dataset(ses: Session) -> None:
-    """Four associations, four studies, seven instances, four reports, four deliveries."""
+    """Four associations, four studies, seven instances, four reports, four deliveries, seven
+    overlays (five of them stored)."""
     def assoc(ae: str, peer: str, start: dt.datetime, outcome: str, stored: int, failed: int
               ) -> s.Association:
         row = s.Association(node="test:1:1", calling_ae_title=ae, called_ae_title="FRACTURE_NODE",
@@ -108,11 +110,23 @@ def build_dataset(ses: Session) -> None:
     r4 = report("1.1", 2, at(D1, 12))
     ses.flush()
 
+    def overlay(rep: s.Report, kind: str, source: str) -> s.ReportObject:
+        row = s.ReportObject(report_id=rep.id, kind=kind, sop_class_uid=OVERLAY_CLASSES[kind],
+                             sop_instance_uid=f"8.{kind}.{source}",
+                             series_instance_uid=f"8.{kind}.{rep.study_instance_uid}",
+                             source_sop_instance_uid=source,
+                             path=f"{rep.study_instance_uid}/{rep.version}.overlays/{kind}.dcm",
+                             created_at=rep.created_at)
+        ses.add(row)
+        return row
+
     def delivery(rep: s.Report, state: str, attempts: list[tuple[dt.datetime, bool]],
-                 delivered: dt.datetime | None) -> None:
+                 delivered: dt.datetime | None, report_delivered: dt.datetime | None = None,
+                 objects: tuple[tuple[s.ReportObject, dt.datetime | None], ...] = ()) -> None:
         row = s.Delivery(report_id=rep.id, destination="pacs", state=state, attempts=len(attempts),
                          created_at=rep.created_at, next_attempt_at=rep.created_at,
                          deadline_at=rep.created_at + dt.timedelta(days=1), delivered_at=delivered,
+                         report_delivered_at=report_delivered or delivered,
                          last_status=None if state == s.DELIVERED else 0xA700,
                          last_error=None if state == s.DELIVERED else "connection refused")
         ses.add(row)
@@ -121,11 +135,26 @@ def build_dataset(ses: Session) -> None:
             ses.add(s.DeliveryAttempt(delivery_id=row.id, attempted_at=when, duration_ms=10.0,
                                       ok=ok, status=0 if ok else None,
                                       error=None if ok else "connection refused", node="test:1:1"))
+        for obj, stored in objects:
+            ses.add(s.DeliveryObject(
+                delivery_id=row.id, object_id=obj.id, delivered_at=stored,
+                last_status=None if stored is None and not attempts else
+                0x0000 if stored else 0xA700,
+                last_error=None if stored or not attempts else "Out of Resources"))
 
-    delivery(r1, s.DELIVERED, [(at(D1, 8, 10, 30), False), (at(D1, 8, 11), True)], at(D1, 8, 11))
+    # Study 1.1 version 1 carries a Secondary Capture and a GSPS for each of its two images, all
+    # stored; version 2 (still pending) the GSPS of its positive image again. Study 1.3's PACS
+    # stored the SR and the Secondary Capture and refused the GSPS until it was dead-lettered.
+    r1_objects = [overlay(r1, kind, uid) for uid in ("1.1.1", "1.1.2") for kind in ("sc", "gsps")]
+    r3_sc, r3_gsps = overlay(r3, "sc", "1.3.1"), overlay(r3, "gsps", "1.3.1")
+    r4_gsps = overlay(r4, "gsps", "1.1.1")
+    ses.flush()
+    delivery(r1, s.DELIVERED, [(at(D1, 8, 10, 30), False), (at(D1, 8, 11), True)], at(D1, 8, 11),
+             objects=tuple((o, at(D1, 8, 11)) for o in r1_objects))
     delivery(r2, s.DELIVERED, [(at(D1, 9, 3), True)], at(D1, 9, 3))
-    delivery(r3, s.DEAD, [(at(D2, 8, 31), False), (at(D2, 9), False), (at(D2, 10), False)], None)
-    delivery(r4, s.PENDING, [], None)
+    delivery(r3, s.DEAD, [(at(D2, 8, 31), False), (at(D2, 9), False), (at(D2, 10), False)], None,
+             report_delivered=at(D2, 8, 31), objects=((r3_sc, at(D2, 8, 31)), (r3_gsps, None)))
+    delivery(r4, s.PENDING, [], None, objects=((r4_gsps, None),))
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -205,6 +234,57 @@ def test_failed_and_dead_deliveries(auditor: audit.Audit) -> None:
     assert rows[1]["last_error"] == "connection refused"
 
 
+def test_deliveries_show_the_objects_they_carry(auditor: audit.Audit) -> None:
+    """Each listed delivery counts its Secondary Captures and GSPS, stored and not, and when the
+    SR was stored."""
+    rows = auditor.ask("deliveries", D1, D3)
+    assert [(r["sc_objects"], r["sc_stored"], r["gsps_objects"], r["gsps_stored"],
+             r["report_delivered_at"], r["objects"]) for r in rows] == [
+        (2, 2, 2, 2, at(D1, 8, 11), "SR+2 SC+2 GSPS, all stored"),
+        (1, 1, 1, 0, at(D2, 8, 31), "SR+1 SC+1 GSPS, 1 GSPS not stored"),
+    ]
+
+
+def test_objects_of_every_delivery(auditor: audit.Audit) -> None:
+    """Objects lists the SR then each overlay of every delivery in the window, with where it
+    went, when it was stored and the last status of what was not."""
+    rows = auditor.ask("objects", D1, D3)
+    assert [(r["study_instance_uid"], r["report_version"], r["destination"], r["kind"],
+             r["source_sop_instance_uid"], r["delivered_at"]) for r in rows] == [
+        ("1.1", 1, "pacs", "sr", None, at(D1, 8, 11)),
+        ("1.1", 1, "pacs", "sc", "1.1.1", at(D1, 8, 11)),
+        ("1.1", 1, "pacs", "sc", "1.1.2", at(D1, 8, 11)),
+        ("1.1", 1, "pacs", "gsps", "1.1.1", at(D1, 8, 11)),
+        ("1.1", 1, "pacs", "gsps", "1.1.2", at(D1, 8, 11)),
+        ("1.2", 1, "pacs", "sr", None, at(D1, 9, 3)),
+        ("1.1", 2, "pacs", "sr", None, None),
+        ("1.1", 2, "pacs", "gsps", "1.1.1", None),
+        ("1.3", 1, "pacs", "sr", None, at(D2, 8, 31)),
+        ("1.3", 1, "pacs", "sc", "1.3.1", at(D2, 8, 31)),
+        ("1.3", 1, "pacs", "gsps", "1.3.1", None),
+    ]
+    assert rows[0]["sop_instance_uid"] == "9.1.1.1" and rows[1]["sop_instance_uid"] == "8.sc.1.1.1"
+    assert [(r["delivery_state"], r["last_status"], r["last_error"]) for r in rows[-3:]] == [
+        ("dead", None, None), ("dead", 0x0000, None), ("dead", 0xA700, "Out of Resources")]
+    assert (rows[6]["last_status"], rows[7]["last_status"]) == (0xA700, None)
+    assert auditor.ask("objects", D2, D3) == rows[-3:]
+
+
+@pytest.mark.parametrize(("counts", "summary"), [
+    ((0, 0, 0, 0, True), "SR, all stored"),
+    ((0, 0, 0, 0, False), "SR, none stored"),
+    ((2, 0, 2, 0, False), "SR+2 SC+2 GSPS, none stored"),
+    ((0, 0, 2, 1, True), "SR+2 GSPS, 1 GSPS not stored"),
+    ((1, 0, 2, 2, False), "SR+1 SC+2 GSPS, SR+1 SC not stored"),
+])
+def test_objects_summary(counts: tuple[int, int, int, int, bool], summary: str) -> None:
+    """The table's objects column names what a delivery carries and what is not stored yet."""
+    sc, sc_stored, gsps, gsps_stored, sr_stored = counts
+    row = {"sc_objects": sc, "sc_stored": sc_stored, "gsps_objects": gsps,
+           "gsps_stored": gsps_stored, "report_delivered_at": D1 if sr_stored else None}
+    assert audit.objects_summary(row) == summary
+
+
 def test_sources_per_ae_per_day(auditor: audit.Audit) -> None:
     """Sources count associations, rejections, aborts, instances and failures per AE per day."""
     rows = auditor.ask("sources", D1, D3)
@@ -265,6 +345,41 @@ def test_cli_table_for_people(url: str, tmp_path: Path,
     body = lines[header + 2:header + 5]
     assert [line.split()[1] for line in body] == ["MODALITY_X", "PACS_A", "PACS_A"]
     assert len({line.index("PACS_A") for line in body if "PACS_A" in line}) == 1
+
+
+def test_cli_deliveries_table_and_json_show_objects(url: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`audit deliveries` prints an objects column for people and the counts in --json."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n')
+    window = ["--since", "2026-11-01", "--until", "2026-11-02"]
+    assert audit_cli.main(["audit", "deliveries", "-c", str(config), *window]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("delivery_id"))
+    assert "objects" in lines[header].split() and "sc_objects" not in lines[header]
+    column = lines[header].index(" objects ") + 1
+    assert [line[column:].split(",")[0] for line in lines[header + 2:]] == \
+        ["SR+2 SC+2 GSPS", "SR+1 SC+1 GSPS"]
+    assert "all stored" in lines[header + 2] and "1 GSPS not stored" in lines[header + 3]
+    assert audit_cli.main(["audit", "deliveries", "-c", str(config), *window, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["objects"], r["gsps_stored"], r["report_delivered_at"]) for r in out["rows"]] == [
+        ("SR+2 SC+2 GSPS, all stored", 2, "2026-11-01T08:11:00+00:00"),
+        ("SR+1 SC+1 GSPS, 1 GSPS not stored", 0, "2026-11-02T08:31:00+00:00")]
+
+
+def test_cli_objects_table(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`audit objects` prints one line per object with its kind and destination."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n')
+    assert audit_cli.main(["audit", "objects", "-c", str(config), "--since", "2026-11-02",
+                           "--until", "2026-11-02"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("delivery_id"))
+    body = [line.split() for line in lines[header + 2:]]
+    assert [(cells[3], cells[7]) for cells in body] == [("pacs", "sr"), ("pacs", "sc"),
+                                                        ("pacs", "gsps")]
+    assert "0xA700" in lines[-1] and lines[-1].rstrip().endswith("Out of Resources")
 
 
 def test_cli_status_json(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -119,6 +119,22 @@ def test_purge_deletes_old_file_of_reported_study_and_keeps_row(
     assert instance(store, iid).spool_purged_at == NOW
 
 
+def test_purge_leaves_the_reports_folder(tmp_path: Path, store: Store, spool: Spool) -> None:
+    """Retention removes the study's spool file but never its SR or overlay files."""
+    _, path = receive(store, spool, "1.2.3", "1.2.3.1", OLD)
+    mark_reported(store, "1.2.3")
+    hk = housekeeping(tmp_path, store, spool)
+    reports = hk.config.reports_dir / "1.2.3"
+    files = [reports / "9.1.dcm", reports / "9.1.overlays" / "sc-8.1.dcm",
+             reports / "9.1.overlays" / "gsps-8.2.dcm"]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"DICM")
+    run = hk.run_once("purge_spool")
+    assert run.ok and run.summary["files_deleted"] == 1 and not path.exists()
+    assert all(f.exists() for f in files)
+
+
 @pytest.mark.parametrize("state", [s.NOT_PROCESSED, s.FAILED, s.SUPERSEDED])
 def test_purge_covers_every_final_state(tmp_path: Path, store: Store, spool: Spool,
                                         state: str) -> None:

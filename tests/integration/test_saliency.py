@@ -406,6 +406,50 @@ def test_new_report_version_reuses_the_overlay_uids(tmp_path: Path, sqlite_url: 
     assert len(sc_series) == 1
 
 
+def test_discarded_report_takes_its_overlays_and_leaves_the_winners(
+        tmp_path: Path, sqlite_url: str, saliency_model: Path, samples_dir: Path,
+        make_node: Any) -> None:
+    """When another reporter commits the study first, the loser's SR, overlay files and
+    .overlays folder are removed, and the winner's files, which its pending delivery needs,
+    stay."""
+    from fracture_node.studies import Reporter
+
+    node = make_node(_config(tmp_path, sqlite_url, saliency_model,
+                             [_dest("pacs", free_port(), "both")]))
+    [hip] = _study(samples_dir, [HIP])
+    node.add(hip)
+    node.drain()
+    winner = Reporter(node.config, node.store, node.spool, "other-node", node.reporter.algorithm)
+    loser = node.reporter
+    written: list[Path] = []
+    build_overlays = loser._overlays
+
+    def overlays_then_lose_the_race(*args: Any) -> Any:
+        objects = build_overlays(*args)
+        written.extend(loser.reports_dir / o.path for o in objects)
+        assert winner.report_study(hip.StudyInstanceUID) == 1  # commits while we build
+        return objects
+
+    loser._overlays = overlays_then_lose_the_race  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        assert loser.report_study(hip.StudyInstanceUID) == 0
+    assert [e["event"] for e in logs if e["event"] == "report_discarded"] == ["report_discarded"]
+
+    [report] = node.store.rows(s.Report)
+    objects = node.store.rows(s.ReportObject)
+    assert report.made_by == "other-node" and sorted(o.kind for o in objects) == ["gsps", "sc"]
+    [delivery] = node.store.rows(s.Delivery)
+    assert delivery.state == s.PENDING
+    kept = {report.path} | {o.path for o in objects}
+    on_disk = {str(p.relative_to(node.config.reports_dir))
+               for p in node.config.reports_dir.rglob("*") if p.is_file()}
+    assert on_disk == kept
+    assert len(written) == 2 and not any(p.exists() for p in written)
+    assert not written[0].parent.exists()
+    assert [p.name for p in node.config.reports_dir.rglob("*.overlays")] == \
+        [Path(objects[0].path).parent.name]
+
+
 def test_unreadable_pixels_drop_the_secondary_capture_only(
         tmp_path: Path, sqlite_url: str, saliency_model: Path, samples_dir: Path,
         make_node: Any) -> None:
