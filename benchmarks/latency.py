@@ -41,6 +41,10 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=20)
     parser.add_argument("--stable-after", type=float, default=1.0)
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--saliency", choices=["on", "off"], default="on",
+                        help="[saliency] enabled (the daemon's default: on)")
+    parser.add_argument("--overlays", choices=["none", "sc", "gsps", "both"], default="none",
+                        help="the destination's overlays (the default: none, the SR alone)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fn-latency-"))
     import csv
@@ -62,7 +66,8 @@ def main() -> int:
         f"[study]\nstable_after_s = {args.stable_after}\n[model]\n{model_line}max_wait_ms = 50\n"
         '[logging]\nlevel = "warning"\n[metrics]\nenabled = false\n'
         f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
-        f"port = {pacs_port}\n")
+        f'port = {pacs_port}\noverlays = "{args.overlays}"\n'
+        f"[saliency]\nenabled = {'true' if args.saliency == 'on' else 'false'}\n")
     node = subprocess.Popen([str(BIN), "serve", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ends: dict[str, float] = {}
@@ -107,6 +112,7 @@ def main() -> int:
     arr = np.array(sorted(lat))
     print(json.dumps({
         "benchmark": "latency", "date": time.strftime("%Y-%m-%d"),
+        "saliency": args.saliency, "overlays": args.overlays,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "studies": len(ends), "reported": len(lat), "stable_after_s": args.stable_after,
         "p50_s": round(float(np.percentile(arr, 50)), 3),

@@ -5,8 +5,10 @@
 
 Prints one JSON object:
 
-- ``raw_images_per_s``: ``Classifier.predict_batch`` on prepared batches of the serving batch size
-  (the model alone, inputs already in memory);
+- ``raw_images_per_s``: the model's work alone on prepared batches of the serving batch size,
+  inputs already in memory: ``Explainer.explain_batch`` (score + saliency map, what the worker
+  runs with ``[saliency] enabled``, the default) or, with ``--saliency off``,
+  ``Classifier.predict_batch``; ``predict_only_images_per_s`` is always ``predict_batch``;
 - ``pipeline_images_per_s``: the worker claiming queued instances from SQL, reading them from the
   spool, decoding (pydicom + pylibjpeg), normalising, letterboxing, scoring and committing results,
   from the first claim to the last commit;
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -43,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from fracture_node.config import Config, ModelConfig, NodeConfig  # noqa: E402
+from fracture_node.config import Config, ModelConfig, NodeConfig, SaliencyConfig  # noqa: E402
 from fracture_node.db import migrate  # noqa: E402
 from fracture_node.db.store import NewInstance, Store, utcnow  # noqa: E402
 from fracture_node.ml.infer import Classifier  # noqa: E402
@@ -125,6 +128,8 @@ def main() -> int:
     parser.add_argument("--source", choices=["dataset", "samples"], default="dataset")
     parser.add_argument("--backlog", type=int, default=0)
     parser.add_argument("--db", default="", help="database URL (default: a SQLite file)")
+    parser.add_argument("--saliency", choices=["on", "off"], default="on",
+                        help="[saliency] enabled in the worker (default on, as in the daemon)")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="fn-bench-"))
@@ -133,7 +138,8 @@ def main() -> int:
     config = Config(node=NodeConfig(state_dir=tmp),
                     model=ModelConfig(path=args.model, device=args.device,
                                       max_batch=args.batch, max_wait_ms=50,
-                                      decode_threads=args.decode_threads)).validate()
+                                      decode_threads=args.decode_threads),
+                    saliency=SaliencyConfig(enabled=args.saliency == "on")).validate()
     store, spool = Store(url), Spool(config.spool_dir, fsync=False)
     classifier = Classifier.load(args.model, args.device)
     blobs = sources(args.source, args.instances)
@@ -147,16 +153,22 @@ def main() -> int:
         path.write_bytes(data)
         prepared.append(classifier.prepare(load_dicom_file(path)))
     batch = np.stack(prepared)
-    classifier.predict_batch(batch)  # warm-up
     runs = max(3, args.instances // args.batch)
-    started = time.perf_counter()
-    for _ in range(runs):
-        classifier.predict_batch(batch)
-    raw = runs * len(batch) / (time.perf_counter() - started)
+
+    def throughput(fn: Any) -> float:
+        fn(batch)  # warm-up
+        started = time.perf_counter()
+        for _ in range(runs):
+            fn(batch)
+        return runs * len(batch) / (time.perf_counter() - started)
+
+    worker = Worker(config, store, spool, classifier, node="bench")
+    predict_only = throughput(classifier.predict_batch)
+    raw = (throughput(worker.explainer.explain_batch) if worker.explainer is not None
+           else predict_only)
 
     # Pipeline: spooled + queued instances to committed results.
     enqueue(store, spool, blobs)
-    worker = Worker(config, store, spool, classifier, node="bench")
     started = time.perf_counter()
     done = 0
     while done < len(blobs):
@@ -173,6 +185,9 @@ def main() -> int:
         "input_size": classifier.input_size, "batch": args.batch,
         "decode_threads": args.decode_threads, "source": args.source,
         "instances": len(blobs),
+        "saliency": (f"{worker.explainer.method}@{worker.explainer.layer}"
+                     if worker.explainer is not None else "off"),
+        "predict_only_images_per_s": round(predict_only, 2),
         "raw_images_per_s": round(raw, 2),
         "pipeline_images_per_s": round(pipeline, 2),
         "ratio": round(pipeline / raw, 3),
