@@ -5,7 +5,7 @@ The worker makes a :class:`SaliencyRecord` from the heat map that
 image's source shape; the reporter reads it back to write the SR's regions and to draw the
 overlays. Stored as one JSON object (``docs/audit.md`` shows the fields and SQL to query them)::
 
-    {"version": 1, "method": "hirescam", "layer": "stride16", "threshold": 0.5,
+    {"version": 1, "method": "hirescam", "layer": "last", "threshold": 0.5,
      "input_size": 384, "source_shape": [rows, columns],
      "heatmap": {"encoding": "png_base64", "size": 64, "data": "iVBORw0..."},
      "regions": [{"box": [x0, y0, x1, y1], "peak": 1.0, "peak_point": [x, y], "area": 1234.5}]}
