@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -462,23 +461,49 @@ class Region:
 
 
 def label_components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], int]:
-    """4-connected components of a boolean mask: labels (0 = background, 1..n) and n."""
-    labels = np.zeros(mask.shape, dtype=np.int32)
+    """4-connected components of a boolean mask: labels (0 = background, 1..n) and n.
+
+    Run-based: the runs of each row are joined (union-find) with the runs of the row above that
+    share a column, so the cost grows with the number of runs, not of pixels. Labels are numbered
+    in raster order of each component's first pixel.
+    """
+    mask = np.asarray(mask, dtype=bool)
     h, w = mask.shape
-    count = 0
-    for r0, c0 in zip(*np.nonzero(mask), strict=True):
-        if labels[r0, c0]:
-            continue
-        count += 1
-        labels[r0, c0] = count
-        queue = deque([(int(r0), int(c0))])
-        while queue:
-            r, c = queue.popleft()
-            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
-                if 0 <= rr < h and 0 <= cc < w and mask[rr, cc] and not labels[rr, cc]:
-                    labels[rr, cc] = count
-                    queue.append((rr, cc))
-    return labels, count
+    labels = np.zeros((h, w), dtype=np.int32)
+    if h == 0 or w == 0 or not mask.any():
+        return labels, 0
+    padded = np.zeros((h, w + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    edges = np.diff(padded, axis=1)
+    starts_r, starts_c = np.nonzero(edges == 1)
+    _, ends_c = np.nonzero(edges == -1)  # same row order as the starts
+    parent = list(range(len(starts_r)))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    row_first = np.searchsorted(starts_r, np.arange(h + 1))
+    for r in range(1, h):
+        a, a_end = int(row_first[r - 1]), int(row_first[r])  # runs of the row above
+        b, b_end = a_end, int(row_first[r + 1])
+        while a < a_end and b < b_end:
+            if starts_c[a] < ends_c[b] and starts_c[b] < ends_c[a]:  # columns overlap
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+            if ends_c[a] < ends_c[b]:
+                a += 1
+            else:
+                b += 1
+    roots = [find(k) for k in range(len(parent))]
+    numbers: dict[int, int] = {}
+    for k, root in enumerate(roots):
+        number = numbers.setdefault(root, len(numbers) + 1)
+        labels[starts_r[k], starts_c[k]:ends_c[k]] = number
+    return labels, len(numbers)
 
 
 def find_regions(heatmap: NDArray[np.floating[Any]], source_shape: tuple[int, int],
