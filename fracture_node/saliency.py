@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from fracture_node.ml.explain import (
+    Region,
     find_regions,
     heatmap_from_png,
     heatmap_png,
@@ -39,20 +40,6 @@ from fracture_node.ml.explain import (
 FORMAT_VERSION = 1
 STORED_GRID = 64
 """Side of the stored heat map (smaller when the model input is smaller)."""
-
-
-@dataclass(frozen=True)
-class StoredRegion:
-    """One region in source pixels: its box, its peak (relative to the image's maximum)."""
-
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    peak: float
-    peak_x: float
-    peak_y: float
-    area: float
 
 
 @dataclass(frozen=True)
@@ -66,7 +53,7 @@ class SaliencyRecord:
     source_shape: tuple[int, int]
     heatmap: NDArray[np.float32]
     """The model-input map shrunk to ``[g, g]``, values in [0, 1]."""
-    regions: tuple[StoredRegion, ...]
+    regions: tuple[Region, ...]
 
     @classmethod
     def from_map(cls, heatmap: NDArray[np.floating[Any]], source_shape: tuple[int, int], *,
@@ -85,7 +72,7 @@ class SaliencyRecord:
         return cls(
             method=method, layer=layer, threshold=float(threshold), input_size=size,
             source_shape=shape, heatmap=np.clip(small, 0.0, 1.0),
-            regions=tuple(StoredRegion(
+            regions=tuple(Region(
                 x0=_r(r.x0), y0=_r(r.y0), x1=_r(r.x1), y1=_r(r.y1), peak=round(float(r.peak), 4),
                 peak_x=_r(r.peak_x), peak_y=_r(r.peak_y), area=_r(r.area)) for r in regions))
 
@@ -118,7 +105,7 @@ class SaliencyRecord:
             if heat.get("encoding") != "png_base64":
                 raise ValueError("saliency heat map encoding is unknown")
             regions = tuple(
-                StoredRegion(x0=float(r["box"][0]), y0=float(r["box"][1]),
+                Region(x0=float(r["box"][0]), y0=float(r["box"][1]),
                              x1=float(r["box"][2]), y1=float(r["box"][3]), peak=float(r["peak"]),
                              peak_x=float(r["peak_point"][0]), peak_y=float(r["peak_point"][1]),
                              area=float(r["area"]))

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, wait_for_port
+from tests.support import storescp_running
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
@@ -65,11 +64,6 @@ def saliency_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """DCMTK storescp playing the PACS (AE title PACS); yields its port and its folder."""
-    port, out = free_port(), tmp_path / "pacs"
-    out.mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port)
-    yield port, out
-    proc.terminate()
-    proc.wait(10)
+    out = tmp_path / "pacs"
+    with storescp_running(out) as port:
+        yield port, out

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 
@@ -41,3 +43,18 @@ def postgres_database() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def storescp_running(out: Path, aet: str = "PACS") -> Iterator[int]:
+    """DCMTK storescp storing into ``out`` (created) on a free port; yields the port."""
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(["storescp", "-aet", aet, "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)

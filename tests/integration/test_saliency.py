@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from fracture_node.saliency import SaliencyRecord
 from tests.integration.conftest import node_config
 from tests.integration.test_pipeline import Node
 from tests.integration.test_report_validation import dciodvfy
-from tests.support import free_port, wait_for_port
+from tests.support import free_port, storescp_running
 
 HIP = "derived/CR_hip_RG2_uncompressed_explicitVRLE.dcm"  # 2140 x 1760
 TINY = "CR_cspine_tiny16x16_explicitVR.dcm"  # 16 x 16
@@ -257,14 +256,9 @@ def test_positive_only_false_reports_regions_of_negatives(tmp_path: Path, sqlite
 @pytest.fixture
 def second_pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A second DCMTK storescp, for a destination that wants overlays."""
-    port, out = free_port(), tmp_path / "viewer"
-    out.mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port)
-    yield port, out
-    proc.terminate()
-    proc.wait(10)
+    out = tmp_path / "viewer"
+    with storescp_running(out) as port:
+        yield port, out
 
 
 def _received(folder: Path) -> dict[str, list[pydicom.Dataset]]:
