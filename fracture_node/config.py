@@ -110,7 +110,8 @@ class StorageConfig:
     min_free_bytes: int = 256 * 1024 * 1024
     """Below this much free space on the spool, stores are refused with 0xA700."""
     retention_days: float = 30.0
-    """Spool files older than this are deleted by housekeeping (SQL rows stay); 0 keeps them."""
+    """Spool files older than this, and overlay files of reports older than this that no delivery
+    needs any more, are deleted by housekeeping (SQL rows stay; SR files are kept); 0 keeps them."""
 
     def validate(self) -> None:
         _check_positive("[storage] min_free_bytes", self.min_free_bytes, allow_zero=True)

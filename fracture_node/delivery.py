@@ -11,6 +11,11 @@ with a little jitter so that many reports do not hammer a PACS that comes back);
 ``deadline_s`` without success the delivery is dead-lettered, visible in SQL and in the metrics,
 until ``fracture-node retry`` queues it again. The pass runs as an APScheduler job and also
 right after a report is made (for latency).
+
+An overlay whose file is gone (purged by retention, which only happens once nothing needs it, or
+deleted by hand) is not sent: its ``delivery_objects`` row records why, the SR and the other
+overlays are sent, and the delivery is dead-lettered at once when nothing else is left to retry
+(no retry brings a file back; restore it and run ``fracture-node retry``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 from fracture_node.config import Config, Destination
 from fracture_node.db import schema as s
-from fracture_node.db.reporting import DueDelivery, ObjectOutcome
+from fracture_node.db.reporting import DueDelivery, DueObject, ObjectOutcome
 from fracture_node.db.store import Store
 from fracture_node.dicom.send import StoreOutcome, store_many
 from fracture_node.errors import DeliveryError
@@ -68,7 +73,7 @@ class Deliverer:
     def _attempt(self, item: DueDelivery) -> str:
         dest = self.destinations.get(item.destination)
         ok, status, error, duration_s = False, None, None, 0.0
-        report_stored = False
+        report_stored = no_retry = False
         objects: list[ObjectOutcome] = []
         if dest is None:
             error = (f"destination {item.destination!r} is no longer configured; "
@@ -76,29 +81,44 @@ class Deliverer:
         elif item.report_delivered and not item.objects:
             ok = True  # everything was stored; only the state was left to record
         else:
-            names = ([] if item.report_delivered else ["the SR"]) + [
-                f"the {_KIND_NAMES.get(o.kind, o.kind)} {o.sop_instance_uid}"
-                for o in item.objects]
-            paths = ([] if item.report_delivered
-                     else [self.config.reports_dir / item.report_path]) + [
-                self.config.reports_dir / o.path for o in item.objects]
-            try:
-                outcomes = store_many(paths, dest, calling_ae_title=self.config.node.ae_title,
-                                      timeout_s=self.config.delivery.timeout_s,
-                                      tls=self.config.tls if dest.tls else None)
-            except DeliveryError as exc:
-                error = str(exc)
-            else:
-                report_stored = not item.report_delivered and outcomes[0].ok
-                objects = [ObjectOutcome(o.id, out.ok, out.status, out.error) for o, out in
-                           zip(item.objects, outcomes[len(outcomes) - len(item.objects):],
-                               strict=True)]
-                ok, status, error = _summary(outcomes, names, item.report_delivered)
-                duration_s = max((out.duration_s for out in outcomes), default=0.0)
+            reports_dir = self.config.reports_dir
+            gone = [o for o in item.objects if not (reports_dir / o.path).is_file()]
+            sent = [o for o in item.objects if o not in gone]
+            names = ([] if item.report_delivered else ["the SR"]) + [_name(o) for o in sent]
+            paths = ([] if item.report_delivered else [reports_dir / item.report_path]) + [
+                reports_dir / o.path for o in sent]
+            rest_ok = True
+            if paths:
+                try:
+                    outcomes = store_many(paths, dest,
+                                          calling_ae_title=self.config.node.ae_title,
+                                          timeout_s=self.config.delivery.timeout_s,
+                                          tls=self.config.tls if dest.tls else None)
+                except DeliveryError as exc:
+                    error, rest_ok = str(exc), False
+                else:
+                    report_stored = not item.report_delivered and outcomes[0].ok
+                    objects = [ObjectOutcome(o.id, out.ok, out.status, out.error) for o, out in
+                               zip(sent, outcomes[len(outcomes) - len(sent):], strict=True)]
+                    ok, status, error = _summary(outcomes, names, item.report_delivered)
+                    rest_ok = ok
+                    duration_s = max((out.duration_s for out in outcomes), default=0.0)
+            if gone:
+                objects += [ObjectOutcome(o.id, False, None, _gone_error(o)) for o in gone]
+                for o in gone:
+                    log.error("overlay_file_missing", delivery_id=item.id,
+                              destination=item.destination, kind=o.kind,
+                              sop_instance_uid=o.sop_instance_uid,
+                              purged_at=o.purged_at.isoformat() if o.purged_at else None)
+                missing = _gone_summary(gone)
+                ok, error = False, missing if error is None else f"{error}; {missing}"
+                if rest_ok:
+                    no_retry = True  # only files that no retry brings back are left
         retry_in = backoff_s(self.config, item.attempts + 1)
         state = self.store.record_attempt(item, ok=ok, status=status, error=error,
                                           duration_ms=round(duration_s * 1000, 1),
-                                          node=self.node, retry_in_s=retry_in,
+                                          node=self.node,
+                                          retry_in_s=None if no_retry else retry_in,
                                           report_stored=report_stored, objects=objects)
         if self.metrics:
             self.metrics.deliveries.labels(item.destination,
@@ -119,6 +139,30 @@ class Deliverer:
 
 
 _KIND_NAMES = {"sc": "Secondary Capture", "gsps": "presentation state"}
+
+
+def _name(obj: DueObject) -> str:
+    return f"the {_KIND_NAMES.get(obj.kind, obj.kind)} {obj.sop_instance_uid}"
+
+
+def _gone_reason(obj: DueObject) -> str:
+    if obj.purged_at is not None:
+        return f"its file was purged by retention on {obj.purged_at:%Y-%m-%d}"
+    return "its file is missing from the reports folder"
+
+
+def _gone_error(obj: DueObject) -> str:
+    """``delivery_objects.last_error`` of an overlay not sent because its file is gone."""
+    return (f"not sent: {_gone_reason(obj)}; fix: restore it from a backup of the reports "
+            "folder and run fracture-node retry")
+
+
+def _gone_summary(gone: list[DueObject]) -> str:
+    """The delivery's error for the overlays not sent because their files are gone."""
+    parts = [f"{_name(o)}: {_gone_reason(o)}" for o in gone]
+    return (f"{len(gone)} overlay{'s' if len(gone) > 1 else ''} not sent, file gone: "
+            + "; ".join(parts) + "; fix: restore from a backup of the reports folder and run "
+            "fracture-node retry, or leave the delivery dead")
 
 
 def _summary(outcomes: list[StoreOutcome], names: list[str], report_delivered: bool

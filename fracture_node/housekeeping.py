@@ -10,8 +10,15 @@ Jobs (APScheduler 3 ``BackgroundScheduler``, interval triggers, one run of a job
     final (processed, not processed, failed, superseded) and whose study was last reported more
     than ``retention_days`` ago with no report due now. The SQL rows stay
     (``instances.spool_purged_at`` is set): the audit trail is kept, only the pixels go.
-    ``retention_days = 0`` keeps every file. The reports folder (the SRs and their overlays,
-    which ``fracture-node retry`` and later report versions read) is not touched.
+    ``retention_days = 0`` keeps every file. The reports folder is left to ``purge_overlays``.
+``purge_overlays`` (hourly)
+    Delete overlay files (Secondary Captures, presentation states: ``report_objects.path``) of
+    reports created more than ``retention_days`` ago that no delivery still needs: every
+    delivery that carries one has stored it or is ``delivered`` (a ``dead`` delivery that has not
+    stored it keeps it: ``fracture-node retry`` sends from the file). The rows stay
+    (``report_objects.purged_at`` is set) and the emptied ``<SR uid>.overlays`` folder goes. SR
+    files are never deleted (a later report version reads the previous SR);
+    ``retention_days = 0`` keeps every file.
 ``maintain_database`` (hourly)
     SQLite: WAL checkpoint (truncate), sampled ``ANALYZE`` and ``PRAGMA optimize``; PostgreSQL:
     ``ANALYZE`` our tables.
@@ -31,7 +38,7 @@ import datetime as dt
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +59,7 @@ log = get_logger("housekeeping")
 INTERVALS_S: dict[str, float] = {
     "take_back_stale_claims": 60.0,
     "purge_spool": 3600.0,
+    "purge_overlays": 3600.0,
     "maintain_database": 3600.0,
     "refresh_metrics": 30.0,
 }
@@ -62,6 +70,7 @@ JOBS = tuple(INTERVALS_S)
 FIRST_RUN_DELAY_S: dict[str, float] = {
     "take_back_stale_claims": 5.0,
     "purge_spool": 120.0,
+    "purge_overlays": 180.0,
     "maintain_database": 300.0,
     "refresh_metrics": 1.0,
 }
@@ -74,7 +83,7 @@ PRUNED_JOBS = ("take_back_stale_claims", "refresh_metrics")
 
 PURGE_BATCH = 500
 PURGE_MAX_S = 300.0
-"""One purge run stops after this long and goes on at its next interval."""
+"""One purge run (spool or overlays) stops after this long and goes on at its next interval."""
 
 
 class UnknownJob(FractureNodeError):
@@ -121,6 +130,7 @@ class Housekeeping:
         self._jobs: dict[str, Callable[[], dict[str, Any]]] = {
             "take_back_stale_claims": self._take_back_stale_claims,
             "purge_spool": self._purge_spool,
+            "purge_overlays": self._purge_overlays,
             "maintain_database": self._maintain_database,
             "refresh_metrics": self._refresh_metrics,
         }
@@ -213,12 +223,25 @@ class Housekeeping:
                                    "files_missing": 0, "bytes_freed": 0, "errors": 0,
                                    "folders_removed": 0, "complete": True,
                                    "temporaries_removed": swept}
+        self._purge_batches(
+            lambda: maintenance.mark_spool_purged(self.store, cutoff, now, PURGE_BATCH),
+            self._delete_spool_file, summary)
+        event = "spool_purged" if summary["files_deleted"] or summary["files_missing"] else \
+            "spool_purge_checked"
+        (log.info if event == "spool_purged" else log.debug)(event, **summary)
+        return summary
+
+    def _purge_batches(self, mark: Callable[[], Sequence[Any]],
+                       delete: Callable[[Any, dict[str, Any], set[Path]], None],
+                       summary: dict[str, Any]) -> None:
+        """Mark rows purged batch by batch (``mark``) and ``delete`` each one's file, for at most
+        :data:`PURGE_MAX_S`; then remove the folders the deletions emptied."""
         folders: set[Path] = set()
         deadline = time.monotonic() + PURGE_MAX_S
         while True:
-            batch = maintenance.mark_spool_purged(self.store, cutoff, now, PURGE_BATCH)
+            batch = mark()
             for item in batch:
-                self._delete_spool_file(item, summary, folders)
+                delete(item, summary, folders)
             if len(batch) < PURGE_BATCH:
                 break
             if time.monotonic() > deadline or self._stopping.is_set():
@@ -230,33 +253,43 @@ class Housekeeping:
                 summary["folders_removed"] += 1
             except OSError:
                 pass
-        event = "spool_purged" if summary["files_deleted"] or summary["files_missing"] else \
-            "spool_purge_checked"
-        (log.info if event == "spool_purged" else log.debug)(event, **summary)
-        return summary
 
     def _delete_spool_file(self, item: maintenance.SpoolFile, summary: dict[str, Any],
                            folders: set[Path]) -> None:
         root = self.spool.root.resolve()
-        path = (root / item.spool_path).resolve()
-        if root not in path.parents:
-            summary["errors"] += 1
-            log.error("spool_path_outside_spool", instance_id=item.instance_id)
-            return
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
-            summary["files_missing"] += 1
-            return
-        except OSError as exc:
-            summary["errors"] += 1
-            log.error("spool_file_not_deleted", instance_id=item.instance_id,
-                      error=os.strerror(exc.errno) if exc.errno else str(exc))
-            return
-        summary["files_deleted"] += 1
-        summary["bytes_freed"] += size
-        if path.parent != root:
+        path = _delete_file(root, item.spool_path, summary, outside="spool_path_outside_spool",
+                            not_deleted="spool_file_not_deleted", instance_id=item.instance_id)
+        if path is not None and path.parent != root:
+            folders.add(path.parent)
+
+    def _purge_overlays(self) -> dict[str, Any]:
+        days = self.config.storage.retention_days
+        if days <= 0:
+            log.debug("overlay_purge_disabled")
+            return {"skipped": "retention_days = 0 keeps every overlay file"}
+        now = self.clock()
+        cutoff = now - dt.timedelta(days=days)
+        summary: dict[str, Any] = {"cutoff": cutoff.isoformat(), "files_deleted": 0,
+                                   "files_missing": 0, "bytes_freed": 0, "errors": 0,
+                                   "folders_removed": 0, "complete": True}
+        # An overlay still needed keeps its folder (only empty folders are removed).
+        self._purge_batches(
+            lambda: maintenance.mark_overlays_purged(self.store, cutoff, now, PURGE_BATCH),
+            self._delete_overlay_file, summary)
+        event = "overlays_purged" if summary["files_deleted"] or summary["files_missing"] else \
+            "overlay_purge_checked"
+        (log.info if event == "overlays_purged" else log.debug)(event, **summary)
+        return summary
+
+    def _delete_overlay_file(self, item: maintenance.OverlayFile, summary: dict[str, Any],
+                             folders: set[Path]) -> None:
+        root = self.config.reports_dir.resolve()
+        path = _delete_file(root, item.path, summary, outside="overlay_path_outside_reports",
+                            not_deleted="overlay_file_not_deleted", object_id=item.object_id,
+                            missing_too=True)
+        # Only the report's own "<SR uid>.overlays" folder (nothing else writes there once the
+        # report is made); the study folder holds the SRs.
+        if path is not None and path.parent != root and path.parent.name.endswith(".overlays"):
             folders.add(path.parent)
 
     def _maintain_database(self) -> dict[str, Any]:
@@ -280,3 +313,32 @@ class Housekeeping:
                    "oldest_unreported_study_seconds": round(g.oldest_unreported_study_seconds, 1)}
         log.debug("metrics_refreshed", **summary)
         return summary
+
+
+def _delete_file(root: Path, relative: str, summary: dict[str, Any], *, outside: str,
+                 not_deleted: str, missing_too: bool = False, **ids: int) -> Path | None:
+    """Delete ``root / relative`` for a purge and count it in ``summary``.
+
+    Returns the path when this call deleted the file (or, with ``missing_too``, when it was
+    already missing: counted in ``files_missing``, not an error), else None: missing, outside
+    ``root``, or an OS error (logged with ``outside`` or ``not_deleted`` and the row ``ids``,
+    never the path).
+    """
+    path = (root / relative).resolve()
+    if root not in path.parents:
+        summary["errors"] += 1
+        log.error(outside, **ids)
+        return None
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        summary["files_missing"] += 1
+        return path if missing_too else None
+    except OSError as exc:
+        summary["errors"] += 1
+        log.error(not_deleted, error=os.strerror(exc.errno) if exc.errno else str(exc), **ids)
+        return None
+    summary["files_deleted"] += 1
+    summary["bytes_freed"] += size
+    return path

@@ -188,11 +188,18 @@ class Worker:
                 log.exception("claim_keeper_error", error=f"{type(exc).__name__}: {exc}")
 
     # The loop -----------------------------------------------------------------------------
-    def _refill(self) -> int:
+    def _refill(self, batch_open: bool = False) -> int:
+        """Claim and start decoding up to two batches' worth; ``batch_open``: a batch is being
+        formed (so a retry, which must be alone, is not claimed now)."""
         room = 2 * self.config.model.max_batch - len(self._pending)
-        if room <= 0:
-            return 0
-        claimed = self.store.claim_instances(self.node, room)
+        if room <= 0 or any(_is_retry(c) for c, _ in self._pending):
+            return 0  # a retry is decoded and scored with nothing else in hand
+        claimed = self.store.claim_instances(self.node, room, retry_alone=not (self._pending or batch_open))
+        for item in claimed:
+            if _is_retry(item):
+                log.warning("retry_claimed_alone", instance_id=item.id,
+                            sop_instance_uid=item.sop_instance_uid, attempt=item.attempts,
+                            max_attempts=self.config.model.max_attempts)
         with self._held_lock:
             self._held.update(item.id for item in claimed)
         for item in claimed:
@@ -235,13 +242,13 @@ class Worker:
         while len(batch) < max_batch and not self._stop.is_set():
             if not self._pending:
                 remaining = (deadline or 0) - time.monotonic()
-                if deadline is None or remaining <= 0 or self._refill():
+                if deadline is None or remaining <= 0 or self._refill(batch_open=bool(batch)):
                     if not self._pending:
                         break
                     continue
                 self.wake.wait(remaining)
                 self.wake.clear()
-                if not self._refill():
+                if not self._refill(batch_open=bool(batch)):
                     break
                 continue
             claimed, future = self._pending[0]
@@ -256,6 +263,8 @@ class Worker:
                 finished += 1
                 continue
             batch.append(outcome)
+            if _is_retry(claimed):
+                break  # alone in its batch: see Store.claim_instances
             if deadline is None:
                 deadline = time.monotonic() + max_wait
         if batch:
@@ -339,6 +348,11 @@ class Worker:
                         detail="claims were taken back before the results were saved")
         self.on_batch()
         return len(batch)
+
+
+def _is_retry(claimed: ClaimedInstance) -> bool:
+    """Claimed before without a result (its worker died, perhaps because of it)."""
+    return claimed.attempts > 1
 
 
 def _make_explainer(config: Config, classifier: Any) -> Any | None:

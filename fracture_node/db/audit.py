@@ -15,7 +15,7 @@ Definitions (also in ``docs/audit.md``):
 - *deliveries* lists every delivery that is dead or had at least one failed attempt, with the
   overlays it carries (Secondary Captures, presentation states) and how many of them were stored;
 - *objects* lists every object of every delivery made in the window (the SR, then its overlays),
-  with the destination and when it was stored;
+  with the destination, when it was stored and, for an overlay, when retention deleted its file;
 - *sources* counts associations per calling AE title (``instances_stored`` includes identical
   copies acknowledged without being stored again);
 - *unprocessed* counts instances not processed or failed, by reason, and C-STORE requests we
@@ -239,7 +239,7 @@ SELECT * FROM (
   SELECT d.id AS delivery_id, rp.study_instance_uid, rp.version AS report_version,
          d.destination, d.state AS delivery_state, d.created_at,
          'sr' AS kind, rp.sop_instance_uid, NULL AS source_sop_instance_uid,
-         d.report_delivered_at AS delivered_at,
+         d.report_delivered_at AS delivered_at, NULL AS file_purged_at,
          CASE WHEN d.report_delivered_at IS NULL THEN d.last_status END AS last_status,
          CASE WHEN d.report_delivered_at IS NULL THEN d.last_error END AS last_error
   FROM deliveries d
@@ -248,7 +248,7 @@ SELECT * FROM (
   UNION ALL
   SELECT d.id, rp.study_instance_uid, rp.version, d.destination, d.state, d.created_at,
          o.kind, o.sop_instance_uid, o.source_sop_instance_uid,
-         x.delivered_at, x.last_status, x.last_error
+         x.delivered_at, o.purged_at, x.last_status, x.last_error
   FROM delivery_objects x
   JOIN deliveries d ON d.id = x.delivery_id
   JOIN report_objects o ON o.id = x.object_id
@@ -317,8 +317,8 @@ QUESTIONS: dict[str, Question] = {q.name: q for q in (
     _question("objects", "Objects of each delivery: the SR and its overlays, where and when stored",
               "delivery_id study_instance_uid report_version destination delivery_state "
               "created_at kind sop_instance_uid source_sop_instance_uid delivered_at "
-              "last_status last_error",
-              "created_at delivered_at", _OBJECTS),
+              "file_purged_at last_status last_error",
+              "created_at delivered_at file_purged_at", _OBJECTS),
     _question("sources", "What came from which calling AE title, per day",
               "day calling_ae_title associations rejected aborted instances_stored "
               "instances_failed peer_addresses first_at last_at", "first_at last_at", "",

@@ -1,9 +1,11 @@
-"""The SQL of housekeeping: spool retention, database upkeep, gauges, the record of each run.
+"""The SQL of housekeeping: spool and overlay retention, database upkeep, gauges, the record of
+each run.
 
 Every statement runs through the :class:`~fracture_node.db.store.Store` transaction helpers, so
 on SQLite writes take the lock with ``BEGIN IMMEDIATE`` like the rest of the node and on
 PostgreSQL several nodes can run the same job at once without doing the work twice (each row is
-claimed by an ``UPDATE ... WHERE spool_purged_at IS NULL``).
+claimed by an ``UPDATE ... WHERE spool_purged_at IS NULL``, or ``purged_at IS NULL`` for an
+overlay).
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ PURGEABLE_STATES = (*s.FINAL_INSTANCE_STATES, s.SUPERSEDED)
 
 LIVE_STATES = (s.QUEUED, s.CLAIMED)
 
+FINAL_DELIVERY_STATES = (s.DELIVERED,)
+"""Delivery states in which nothing will send an overlay again. ``dead`` is not one of them:
+``fracture-node retry`` queues a dead delivery again, and it then sends every overlay it has not
+stored yet, from its file."""
+
 
 @dataclass(frozen=True)
 class SpoolFile:
@@ -35,6 +42,15 @@ class SpoolFile:
 
     instance_id: int
     spool_path: str
+
+
+@dataclass(frozen=True)
+class OverlayFile:
+    """An overlay (``report_objects`` row) whose file housekeeping has just marked as purged."""
+
+    object_id: int
+    path: str
+    """Relative to the reports folder."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,66 @@ def mark_spool_purged(store: Store, cutoff: dt.datetime, now: dt.datetime, limit
         ).all()
         return sorted((SpoolFile(int(r[0]), str(r[1])) for r in rows),
                       key=lambda f: f.instance_id)
+
+    return store._run(fn)
+
+
+def _overlay_purgeable(cutoff: dt.datetime) -> Any:
+    """The WHERE clause for an overlay whose file may go.
+
+    Made with a report created before ``cutoff``, and no delivery still needs it: every
+    delivery that carries it has stored it (``delivery_objects.delivered_at``) or is in a state
+    from which nothing sends again (:data:`FINAL_DELIVERY_STATES`). A delivery that is pending, or
+    dead (``fracture-node retry`` may queue it again), and has not stored the overlay keeps the
+    file. An overlay that no delivery carries goes once it is old. The report's SR file
+    (``reports.path``) is never purged: a later version of the report reads it.
+    ``report_objects.created_at`` is the report's (the same transaction); it is tested too so
+    that the partial index ``ix_report_objects_unpurged_created_at`` (migration 0004) serves.
+    """
+    o, x, d = s.ReportObject, s.DeliveryObject, s.Delivery
+    report_old = exists().where(s.Report.id == o.report_id, s.Report.created_at < cutoff)
+    still_needed = exists().where(
+        x.object_id == o.id,
+        x.delivered_at.is_(None),
+        d.id == x.delivery_id,
+        d.state.not_in(FINAL_DELIVERY_STATES),
+    )
+    return and_(
+        o.purged_at.is_(None),
+        o.created_at < cutoff,
+        report_old,
+        ~still_needed,
+    )
+
+
+def overlay_purge_candidates(cutoff: dt.datetime, limit: int) -> Select[Any]:
+    """The ids of up to ``limit`` purgeable overlays, oldest first."""
+    o = s.ReportObject
+    return (select(o.id).where(_overlay_purgeable(cutoff))
+            .order_by(o.created_at, o.id).limit(limit))
+
+
+def mark_overlays_purged(store: Store, cutoff: dt.datetime, now: dt.datetime, limit: int
+                         ) -> list[OverlayFile]:
+    """Mark up to ``limit`` purgeable overlays made before ``cutoff`` as purged at ``now``.
+
+    Returns the rows this call marked; the caller then deletes their files (marked first, as
+    :func:`mark_spool_purged` does, for the same reason).
+    """
+    def fn(ses: Session) -> list[OverlayFile]:
+        ids = ses.execute(overlay_purge_candidates(cutoff, limit)).scalars().all()
+        if not ids:
+            return []
+        o = s.ReportObject
+        rows = ses.execute(
+            update(o)
+            .where(o.id.in_(ids), _overlay_purgeable(cutoff))
+            .values(purged_at=now)
+            .returning(o.id, o.path)
+            .execution_options(synchronize_session=False)
+        ).all()
+        return sorted((OverlayFile(int(r[0]), str(r[1])) for r in rows),
+                      key=lambda f: f.object_id)
 
     return store._run(fn)
 

@@ -99,6 +99,9 @@ class DueObject:
     kind: str
     sop_instance_uid: str
     path: str
+    purged_at: dt.datetime | None = None
+    """When retention deleted the file (``report_objects.purged_at``); it cannot be sent unless
+    it was put back."""
 
 
 @dataclass(frozen=True)
@@ -297,12 +300,14 @@ class ReportingQueries:
                         .values(next_attempt_at=now + dt.timedelta(seconds=lease_s)))
             do, ro = s.DeliveryObject, s.ReportObject
             pending: dict[int, list[DueObject]] = {}
-            for delivery_id, object_id, kind, uid, path in ses.execute(
-                    select(do.delivery_id, do.id, ro.kind, ro.sop_instance_uid, ro.path)
+            for delivery_id, object_id, kind, uid, path, purged_at in ses.execute(
+                    select(do.delivery_id, do.id, ro.kind, ro.sop_instance_uid, ro.path,
+                           ro.purged_at)
                     .join(ro, ro.id == do.object_id)
                     .where(do.delivery_id.in_(ids), do.delivered_at.is_(None))
                     .order_by(do.delivery_id, ro.id)).all():
-                pending.setdefault(delivery_id, []).append(DueObject(object_id, kind, uid, path))
+                pending.setdefault(delivery_id, []).append(
+                    DueObject(object_id, kind, uid, path, purged_at))
             return [DueDelivery(*row[:7], report_delivered=row[7] is not None,
                                 objects=tuple(pending.get(row[0], ())))
                     for row in rows]

@@ -274,10 +274,20 @@ class ReportObject(Base):
     path: Mapped[str] = mapped_column(String(512))
     """Relative to the reports folder."""
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    """The report's ``created_at`` (set in the same transaction)."""
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    """When housekeeping deleted the file (retention); the row stays."""
 
     __table_args__ = (
         UniqueConstraint("report_id", "sop_instance_uid"),
         Index(None, "sop_instance_uid"),
+        # Overlay retention walks only the files still on disk.
+        Index(
+            "ix_report_objects_unpurged_created_at",
+            "created_at",
+            sqlite_where=text("purged_at IS NULL"),
+            postgresql_where=text("purged_at IS NULL"),
+        ),
     )
 
 

@@ -268,13 +268,28 @@ class Store(ReportingQueries):
         self._run(fn)
 
     # The queue ----------------------------------------------------------------------------
-    def claim_instances(self, worker: str, limit: int) -> list[ClaimedInstance]:
-        """Claim up to ``limit`` queued instances, oldest first."""
+    def claim_instances(self, worker: str, limit: int,
+                        retry_alone: bool = True) -> list[ClaimedInstance]:
+        """Claim up to ``limit`` queued instances, oldest first.
+
+        A *retry* (an instance claimed before without a result: its worker died with it in
+        hand, perhaps because of it) is never batched with others, so that an image that
+        crashes the process takes only itself to ``max_attempts``, not the innocent images of
+        its batch. The claim stops before the first retry; a retry at the head of the queue is
+        claimed alone, and only when ``retry_alone`` (the worker has nothing else in hand).
+        """
         def fn(ses: Session) -> list[ClaimedInstance]:
-            ids = ses.execute(
-                select(s.Instance.id).where(s.Instance.state == s.QUEUED)
+            heads = ses.execute(
+                select(s.Instance.id, s.Instance.attempts).where(s.Instance.state == s.QUEUED)
                 .order_by(s.Instance.id).limit(limit).with_for_update(skip_locked=True)
-            ).scalars().all()
+            ).all()
+            ids: list[int] = []
+            for row_id, attempts in heads:
+                if attempts > 0:
+                    if not ids and retry_alone:
+                        ids.append(row_id)
+                    break
+                ids.append(row_id)
             if not ids:
                 return []
             rows = ses.execute(

@@ -143,9 +143,12 @@ def build_dataset(ses: Session) -> None:
                 last_error=None if stored or not attempts else "Out of Resources"))
 
     # Study 1.1 version 1 carries a Secondary Capture and a GSPS for each of its two images, all
-    # stored; version 2 (still pending) the GSPS of its positive image again. Study 1.3's PACS
-    # stored the SR and the Secondary Capture and refused the GSPS until it was dead-lettered.
+    # stored, and retention has deleted the Secondary Captures' files; version 2 (still pending)
+    # the GSPS of its positive image again. Study 1.3's PACS stored the SR and the Secondary
+    # Capture and refused the GSPS until it was dead-lettered.
     r1_objects = [overlay(r1, kind, uid) for uid in ("1.1.1", "1.1.2") for kind in ("sc", "gsps")]
+    for obj in r1_objects:
+        obj.purged_at = at(D3, 1) if obj.kind == "sc" else None
     r3_sc, r3_gsps = overlay(r3, "sc", "1.3.1"), overlay(r3, "gsps", "1.3.1")
     r4_gsps = overlay(r4, "gsps", "1.1.1")
     ses.flush()
@@ -267,6 +270,8 @@ def test_objects_of_every_delivery(auditor: audit.Audit) -> None:
     assert [(r["delivery_state"], r["last_status"], r["last_error"]) for r in rows[-3:]] == [
         ("dead", None, None), ("dead", 0x0000, None), ("dead", 0xA700, "Out of Resources")]
     assert (rows[6]["last_status"], rows[7]["last_status"]) == (0xA700, None)
+    assert [r["file_purged_at"] for r in rows[:5]] == [None, at(D3, 1), at(D3, 1), None, None]
+    assert all(r["file_purged_at"] is None for r in rows[5:])
     assert auditor.ask("objects", D2, D3) == rows[-3:]
 
 

@@ -1,4 +1,5 @@
-"""Housekeeping jobs on a real SQLite file and a real PostgreSQL: retention, claims, upkeep, gauges."""
+"""Housekeeping jobs on a real SQLite file and a real PostgreSQL: retention (spool and overlay
+files), claims, upkeep, gauges."""
 
 from __future__ import annotations
 
@@ -9,14 +10,25 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import (
+    UID,
+    Comprehensive3DSRStorage,
+    ExplicitVRLittleEndian,
+    GrayscaleSoftcopyPresentationStateStorage,
+    SecondaryCaptureImageStorage,
+)
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 from structlog.testing import capture_logs
 
-from fracture_node.config import Config, NodeConfig, StorageConfig
+from fracture_node.config import Config, Destination, NodeConfig, StorageConfig
 from fracture_node.db import migrate
 from fracture_node.db import schema as s
 from fracture_node.db.store import NewInstance, Store
+from fracture_node.delivery import Deliverer
 from fracture_node.housekeeping import Housekeeping
 from fracture_node.metrics import Metrics
 from fracture_node.spool import Spool
@@ -55,11 +67,13 @@ def spool(tmp_path: Path) -> Spool:
     return Spool(tmp_path / "spool", fsync=False)
 
 
-def make_config(tmp_path: Path, url: str, retention_days: float = 30.0) -> Config:
+def make_config(tmp_path: Path, url: str, retention_days: float = 30.0,
+                destinations: tuple[Destination, ...] = ()) -> Config:
     return Config(
         node=NodeConfig(state_dir=tmp_path / "state", port=0),
         storage=StorageConfig(spool_dir=tmp_path / "spool", retention_days=retention_days),
         database=dataclasses.replace(Config().database, url=url),
+        destinations=destinations,
     ).validate()
 
 
@@ -120,7 +134,8 @@ def test_purge_deletes_old_file_of_reported_study_and_keeps_row(
 
 
 def test_purge_leaves_the_reports_folder(tmp_path: Path, store: Store, spool: Spool) -> None:
-    """Retention removes the study's spool file but never its SR or overlay files."""
+    """The spool purge removes the study's spool file but never its SR or overlay files (the
+    overlays are purge_overlays' business, the SRs nobody's)."""
     _, path = receive(store, spool, "1.2.3", "1.2.3.1", OLD)
     mark_reported(store, "1.2.3")
     hk = housekeeping(tmp_path, store, spool)
@@ -233,6 +248,320 @@ def test_purge_logs_and_records_a_run(tmp_path: Path, store: Store, spool: Spool
     (row,) = runs(store, "purge_spool")
     assert row.ok and row.node == NODE
     assert json.loads(row.summary)["files_deleted"] == 1
+
+
+# Overlay retention ----------------------------------------------------------------------------
+
+OVERLAY_CLASSES = {"sc": SecondaryCaptureImageStorage,
+                   "gsps": GrayscaleSoftcopyPresentationStateStorage}
+OVERLAY_ROOTS = {"sc": "8.1", "gsps": "8.2"}
+"""The overlays' UIDs are ``<root>.<SR uid>``."""
+
+
+def write_dicom(path: Path, sop_class: str, sop_instance: str) -> Path:
+    """A small Part 10 file (enough for a C-STORE to storescp)."""
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance
+    ds.StudyInstanceUID = "1.2.3"
+    ds.Modality = "OT"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@dataclasses.dataclass
+class Made:
+    """A report written as the reporter writes one: its SR file and its overlay files."""
+
+    report_id: int
+    sr: Path
+    objects: dict[str, int]
+    """``report_objects.id`` by kind."""
+    files: dict[str, Path]
+    folder: Path
+    """``<study>/<SR uid>.overlays``."""
+
+
+def make_report(store: Store, reports_dir: Path, created: dt.datetime, study: str = "1.2.3",
+                version: int = 1, kinds: tuple[str, ...] = ("sc", "gsps")) -> Made:
+    sr_uid = f"9.{study}.{version}"
+    sr = write_dicom(reports_dir / study / f"{sr_uid}.dcm", Comprehensive3DSRStorage, sr_uid)
+    folder = reports_dir / study / f"{sr_uid}.overlays"
+    files = {kind: write_dicom(folder / f"{kind}-{OVERLAY_ROOTS[kind]}.{sr_uid}.dcm",
+                               OVERLAY_CLASSES[kind], f"{OVERLAY_ROOTS[kind]}.{sr_uid}")
+             for kind in kinds}
+
+    def fn(ses: Session) -> Made:
+        report = s.Report(study_instance_uid=study, version=version, sop_instance_uid=sr_uid,
+                          series_instance_uid=f"9.{study}", path=f"{study}/{sr_uid}.dcm",
+                          created_at=created, instances_total=1, instances_positive=1,
+                          instances_unprocessed=0, made_by=NODE)
+        ses.add(report)
+        ses.flush()
+        rows = {kind: s.ReportObject(
+            report_id=report.id, kind=kind, sop_class_uid=OVERLAY_CLASSES[kind],
+            sop_instance_uid=f"{OVERLAY_ROOTS[kind]}.{sr_uid}",
+            series_instance_uid=f"{OVERLAY_ROOTS[kind]}.{study}",
+            source_sop_instance_uid=f"{study}.1",
+            path=path.relative_to(reports_dir).as_posix(), created_at=created)
+            for kind, path in files.items()}
+        ses.add_all(rows.values())
+        ses.flush()
+        return Made(report.id, sr, {k: r.id for k, r in rows.items()}, files, folder)
+
+    made: Made = store._run(fn)
+    return made
+
+
+def carry(store: Store, made: Made, state: str, stored: dict[str, bool],
+          destination: str = "pacs", sr_stored: bool = True) -> int:
+    """A delivery of ``made`` in ``state`` carrying the overlays of ``stored`` (kind: stored?)."""
+    when = OLD + dt.timedelta(minutes=1)
+
+    def fn(ses: Session) -> int:
+        row = s.Delivery(report_id=made.report_id, destination=destination, state=state,
+                         attempts=1, created_at=OLD, next_attempt_at=OLD, deadline_at=OLD,
+                         delivered_at=when if state == s.DELIVERED else None,
+                         report_delivered_at=when if sr_stored else None)
+        ses.add(row)
+        ses.flush()
+        ses.add_all(s.DeliveryObject(
+            delivery_id=row.id, object_id=made.objects[kind],
+            delivered_at=when if done else None) for kind, done in stored.items())
+        return int(row.id)
+
+    return int(store._run(fn))
+
+
+def report_object(store: Store, object_id: int) -> s.ReportObject:
+    return store.rows(s.ReportObject, s.ReportObject.id == object_id)[0]
+
+
+def test_overlay_purge_deletes_delivered_old_overlays_and_keeps_the_sr(
+        tmp_path: Path, store: Store, spool: Spool) -> None:
+    """An old report whose delivery stored everything loses its overlay files and their
+    .overlays folder; the SR file and every row stay, the rows marked purged."""
+    hk = housekeeping(tmp_path, store, spool)
+    made = make_report(store, hk.config.reports_dir, OLD)
+    carry(store, made, s.DELIVERED, {"sc": True, "gsps": True})
+    size = sum(f.stat().st_size for f in made.files.values())
+    with capture_logs() as logs:
+        run = hk.run_once("purge_overlays")
+    assert run.ok
+    assert {k: run.summary[k] for k in ("files_deleted", "files_missing", "bytes_freed", "errors",
+                                        "folders_removed", "complete")} == {
+        "files_deleted": 2, "files_missing": 0, "bytes_freed": size, "errors": 0,
+        "folders_removed": 1, "complete": True}
+    assert not any(f.exists() for f in made.files.values()) and not made.folder.exists()
+    assert made.sr.is_file()
+    assert [report_object(store, i).purged_at for i in made.objects.values()] == [NOW, NOW]
+    assert len(store.rows(s.DeliveryObject)) == 2 and len(store.rows(s.Report)) == 1
+    [event] = [e for e in logs if e["event"] == "overlays_purged"]
+    assert event["files_deleted"] == 2 and "path" not in event
+    (row,) = runs(store, "purge_overlays")
+    assert row.ok and json.loads(row.summary)["files_deleted"] == 2
+    again = hk.run_once("purge_overlays")
+    assert again.ok and again.summary["files_deleted"] == again.summary["files_missing"] == 0
+
+
+def test_overlay_purge_keeps_young_overlays(tmp_path: Path, store: Store, spool: Spool) -> None:
+    """Overlays of a report younger than retention_days stay, even when delivered."""
+    hk = housekeeping(tmp_path, store, spool)
+    made = make_report(store, hk.config.reports_dir, YOUNG)
+    carry(store, made, s.DELIVERED, {"sc": True, "gsps": True})
+    run = hk.run_once("purge_overlays")
+    assert run.ok and run.summary["files_deleted"] == 0
+    assert all(f.is_file() for f in made.files.values())
+    assert [report_object(store, i).purged_at for i in made.objects.values()] == [None, None]
+
+
+@pytest.mark.parametrize("state", [s.DEAD, s.PENDING])
+def test_overlay_purge_keeps_what_a_delivery_has_not_stored(
+        tmp_path: Path, store: Store, spool: Spool, state: str) -> None:
+    """A dead (retry sends it again) or pending delivery that has not stored an overlay keeps
+    its file and their folder; the overlay it did store goes."""
+    hk = housekeeping(tmp_path, store, spool)
+    made = make_report(store, hk.config.reports_dir, OLD)
+    carry(store, made, state, {"sc": True, "gsps": False})
+    run = hk.run_once("purge_overlays")
+    assert run.ok and run.summary["files_deleted"] == 1 and run.summary["folders_removed"] == 0
+    assert not made.files["sc"].exists() and made.files["gsps"].is_file()
+    assert report_object(store, made.objects["sc"]).purged_at == NOW
+    assert report_object(store, made.objects["gsps"]).purged_at is None
+
+
+def test_overlay_purge_waits_for_every_delivery(tmp_path: Path, store: Store,
+                                                spool: Spool) -> None:
+    """An overlay delivered to one destination but not stored by a dead delivery to another
+    stays; once that delivery stores it, the next run deletes it."""
+    hk = housekeeping(tmp_path, store, spool)
+    made = make_report(store, hk.config.reports_dir, OLD, kinds=("sc",))
+    carry(store, made, s.DELIVERED, {"sc": True}, destination="pacs")
+    dead = carry(store, made, s.DEAD, {"sc": False}, destination="viewer")
+    assert hk.run_once("purge_overlays").summary["files_deleted"] == 0
+    assert made.files["sc"].is_file()
+    store._run(lambda ses: ses.execute(
+        update(s.DeliveryObject).where(s.DeliveryObject.delivery_id == dead)
+        .values(delivered_at=NOW)))
+    run = hk.run_once("purge_overlays")
+    assert run.summary["files_deleted"] == 1 and not made.folder.exists()
+
+
+def test_overlay_purge_takes_old_overlays_no_delivery_carries(
+        tmp_path: Path, store: Store, spool: Spool) -> None:
+    """An old overlay that no delivery carries goes."""
+    hk = housekeeping(tmp_path, store, spool)
+    made = make_report(store, hk.config.reports_dir, OLD)
+    run = hk.run_once("purge_overlays")
+    assert run.summary["files_deleted"] == 2 and not made.folder.exists() and made.sr.is_file()
+
+
+def test_overlay_purge_retention_zero_keeps_everything(tmp_path: Path, store: Store,
+                                                       spool: Spool) -> None:
+    """retention_days = 0 turns the overlay purge off."""
+    hk = housekeeping(tmp_path, store, spool, retention_days=0)
+    made = make_report(store, hk.config.reports_dir, OLD - dt.timedelta(days=3650))
+    carry(store, made, s.DELIVERED, {"sc": True, "gsps": True})
+    run = hk.run_once("purge_overlays")
+    assert run.ok and "skipped" in run.summary
+    assert all(f.is_file() for f in made.files.values())
+    assert [report_object(store, i).purged_at for i in made.objects.values()] == [None, None]
+
+
+def test_overlay_purge_of_missing_file_still_marks_row(tmp_path: Path, store: Store,
+                                                       spool: Spool) -> None:
+    """Files already gone are counted as missing, not errors; the rows are marked purged and the
+    empty .overlays folder goes."""
+    hk = housekeeping(tmp_path, store, spool)
+    made = make_report(store, hk.config.reports_dir, OLD)
+    carry(store, made, s.DELIVERED, {"sc": True, "gsps": True})
+    for f in made.files.values():
+        f.unlink()
+    run = hk.run_once("purge_overlays")
+    assert run.ok and run.summary["files_missing"] == 2 and run.summary["errors"] == 0
+    assert run.summary["files_deleted"] == 0 and run.summary["folders_removed"] == 1
+    assert not made.folder.exists() and made.sr.is_file()
+    assert [report_object(store, i).purged_at for i in made.objects.values()] == [NOW, NOW]
+
+
+def test_overlay_purge_never_touches_sr_files_or_spool(tmp_path: Path, store: Store,
+                                                      spool: Spool) -> None:
+    """Two old report versions: every overlay goes, both SR files stay (version 2 read version
+    1's), the study folder stays; the spool is not the overlay purge's business."""
+    _, spool_file = receive(store, spool, "1.2.3", "1.2.3.1", OLD)
+    mark_reported(store, "1.2.3")
+    hk = housekeeping(tmp_path, store, spool)
+    v1 = make_report(store, hk.config.reports_dir, OLD, version=1)
+    v2 = make_report(store, hk.config.reports_dir, OLD + dt.timedelta(hours=1), version=2)
+    for made in (v1, v2):
+        carry(store, made, s.DELIVERED, {"sc": True, "gsps": True})
+    run = hk.run_once("purge_overlays")
+    assert run.summary["files_deleted"] == 4 and run.summary["folders_removed"] == 2
+    assert v1.sr.is_file() and v2.sr.is_file()
+    assert sorted(p.name for p in (hk.config.reports_dir / "1.2.3").iterdir()) == \
+        ["9.1.2.3.1.dcm", "9.1.2.3.2.dcm"]
+    assert spool_file.is_file()
+
+
+def test_purge_overlays_command(tmp_path: Path, store: Store, spool: Spool,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`fracture-node housekeeping purge_overlays --json` runs the job and records it."""
+    from fracture_node import audit_cli
+
+    config = tmp_path / "config.toml"
+    state = tmp_path / "state"
+    config.write_text(f'[database]\nurl = "{store.url}"\n[node]\nstate_dir = "{state}"\n'
+                      f'[storage]\nspool_dir = "{spool.root}"\nretention_days = 1\n')
+    made = make_report(store, state / "reports", NOW - dt.timedelta(days=2))
+    carry(store, made, s.DELIVERED, {"sc": True, "gsps": True})
+    assert audit_cli.main(["housekeeping", "purge_overlays", "--config", str(config),
+                           "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] and out["summary"]["files_deleted"] == 2
+    assert not made.folder.exists() and made.sr.is_file()
+    assert len(runs(store, "purge_overlays")) == 1
+
+
+# Delivering an overlay whose file is gone ---------------------------------------------------------
+
+def test_retry_of_delivery_whose_overlay_file_was_purged(
+        tmp_path: Path, store: Store, spool: Spool, storescp: tuple[int, Path]) -> None:
+    """A dead delivery that still has to send an overlay whose file is gone (purged, or deleted
+    by hand) is retried without crashing: the SR and the other overlay are stored, the gone one
+    is recorded with its reason, the delivery is dead again at once (no retry brings a file
+    back) and the log names UIDs only. Once the file is put back, a retry sends it."""
+    from fracture_node import cli
+
+    port, received = storescp
+    pacs = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    config = make_config(tmp_path, store.url, destinations=(pacs,))
+    made = make_report(store, config.reports_dir, OLD)
+    delivery_id = carry(store, made, s.DEAD, {"sc": False, "gsps": False}, sr_stored=False)
+    sc_bytes = made.files["sc"].read_bytes()
+    made.files["sc"].unlink()  # as if purged while still needed (only possible by hand)
+    store._run(lambda ses: ses.execute(
+        update(s.ReportObject).where(s.ReportObject.id == made.objects["sc"])
+        .values(purged_at=OLD + dt.timedelta(days=31))))
+    toml = tmp_path / "config.toml"
+    toml.write_text(f'[database]\nurl = "{store.url}"\n')
+    assert cli.main(["retry", "-c", str(toml)]) == 0
+
+    deliverer = Deliverer(config, store, NODE)
+    with capture_logs() as logs:
+        assert deliverer.run_once() == 0
+    [delivery] = store.rows(s.Delivery)
+    assert delivery.state == s.DEAD and delivery.report_delivered_at is not None
+    assert delivery.attempts == 2
+    assert delivery.last_error.startswith("1 overlay not sent, file gone: the Secondary Capture "
+                                          f"8.1.9.1.2.3.1: its file was purged by retention on "
+                                          f"{(OLD + dt.timedelta(days=31)):%Y-%m-%d}")
+    outcome = {o.object_id: o for o in store.rows(s.DeliveryObject)}
+    sc, gsps = outcome[made.objects["sc"]], outcome[made.objects["gsps"]]
+    assert sc.delivered_at is None and sc.last_error.startswith(
+        "not sent: its file was purged by retention on")
+    assert gsps.delivered_at is not None and gsps.last_status == 0
+    assert sorted(str(pydicom.dcmread(p).SOPClassUID) for p in received.iterdir()) == sorted(
+        [Comprehensive3DSRStorage, GrayscaleSoftcopyPresentationStateStorage])
+    [gone] = [e for e in logs if e["event"] == "overlay_file_missing"]
+    assert (gone["delivery_id"], gone["kind"], gone["sop_instance_uid"]) == \
+        (delivery_id, "sc", "8.1.9.1.2.3.1")
+    assert not any("path" in e or str(tmp_path) in json.dumps(e, default=str) for e in logs)
+    assert [e["event"] for e in logs if e["event"].startswith("delivery_")] == ["delivery_dead"]
+
+    made.files["sc"].write_bytes(sc_bytes)  # restored from a backup
+    assert cli.main(["retry", "-c", str(toml)]) == 0
+    assert deliverer.run_once() == 1
+    [delivery] = store.rows(s.Delivery)
+    assert delivery.state == s.DELIVERED
+    assert all(o.delivered_at is not None for o in store.rows(s.DeliveryObject))
+    assert len(list(received.iterdir())) == 3
+
+
+def test_overlay_file_missing_by_hand_is_named_as_missing(
+        tmp_path: Path, store: Store, spool: Spool, storescp: tuple[int, Path]) -> None:
+    """An overlay file deleted by hand (not purged) while its delivery is pending: the SR is
+    sent, the overlay's reason says the file is missing, the delivery is dead-lettered."""
+    port, received = storescp
+    pacs = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    config = make_config(tmp_path, store.url, destinations=(pacs,))
+    made = make_report(store, config.reports_dir, YOUNG, kinds=("sc",))
+    carry(store, made, s.PENDING, {"sc": False}, sr_stored=False)
+    store._run(lambda ses: ses.execute(update(s.Delivery).values(
+        next_attempt_at=dt.datetime.now(dt.UTC), deadline_at=dt.datetime.now(dt.UTC)
+        + dt.timedelta(days=1))))
+    made.files["sc"].unlink()
+    assert Deliverer(config, store, NODE).run_once() == 0
+    [delivery] = store.rows(s.Delivery)
+    assert delivery.state == s.DEAD and delivery.report_delivered_at is not None
+    [obj] = store.rows(s.DeliveryObject)
+    assert obj.delivered_at is None
+    assert obj.last_error.startswith("not sent: its file is missing from the reports folder")
+    assert [str(pydicom.dcmread(p).SOPClassUID) for p in received.iterdir()] == \
+        [Comprehensive3DSRStorage]
 
 
 # Claims ----------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from fracture_node.db import migrate
 from fracture_node.db.schema import Base
@@ -79,3 +79,43 @@ def test_first_schema_with_rows_upgrades_to_current(empty_url: str) -> None:
                                                      "compare_server_default": True})
         assert compare_metadata(ctx, Base.metadata) == []
     engine.dispose()
+
+
+def test_0004_adds_purged_at_to_existing_overlays(empty_url: str) -> None:
+    """A database at 0003 with a report and its overlays upgrades to 0004: the rows are kept,
+    ``purged_at`` is NULL (the files are still there) and the partial index is there; 0004
+    downgrades to 0003 (rows kept) and upgrades again."""
+    from alembic import command
+
+    migrate.upgrade(empty_url, "0003")
+    engine = make_engine(empty_url)
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).replace(tzinfo=None)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO reports (id, study_instance_uid, version, sop_instance_uid,"
+            " series_instance_uid, path, created_at, instances_total, instances_positive,"
+            " instances_unprocessed, made_by) VALUES (1, '1.2', 1, '9.1', '9', '1.2/9.1.dcm',"
+            " :t, 1, 1, 0, 'n')"), {"t": now})
+        conn.execute(text(
+            "INSERT INTO report_objects (id, report_id, kind, sop_class_uid, sop_instance_uid,"
+            " series_instance_uid, source_sop_instance_uid, path, created_at) VALUES"
+            " (1, 1, 'sc', '1.2.840.10008.5.1.4.1.1.7', '8.1', '8', '1.2.3',"
+            " '1.2/9.1.overlays/sc-8.1.dcm', :t)"), {"t": now})
+    engine.dispose()
+    assert migrate.upgrade(empty_url, "0004") == "0004"
+    engine = make_engine(empty_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT kind, purged_at FROM report_objects")).one() == \
+            ("sc", None)
+        indexes = {i["name"]: i for i in inspect(conn).get_indexes("report_objects")}
+        assert indexes["ix_report_objects_unpurged_created_at"]["column_names"] == ["created_at"]
+    engine.dispose()
+
+    command.downgrade(migrate.alembic_config(empty_url), "0003")
+    assert migrate.current(empty_url) == "0003"
+    engine = make_engine(empty_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT kind FROM report_objects")).scalar_one() == "sc"
+        assert "purged_at" not in {c["name"] for c in inspect(conn).get_columns("report_objects")}
+    engine.dispose()
+    assert migrate.upgrade(empty_url, "0004") == "0004"

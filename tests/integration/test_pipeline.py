@@ -174,6 +174,45 @@ def test_taken_back_claim_is_processed_once(node: Node, samples_dir: Path) -> No
     assert len(node.store.rows(s.Result)) == 1
 
 
+def test_retry_is_claimed_and_scored_alone(tmp_path: Path, db_url: str, tiny_model: Path,
+                                          samples_dir: Path) -> None:
+    """Instances a dead worker held come back as retries: each is claimed and scored alone
+    (so an image that crashes the process cannot take its batch to max_attempts with it),
+    and the fresh instances behind them still go in full batches."""
+    n = _node(tmp_path, db_url, tiny_model, max_batch=4, max_wait_ms=200)
+    try:
+        for ds in _study(samples_dir, 6):
+            n.add(ds)
+        dead = n.store.claim_instances("dead-worker", 2)
+        assert n.store.take_back_stale_claims(dt.timedelta(0), max_attempts=3) == (2, 0)
+        retried = {c.id for c in dead}
+        # A worker with something in hand claims nothing past a retry at the head of the queue.
+        assert n.store.claim_instances("other", 10, retry_alone=False) == []
+        n.drain()
+        results = {r.instance_id: r for r in n.store.rows(s.Result)}
+        instances = n.store.rows(s.Instance)
+        assert {i.state for i in instances} == {s.PROCESSED} and len(results) == 6
+        assert all(results[i].batch_size == 1 for i in retried)
+        assert max(r.batch_size for i, r in results.items() if i not in retried) > 1
+        assert {i.id: i.attempts for i in instances if i.id in retried} == dict.fromkeys(retried, 2)
+    finally:
+        n.close()
+
+
+def test_claim_stops_before_a_retry(node: Node, samples_dir: Path) -> None:
+    """Fresh instances ahead of a retry are claimed; the claim stops at the retry, which is
+    then claimed alone."""
+    for ds in _study(samples_dir, 4):
+        node.add(ds)
+    ids = sorted(i.id for i in node.store.rows(s.Instance))
+    [first, second] = node.store.claim_instances("dead-worker", 2)
+    node.store.release_claims("dead-worker", [first.id])  # a clean stop: not a retry
+    node.store.take_back_stale_claims(dt.timedelta(0), max_attempts=3)  # second: a retry
+    assert [c.id for c in node.store.claim_instances("w", 10)] == [ids[0]]
+    assert [(c.id, c.attempts) for c in node.store.claim_instances("w", 10)] == [(ids[1], 2)]
+    assert [c.id for c in node.store.claim_instances("w", 10)] == ids[2:]
+
+
 def test_stopping_worker_gives_claims_back(node: Node, samples_dir: Path) -> None:
     """Claims the worker holds but has not scored go back to the queue when it stops."""
     for ds in _study(samples_dir, 3):
