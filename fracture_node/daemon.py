@@ -126,6 +126,11 @@ class Daemon:
                                                                  cfg.model.max_attempts)
             if requeued or failed:
                 log.warning("claims_taken_back", requeued=requeued, failed=failed)
+            # Likewise a delivery lease; a restart also retries deliveries in back-off at once
+            # (an administrator who fixed the PACS and restarted expects them to go now).
+            resumed = self.store.make_deliveries_due()
+            if resumed:
+                log.warning("deliveries_resumed", count=resumed)
         self.deliverer = Deliverer(cfg, self.store, node, metrics=self.metrics)
         scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
             "coalesce": True, "max_instances": 1, "misfire_grace_time": 30})

@@ -278,6 +278,22 @@ def test_late_instance_makes_a_new_version(node: Node, samples_dir: Path,
     assert len(list(pacs[1].iterdir())) == 2
 
 
+def test_lease_of_a_stopped_run_is_made_due(node: Node, samples_dir: Path) -> None:
+    """A delivery leased by a run that died is sent at once after make_deliveries_due (what
+    a SQLite node does at start-up), not after the lease."""
+    for ds in _study(samples_dir, 2):
+        node.add(ds)
+    node.drain()
+    assert node.reporter.run_once() == 1
+    assert len(node.store.claim_deliveries(lease_s=3600)) == 1  # the run that dies
+    assert node.store.claim_deliveries(lease_s=3600) == []
+    assert node.deliverer.run_once() == 0
+    assert node.store.make_deliveries_due() == 1
+    assert node.deliverer.run_once() == 1
+    [delivery] = node.store.rows(s.Delivery)
+    assert delivery.state == s.DELIVERED and node.store.make_deliveries_due() == 0
+
+
 def test_unreachable_pacs_is_retried_then_dead_lettered_then_redelivered(
         tmp_path: Path, sqlite_url: str, tiny_model: Path, samples_dir: Path) -> None:
     """Failed deliveries are retried with back-off, dead-lettered at the deadline, and
