@@ -12,8 +12,8 @@ with ``overlays``, each image with regions in the SR also gets a Secondary Captu
 burned into the radiograph, re-read from the spool) and/or a GSPS (the regions outlined on the
 radiograph), in the same study, queued with the SR for those destinations only. An overlay that
 cannot be made is logged and left out; it never holds back the SR. An overlay's SOP Instance UID
-is derived from what it shows, so a new report version re-sends the same objects (the PACS keeps
-one copy) rather than adding new ones beside the old.
+is derived from what it shows, so a new report version lists the same objects rather than adding new
+ones beside the old; a destination that stored one already is not sent it again.
 """
 
 from __future__ import annotations

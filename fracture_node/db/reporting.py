@@ -29,6 +29,22 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _already_stored(ses: Session, destination: str, uids: Sequence[str]
+                    ) -> dict[str, dt.datetime]:
+    """Of these overlay SOP Instance UIDs, those ``destination`` has stored already (for an
+    earlier report version), with when. An overlay's UID is derived from what it shows, so
+    such an object is not sent again: a PACS that refuses or flags a duplicate SOP Instance
+    UID must not hold the new version's delivery back."""
+    ro, do, d = s.ReportObject, s.DeliveryObject, s.Delivery
+    rows = ses.execute(
+        select(ro.sop_instance_uid, func.min(do.delivered_at))
+        .join(do, do.object_id == ro.id).join(d, d.id == do.delivery_id)
+        .where(d.destination == destination, ro.sop_instance_uid.in_(list(uids)),
+               do.delivered_at.is_not(None))
+        .group_by(ro.sop_instance_uid)).all()
+    return {uid: at for uid, at in rows}
+
+
 ASSOCIATION_SILENCE_S = 180.0
 """An association still open in SQL but silent (no new instance) for this long is treated as
 ended by :meth:`ReportingQueries.due_studies`: its receiver died and never came back to mark it
@@ -264,7 +280,9 @@ class ReportingQueries:
                 carried = [o for o in made if o.kind in kinds]
                 if carried:
                     ses.flush()
-                    ses.add_all(s.DeliveryObject(delivery_id=delivery.id, object_id=o.id)
+                    held = _already_stored(ses, name, [o.sop_instance_uid for o in carried])
+                    ses.add_all(s.DeliveryObject(delivery_id=delivery.id, object_id=o.id,
+                                                 delivered_at=held.get(o.sop_instance_uid))
                                 for o in carried)
             return row.id
 

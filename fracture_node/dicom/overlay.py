@@ -363,8 +363,8 @@ def overlay_instance_uid(kind: str, source_sop_instance_uid: str, content_key: s
     """A stable SOP Instance UID for an overlay of one image (``sc`` or ``gsps``).
 
     ``content_key`` identifies what the overlay shows (e.g. the result row it is drawn from):
-    every report version that shows the same result sends the same object again, which the
-    PACS stores once, instead of piling up copies in the overlay series.
+    every report version that shows the same result lists the same object (sent once to each
+    destination), instead of piling up copies in the overlay series.
     """
     if kind not in ("sc", "gsps"):
         raise ValueError(f"overlay kind {kind!r} is not sc or gsps")

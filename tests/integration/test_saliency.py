@@ -400,6 +400,52 @@ def test_new_report_version_reuses_the_overlay_uids(tmp_path: Path, sqlite_url: 
     assert len(sc_series) == 1
 
 
+def test_new_version_does_not_resend_overlays_the_pacs_holds(
+        tmp_path: Path, db_url: str, saliency_model: Path, samples_dir: Path, make_node: Any,
+        storescp: tuple[int, Path]) -> None:
+    """Version 2 of a study sends its SR and the late image's overlays; the first image's
+    overlays, stored by version 1's delivery under the same UIDs, are recorded as stored then
+    and not sent again."""
+    node = make_node(_config(tmp_path, db_url, saliency_model,
+                             [_dest("pacs", storescp[0], "both")]))
+    first, late = _study(samples_dir, [HIP, TINY])
+    node.add(first)
+    node.drain()
+    assert node.reporter.run_once() == 1
+    assert node.deliverer.run_once() == 1
+    v1 = {(ds.SOPClassUID, ds.SOPInstanceUID) for v in _received(storescp[1]).values()
+          for ds in v}
+    for path in storescp[1].rglob("*"):
+        if path.is_file():
+            path.unlink()
+    node.add(late)
+    node.drain()
+    assert node.reporter.run_once() == 1
+    assert node.deliverer.run_once() == 1
+    received = _received(storescp[1])
+    assert {k: len(v) for k, v in received.items()} == {
+        Comprehensive3DSRStorage: 1, SecondaryCaptureImageStorage: 1,
+        GrayscaleSoftcopyPresentationStateStorage: 1}
+    sent_v2 = {(ds.SOPClassUID, ds.SOPInstanceUID) for v in received.values() for ds in v}
+    assert not sent_v2 & v1
+    for ds in received[SecondaryCaptureImageStorage]:
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == late.SOPInstanceUID
+    deliveries = sorted(node.store.rows(s.Delivery), key=lambda d: d.id)
+    assert [d.state for d in deliveries] == [s.DELIVERED, s.DELIVERED]
+    objects = {o.id: o for o in node.store.rows(s.ReportObject)}
+    carried = [c for c in node.store.rows(s.DeliveryObject)
+               if c.delivery_id == deliveries[1].id]
+    assert len(carried) == 4 and all(c.delivered_at is not None for c in carried)
+    first_stored = {objects[c.object_id].sop_instance_uid: c.delivered_at
+                    for c in node.store.rows(s.DeliveryObject)
+                    if c.delivery_id == deliveries[0].id}
+    for c in carried:
+        uid = objects[c.object_id].sop_instance_uid
+        if uid in first_stored:  # not sent again: stored when version 1 was delivered
+            assert c.delivered_at == first_stored[uid]
+    assert sum(objects[c.object_id].sop_instance_uid in first_stored for c in carried) == 2
+
+
 def test_discarded_report_takes_its_overlays_and_leaves_the_winners(
         tmp_path: Path, sqlite_url: str, saliency_model: Path, samples_dir: Path,
         make_node: Any) -> None:
