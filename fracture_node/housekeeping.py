@@ -217,25 +217,28 @@ class Housekeeping:
             log.debug("spool_purge_disabled")
             return {"skipped": "retention_days = 0 keeps every spool file",
                     "temporaries_removed": swept}
+        return self._purge(maintenance.mark_spool_purged, self._delete_spool_file, days,
+                           "spool_purged", "spool_purge_checked", temporaries_removed=swept)
+
+    def _purge(self, mark: Callable[[Store, dt.datetime, dt.datetime, int], Sequence[Any]],
+               delete: Callable[[Any, dict[str, Any], set[Path]], None], days: int,
+               done_event: str, checked_event: str, **extra: Any) -> dict[str, Any]:
+        """Mark rows older than ``days`` purged batch by batch (``mark``) and ``delete`` each
+        one's file, for at most :data:`PURGE_MAX_S`; then remove the folders the deletions
+        emptied. Logs ``done_event`` (info) when a file went, else ``checked_event`` (debug)."""
         now = self.clock()
         cutoff = now - dt.timedelta(days=days)
         summary: dict[str, Any] = {"cutoff": cutoff.isoformat(), "files_deleted": 0,
                                    "files_missing": 0, "bytes_freed": 0, "errors": 0,
-                                   "folders_removed": 0, "complete": True,
-                                   "temporaries_removed": swept}
-        self._purge_batches(
-            lambda: maintenance.mark_spool_purged(self.store, cutoff, now, PURGE_BATCH),
-            self._delete_spool_file, summary)
-        event = "spool_purged" if summary["files_deleted"] or summary["files_missing"] else \
-            "spool_purge_checked"
-        (log.info if event == "spool_purged" else log.debug)(event, **summary)
+                                   "folders_removed": 0, "complete": True, **extra}
+        self._purge_batches(lambda: mark(self.store, cutoff, now, PURGE_BATCH), delete, summary)
+        done = summary["files_deleted"] or summary["files_missing"]
+        (log.info if done else log.debug)(done_event if done else checked_event, **summary)
         return summary
 
     def _purge_batches(self, mark: Callable[[], Sequence[Any]],
                        delete: Callable[[Any, dict[str, Any], set[Path]], None],
                        summary: dict[str, Any]) -> None:
-        """Mark rows purged batch by batch (``mark``) and ``delete`` each one's file, for at most
-        :data:`PURGE_MAX_S`; then remove the folders the deletions emptied."""
         folders: set[Path] = set()
         deadline = time.monotonic() + PURGE_MAX_S
         while True:
@@ -267,19 +270,9 @@ class Housekeeping:
         if days <= 0:
             log.debug("overlay_purge_disabled")
             return {"skipped": "retention_days = 0 keeps every overlay file"}
-        now = self.clock()
-        cutoff = now - dt.timedelta(days=days)
-        summary: dict[str, Any] = {"cutoff": cutoff.isoformat(), "files_deleted": 0,
-                                   "files_missing": 0, "bytes_freed": 0, "errors": 0,
-                                   "folders_removed": 0, "complete": True}
         # An overlay still needed keeps its folder (only empty folders are removed).
-        self._purge_batches(
-            lambda: maintenance.mark_overlays_purged(self.store, cutoff, now, PURGE_BATCH),
-            self._delete_overlay_file, summary)
-        event = "overlays_purged" if summary["files_deleted"] or summary["files_missing"] else \
-            "overlay_purge_checked"
-        (log.info if event == "overlays_purged" else log.debug)(event, **summary)
-        return summary
+        return self._purge(maintenance.mark_overlays_purged, self._delete_overlay_file, days,
+                           "overlays_purged", "overlay_purge_checked")
 
     def _delete_overlay_file(self, item: maintenance.OverlayFile, summary: dict[str, Any],
                              folders: set[Path]) -> None:
