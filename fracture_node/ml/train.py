@@ -82,8 +82,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--time-budget-min", type=float, default=0.0, help="0 = no time limit")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                   help="autocast dtype for training (CPU bf16 is ~2x faster on AVX512-BF16)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="autocast dtype for training; auto: bf16 on a GPU that has it and on a "
+                        "CPU with native bf16 (AVX512-BF16 or AMX: about 2x faster), else fp32 "
+                        "(emulated bf16 is about 12x slower than fp32)")
     p.add_argument("--limit", type=int, default=0, help="use at most N images per split (tests)")
     p.add_argument("--val-limit", type=int, default=0)
     p.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16",
@@ -300,13 +302,38 @@ def _pos_weight(spec: str, labels: np.ndarray) -> float:
     return float(spec)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (else autocast emulates it, slowly)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the device has native bf16, else ``fp32``; others as given.
+
+    Measured on a 2-core AVX2 CPU (no native bf16), ResNet-18 at 448 px, batch 32: one training
+    step took 164 s with bf16 autocast against 13.7 s in fp32.
+    """
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def run(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
+    args.precision = resolve_precision(args.precision, device)
     amp = args.precision == "bf16"
+    log.info("training_precision", precision=args.precision, device=str(device),
+             cpu_capability=torch.backends.cpu.get_cpu_capability())
     args.out.mkdir(parents=True, exist_ok=True)
 
     records = load_records(args.data)

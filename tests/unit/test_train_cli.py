@@ -172,3 +172,20 @@ def test_tiny_epoch_with_box_supervision_records_box_figures(tmp_path: Path,
     assert epoch["box_loss"] > 0
     assert 0.0 <= epoch["val_pointing_game"] <= 1.0
     assert "6 boxed train images" in card["training"]["box_supervision"]
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU without native bf16, autocast emulates it about 12x slower than fp32: auto
+    picks fp32 there and bf16 where AVX512-BF16 or AMX is present; an explicit choice stands."""
+    import torch
+
+    from fracture_node.ml.train import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    assert resolve_precision("fp32", cpu) == "fp32"
