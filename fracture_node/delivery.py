@@ -27,7 +27,7 @@ from typing import Any
 from fracture_node.config import Config, Destination
 from fracture_node.db import schema as s
 from fracture_node.db.reporting import DueDelivery, DueObject, ObjectOutcome
-from fracture_node.db.store import Store
+from fracture_node.db.store import Store, utcnow
 from fracture_node.dicom.send import StoreOutcome, store_many
 from fracture_node.errors import DeliveryError
 from fracture_node.logs import get_logger
@@ -74,7 +74,9 @@ class Deliverer:
         dest = self.destinations.get(item.destination)
         ok, status, error, duration_s = False, None, None, 0.0
         report_stored = no_retry = False
+        report_after_s: float | None = None
         objects: list[ObjectOutcome] = []
+        started_at = utcnow()
         if dest is None:
             error = (f"destination {item.destination!r} is no longer configured; "
                      "add it back to [[destinations]] or leave the delivery dead")
@@ -98,7 +100,9 @@ class Deliverer:
                     error, rest_ok = str(exc), False
                 else:
                     report_stored = not item.report_delivered and outcomes[0].ok
-                    objects = [ObjectOutcome(o.id, out.ok, out.status, out.error) for o, out in
+                    report_after_s = outcomes[0].duration_s if report_stored else None
+                    objects = [ObjectOutcome(o.id, out.ok, out.status, out.error,
+                                             out.duration_s) for o, out in
                                zip(sent, outcomes[len(outcomes) - len(sent):], strict=True)]
                     ok, status, error = _summary(outcomes, names, item.report_delivered)
                     rest_ok = ok
@@ -119,7 +123,9 @@ class Deliverer:
                                           duration_ms=round(duration_s * 1000, 1),
                                           node=self.node,
                                           retry_in_s=None if no_retry else retry_in,
-                                          report_stored=report_stored, objects=objects)
+                                          report_stored=report_stored, objects=objects,
+                                          started_at=started_at,
+                                          report_stored_after_s=report_after_s)
         if self.metrics:
             self.metrics.deliveries.labels(item.destination,
                                            "delivered" if ok else "failed").inc()

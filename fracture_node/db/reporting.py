@@ -128,6 +128,8 @@ class ObjectOutcome:
     ok: bool
     status: int | None
     error: str | None
+    after_s: float | None = None
+    """Seconds from the attempt's start to the peer's answer (when it was stored)."""
 
 
 @dataclass(frozen=True)
@@ -347,29 +349,40 @@ class ReportingQueries:
     def record_attempt(self, delivery: DueDelivery, *, ok: bool, status: int | None,
                        error: str | None, duration_ms: float, node: str,
                        retry_in_s: float | None, report_stored: bool | None = None,
-                       objects: Sequence[ObjectOutcome] = ()) -> str:
+                       objects: Sequence[ObjectOutcome] = (),
+                       started_at: dt.datetime | None = None,
+                       report_stored_after_s: float | None = None) -> str:
         """Record one attempt; returns the delivery's new state (delivered, pending or dead).
 
         ``ok`` means everything the delivery still had to send was stored. ``report_stored``
         (default: ``ok``) says whether the SR was stored in this attempt; ``objects`` give the
-        outcome of each overlay sent.
+        outcome of each overlay sent. ``started_at`` (default: now) is when the attempt began
+        (``delivery_attempts.attempted_at``); with it, ``report_stored_after_s`` and each
+        object's ``after_s`` date when the peer stored it, not when the attempt was recorded.
         """
         stored = ok if report_stored is None else report_stored
 
         def fn(ses: Session) -> str:
             now = _now()
-            ses.add(s.DeliveryAttempt(delivery_id=delivery.id, attempted_at=now,
+            begun = started_at or now
+
+            def at(after_s: float | None) -> dt.datetime:
+                if started_at is None or after_s is None:
+                    return now
+                return min(now, started_at + dt.timedelta(seconds=after_s))
+
+            ses.add(s.DeliveryAttempt(delivery_id=delivery.id, attempted_at=begun,
                                       duration_ms=duration_ms, ok=ok, status=status,
                                       error=error, node=node))
             for o in objects:
                 ses.execute(update(s.DeliveryObject).where(
                     s.DeliveryObject.id == o.id, s.DeliveryObject.delivered_at.is_(None))
                     .values(last_status=o.status, last_error=o.error,
-                            **({"delivered_at": now} if o.ok else {})))
+                            **({"delivered_at": at(o.after_s)} if o.ok else {})))
             if stored:
                 ses.execute(update(s.Delivery).where(s.Delivery.id == delivery.id,
                                                      s.Delivery.report_delivered_at.is_(None))
-                            .values(report_delivered_at=now))
+                            .values(report_delivered_at=at(report_stored_after_s)))
             if ok:
                 state, values = s.DELIVERED, {"delivered_at": now}
             elif retry_in_s is None or now + dt.timedelta(seconds=retry_in_s) > delivery.deadline_at:

@@ -237,6 +237,10 @@ def test_stable_study_is_reported_and_delivered(node: Node, samples_dir: Path,
     assert delivery.state == s.DELIVERED
     [attempt] = node.store.rows(s.DeliveryAttempt)
     assert attempt.ok and attempt.status == 0
+    # attempted_at is the attempt's start; the SR is stamped when the PACS answered it
+    answered = delivery.report_delivered_at - attempt.attempted_at
+    assert dt.timedelta(0) < answered <= dt.timedelta(milliseconds=attempt.duration_ms + 1)
+    assert attempt.attempted_at < delivery.report_delivered_at <= delivery.delivered_at
     [received] = list(pacs[1].iterdir())
     sr = pydicom.dcmread(received)
     assert sr.StudyInstanceUID == study[0].StudyInstanceUID

@@ -310,6 +310,12 @@ def test_overlays_go_only_to_the_destinations_that_ask(
     carried = node.store.rows(s.DeliveryObject)
     assert {c.delivery_id for c in carried} == {deliveries["viewer"].id}
     assert len(carried) == 4 and all(c.delivered_at is not None for c in carried)
+    # each object is stamped when the PACS answered it: the SR first, then the overlays
+    [attempt] = [a for a in node.store.rows(s.DeliveryAttempt)
+                 if a.delivery_id == deliveries["viewer"].id]
+    stamps = sorted(c.delivered_at for c in carried)
+    assert attempt.attempted_at < deliveries["viewer"].report_delivered_at <= stamps[0]
+    assert stamps[-1] <= deliveries["viewer"].delivered_at
     sent = {o.sop_instance_uid for o in objects}
     assert sent == {ds.SOPInstanceUID for v in viewer.values() for ds in v
                     if ds.SOPClassUID != Comprehensive3DSRStorage}
