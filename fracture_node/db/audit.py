@@ -134,7 +134,7 @@ _TURNAROUND_TIMES = """
 WITH firsts AS MATERIALIZED (
   SELECT s.first_received_at,
          r.created_at AS reported_at,
-         (SELECT min(d.delivered_at) FROM deliveries d WHERE d.report_id = r.id) AS delivered_at
+         (SELECT min(d.report_delivered_at) FROM deliveries d WHERE d.report_id = r.id) AS delivered_at
   FROM studies s
   LEFT JOIN reports r ON r.study_instance_uid = s.study_instance_uid AND r.version = 1
   WHERE s.first_received_at >= :since AND s.first_received_at < :until
