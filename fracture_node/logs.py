@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -26,7 +26,7 @@ def _drop_patient_fields(_: Any, __: str, event_dict: dict[str, Any]) -> dict[st
     return event_dict
 
 
-def configure(level: str = "info", json: bool | None = None) -> None:
+def configure(level: str = "info", json: bool | None = None, stream: TextIO | None = None) -> None:
     """Configure structlog and the standard library's logging.
 
     Parameters
@@ -34,11 +34,15 @@ def configure(level: str = "info", json: bool | None = None) -> None:
     level:
         ``debug``, ``info``, ``warning`` or ``error``.
     json:
-        JSON lines when true, a console renderer when false; by default JSON unless stdout is a
-        terminal.
+        JSON lines when true, a console renderer when false; by default JSON unless ``stream``
+        is a terminal.
+    stream:
+        Where log lines go: standard output (the default: the daemon, under journald), or
+        standard error for a command whose output is data (``predict`` writing CSV to stdout).
     """
+    stream = stream or sys.stdout
     if json is None:
-        json = not sys.stdout.isatty()
+        json = not stream.isatty()
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
@@ -57,12 +61,12 @@ def configure(level: str = "info", json: bool | None = None) -> None:
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     # Libraries (pynetdicom, alembic, apscheduler) log through the standard library: keep their
     # warnings, but they are not allowed to print dataset contents at debug level.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stdout,
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=stream,
                         format="%(levelname)s %(name)s %(message)s", force=True)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # pydicom warns about every non-conformant value it reads; received objects are often

@@ -9,6 +9,7 @@ reason, never a crash. DICOM files (``.dcm`` or a ``DICM`` preamble) go through
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 from collections.abc import Iterator
@@ -31,7 +32,9 @@ _SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "DICOMDIR"})
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fracture-node predict", description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", type=Path, help="files or folders (recursed)")
-    p.add_argument("--output", required=True, type=Path, help="CSV to write")
+    p.add_argument("--output", type=Path, default=Path("-"),
+                   help="CSV to write; - (the default) is standard output, with the log on "
+                        "standard error")
     p.add_argument("--model", type=Path, default=None, help="model file (default: bundled)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--operating-point", default="balanced",
@@ -98,9 +101,13 @@ def run(args: argparse.Namespace) -> tuple[int, int]:
     clf = Classifier.load(args.model, device=args.device)
     threshold = clf.threshold(args.operating_point)
     files = list(iter_inputs(args.paths))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    to_stdout = str(args.output) == "-"
+    if not to_stdout:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
     ok = bad = 0
-    with args.output.open("w", newline="") as fh, ThreadPoolExecutor(max(1, args.workers)) as pool:
+    with (contextlib.nullcontext(sys.stdout) if to_stdout
+          else args.output.open("w", newline="")) as fh, \
+            ThreadPoolExecutor(max(1, args.workers)) as pool:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         for start in range(0, len(files), args.batch_size):
@@ -127,7 +134,7 @@ def run(args: argparse.Namespace) -> tuple[int, int]:
                                 detail=message)
                     bad += 1
                 writer.writerow(row)
-    log.info("predict_done", processed=ok, not_processed=bad, output=str(args.output),
+    log.info("predict_done", processed=ok, not_processed=bad, output="stdout" if to_stdout else str(args.output),
              model_sha256=clf.sha256, operating_point=args.operating_point, threshold=threshold)
     if args.saliency is not None:
         from fracture_node.predict_saliency import write_overlays
@@ -139,8 +146,9 @@ def run(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def main(argv: list[str]) -> int:
-    configure()
     args = parse_args(argv)
+    # The log goes to stderr: stdout may be the CSV (and is a terminal's, for people).
+    configure(stream=sys.stderr)
     try:
         run(args)
     except FractureNodeError as exc:

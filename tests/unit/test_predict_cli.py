@@ -55,6 +55,17 @@ def test_one_row_per_input_with_a_not_processed_row(tmp_path: Path, inputs: Path
     assert all(r["label"] in ("fractured", "normal") for r in ok)
 
 
+def test_without_output_the_csv_goes_to_stdout_and_the_log_to_stderr(
+        inputs: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``predict PATH`` alone prints the CSV (nothing else) on stdout; the log is on stderr."""
+    assert main([str(inputs), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    rows = list(csv.DictReader(out.splitlines()))
+    assert tuple(out.splitlines()[0].split(",")) == COLUMNS
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok", "not_processed"}
+    assert "predict_done" in err and "predict_done" not in out
+
+
 def test_csv_has_the_documented_columns(tmp_path: Path, inputs: Path, tiny_model: Path) -> None:
     """The CSV header is exactly the documented columns, with the model's sha256 on every row."""
     out = tmp_path / "out.csv"
