@@ -84,8 +84,10 @@ class Deliverer:
             ok = True  # everything was stored; only the state was left to record
         else:
             reports_dir = self.config.reports_dir
-            gone = [o for o in item.objects if not (reports_dir / o.path).is_file()]
-            sent = [o for o in item.objects if o not in gone]
+            sent: list[DueObject] = []
+            gone: list[DueObject] = []
+            for o in item.objects:
+                (sent if (reports_dir / o.path).is_file() else gone).append(o)
             names = ([] if item.report_delivered else ["the SR"]) + [_name(o) for o in sent]
             paths = ([] if item.report_delivered else [reports_dir / item.report_path]) + [
                 reports_dir / o.path for o in sent]

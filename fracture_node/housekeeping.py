@@ -231,18 +231,10 @@ class Housekeeping:
         summary: dict[str, Any] = {"cutoff": cutoff.isoformat(), "files_deleted": 0,
                                    "files_missing": 0, "bytes_freed": 0, "errors": 0,
                                    "folders_removed": 0, "complete": True, **extra}
-        self._purge_batches(lambda: mark(self.store, cutoff, now, PURGE_BATCH), delete, summary)
-        done = summary["files_deleted"] or summary["files_missing"]
-        (log.info if done else log.debug)(done_event if done else checked_event, **summary)
-        return summary
-
-    def _purge_batches(self, mark: Callable[[], Sequence[Any]],
-                       delete: Callable[[Any, dict[str, Any], set[Path]], None],
-                       summary: dict[str, Any]) -> None:
         folders: set[Path] = set()
         deadline = time.monotonic() + PURGE_MAX_S
         while True:
-            batch = mark()
+            batch = mark(self.store, cutoff, now, PURGE_BATCH)
             for item in batch:
                 delete(item, summary, folders)
             if len(batch) < PURGE_BATCH:
@@ -256,6 +248,9 @@ class Housekeeping:
                 summary["folders_removed"] += 1
             except OSError:
                 pass
+        done = summary["files_deleted"] or summary["files_missing"]
+        (log.info if done else log.debug)(done_event if done else checked_event, **summary)
+        return summary
 
     def _delete_spool_file(self, item: maintenance.SpoolFile, summary: dict[str, Any],
                            folders: set[Path]) -> None:

@@ -134,8 +134,8 @@ def run(args: argparse.Namespace) -> tuple[int, int]:
                                 detail=message)
                     bad += 1
                 writer.writerow(row)
-    log.info("predict_done", processed=ok, not_processed=bad, output="stdout" if to_stdout else str(args.output),
-             model_sha256=clf.sha256, operating_point=args.operating_point, threshold=threshold)
+    log.info("predict_done", processed=ok, not_processed=bad,
+             output="stdout" if to_stdout else str(args.output), model_sha256=clf.sha256, operating_point=args.operating_point, threshold=threshold)
     if args.saliency is not None:
         from fracture_node.predict_saliency import write_overlays
 

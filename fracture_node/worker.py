@@ -192,11 +192,12 @@ class Worker:
         """Claim and start decoding up to two batches' worth; ``batch_open``: a batch is being
         formed (so a retry, which must be alone, is not claimed now)."""
         room = 2 * self.config.model.max_batch - len(self._pending)
-        if room <= 0 or any(_is_retry(c) for c, _ in self._pending):
+        if room <= 0 or any(c.is_retry for c, _ in self._pending):
             return 0  # a retry is decoded and scored with nothing else in hand
-        claimed = self.store.claim_instances(self.node, room, retry_alone=not (self._pending or batch_open))
+        claimed = self.store.claim_instances(
+            self.node, room, retry_alone=not (self._pending or batch_open))
         for item in claimed:
-            if _is_retry(item):
+            if item.is_retry:
                 log.warning("retry_claimed_alone", instance_id=item.id,
                             sop_instance_uid=item.sop_instance_uid, attempt=item.attempts,
                             max_attempts=self.config.model.max_attempts)
@@ -263,7 +264,7 @@ class Worker:
                 finished += 1
                 continue
             batch.append(outcome)
-            if _is_retry(claimed):
+            if claimed.is_retry:
                 break  # alone in its batch: see Store.claim_instances
             if deadline is None:
                 deadline = time.monotonic() + max_wait
@@ -348,11 +349,6 @@ class Worker:
                         detail="claims were taken back before the results were saved")
         self.on_batch()
         return len(batch)
-
-
-def _is_retry(claimed: ClaimedInstance) -> bool:
-    """Claimed before without a result (its worker died, perhaps because of it)."""
-    return claimed.attempts > 1
 
 
 def _make_explainer(config: Config, classifier: Any) -> Any | None:

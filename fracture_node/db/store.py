@@ -65,6 +65,13 @@ class ClaimedInstance:
     study_instance_uid: str
     spool_path: str
     attempts: int
+    """Claims so far, this one included."""
+
+    @property
+    def is_retry(self) -> bool:
+        """Claimed before without a result (its worker died, perhaps because of it): see
+        :meth:`Store.claim_instances`."""
+        return self.attempts > 1
 
 
 @dataclass(frozen=True)
