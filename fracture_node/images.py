@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fracture_node.errors import NotProcessable
 
@@ -24,6 +24,7 @@ HIGH_PERCENTILE = 99.5
 _PERCENTILE_SAMPLE = 262_144
 
 FloatImage = NDArray[np.float32]
+_EXIF_ORIENTATION = 0x0112
 
 
 def normalize(image: NDArray[np.generic]) -> FloatImage:
@@ -84,13 +85,17 @@ def letterbox(image: FloatImage, size: int) -> FloatImage:
 def load_image_file(path: str | Path) -> FloatImage:
     """Read a PNG/JPEG/TIFF/BMP file as a normalised grey-level image.
 
-    Colour images are converted to luminance; 16-bit PNGs keep their depth. Raises
+    An EXIF orientation tag (a photo or an export that stores the picture sideways) is applied,
+    so the model sees the image as a viewer shows it. Colour images are converted to luminance;
+    16-bit PNGs keep their depth. Raises
     :class:`~fracture_node.errors.NotProcessable` (reason ``undecodable``) when the file cannot be
     read.
     """
     try:
         with Image.open(path) as img:
             img.load()
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 arr = np.asarray(img, dtype=np.float32)
             else:

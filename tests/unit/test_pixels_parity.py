@@ -303,3 +303,24 @@ def test_dcmtk_reencoded_conversion_matches_jpeg(
     _dcmtk("dcmdjpeg", tmp_path / "sc.dcm", tmp_path / "native.dcm")
     _dcmtk(*encoder, tmp_path / "native.dcm", tmp_path / "out.dcm")
     assert _diff(pixels.load_dicom_file(tmp_path / "out.dcm"), reference)[0] <= 1e-5
+
+
+@pytest.mark.parametrize(("orientation", "turn"), [(6, Image.Transpose.ROTATE_90),
+                                                  (8, Image.Transpose.ROTATE_270),
+                                                  (3, Image.Transpose.ROTATE_180)])
+def test_exif_orientation_is_applied(tmp_path: Path, picture: tuple[Grey, bytes, np.ndarray],
+                                     orientation: int, turn: Image.Transpose) -> None:
+    """A JPEG stored sideways with an EXIF orientation tag reads as a viewer shows it upright.
+
+    The file holds the picture turned the other way, so applying the tag must give back the
+    original image; ignoring it would give a rotated (and, at 90 degrees, transposed) one.
+    """
+    px, _, reference = picture
+    stored = Image.fromarray(px).transpose(turn)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "sideways.png"
+    stored.save(path, exif=exif)
+    upright = images.load_image_file(path)
+    assert upright.shape == reference.shape
+    assert _diff(upright, reference)[0] <= 1e-5
