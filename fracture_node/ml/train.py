@@ -55,6 +55,9 @@ from fracture_node.ml.model import (
 log = get_logger("ml.train")
 
 CHECKPOINT_FORMAT = "fracture-node-checkpoint/1"
+# A plain `train` on a CPU stops and anneals within this many minutes (issue: "a full CPU
+# training run should fit in about an hour").
+CPU_TIME_BUDGET_MIN = 60.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -79,7 +82,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--patience", type=int, default=8, help="epochs without val AUROC gain")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--time-budget-min", type=float, default=0.0, help="0 = no time limit")
+    p.add_argument("--time-budget-min", type=float, default=None,
+                   help="stop and anneal within this many minutes; 0 = no time limit "
+                        f"(default: {CPU_TIME_BUDGET_MIN:g} on a CPU, none on a GPU)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"))
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -324,6 +329,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def resolve_time_budget(minutes: float | None, device: torch.device) -> float:
+    """The run's time budget in minutes: as given, else an hour on a CPU and none on a GPU.
+
+    On a CPU a run is bounded by time, not epochs: the learning rate anneals fully within the
+    hour whatever the machine's speed, so a plain ``fracture-node train`` ends with a finished
+    model in about an hour. On a GPU the epoch count bounds it.
+    """
+    if minutes is not None:
+        if minutes < 0:
+            raise FractureNodeError(f"--time-budget-min must be >= 0, got {minutes:g}")
+        return float(minutes)
+    return CPU_TIME_BUDGET_MIN if device.type == "cpu" else 0.0
+
+
 def run(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -334,6 +353,8 @@ def run(args: argparse.Namespace) -> Path:
     amp = args.precision == "bf16"
     log.info("training_precision", precision=args.precision, device=str(device),
              cpu_capability=torch.backends.cpu.get_cpu_capability())
+    args.time_budget_min = resolve_time_budget(args.time_budget_min, device)
+    log.info("training_budget", minutes=args.time_budget_min or None, epochs=args.epochs)
     args.out.mkdir(parents=True, exist_ok=True)
 
     records = load_records(args.data)

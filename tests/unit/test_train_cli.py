@@ -189,3 +189,21 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.Mo
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16"
     assert resolve_precision("fp32", cpu) == "fp32"
+
+
+def test_default_time_budget_is_an_hour_on_a_cpu_and_none_on_a_gpu() -> None:
+    """A plain ``train`` on a CPU anneals and stops within an hour; on a GPU the epochs bound
+    it; an explicit budget (0 included) stands and a negative one is refused."""
+    import torch
+
+    from fracture_node.errors import FractureNodeError
+    from fracture_node.ml.train import parse_args, resolve_time_budget
+
+    args = parse_args(["--data", "d", "--out", "o"])
+    assert args.time_budget_min is None
+    assert resolve_time_budget(args.time_budget_min, torch.device("cpu")) == 60.0
+    assert resolve_time_budget(None, torch.device("cuda")) == 0.0
+    assert resolve_time_budget(0, torch.device("cpu")) == 0.0
+    assert resolve_time_budget(15, torch.device("cuda")) == 15.0
+    with pytest.raises(FractureNodeError, match="time-budget-min"):
+        resolve_time_budget(-1, torch.device("cpu"))
