@@ -312,7 +312,7 @@ class Explainer:
                         per_layer = [c + d for c, d in zip(cam_sum[m], per_layer, strict=True)]
                     cam_sum[m] = per_layer
         assert logits_sum is not None
-        probabilities = torch.sigmoid(logits_sum / len(views)).double().cpu().numpy()
+        probabilities = clf.probabilities(logits_sum / len(views))
         maps: dict[str, HeatMaps] = {}
         for m, per_layer in cam_sum.items():
             ups = [_upsample_normalised(c, size) for c in per_layer]

@@ -67,6 +67,11 @@ class Classifier:
         self._mean = float(norm.get("mean", 0.0))
         self._std = float(norm.get("std", 1.0)) or 1.0
         self.tta: bool = bool(card.get("tta", False))
+        cal = card.get("calibration")
+        # Platt scaling fitted on val (see :func:`fracture_node.ml.metrics.fit_platt`); None for
+        # a model file without one, whose probabilities are the network's sigmoid as before.
+        self.calibration: tuple[float, float] | None = (
+            (float(cal["slope"]), float(cal["intercept"])) if cal else None)
         self._device = device
         self._net = model_file.build().to(device)
         if device.type == "cpu":
@@ -133,4 +138,16 @@ class Classifier:
             logits = self._net(x).float().squeeze(1)
             if self.tta:
                 logits = (logits + self._net(torch.flip(x, dims=[3])).float().squeeze(1)) / 2
-        return torch.sigmoid(logits).double().cpu().numpy()
+        return self.probabilities(logits)
+
+    def probabilities(self, logits: torch.Tensor) -> NDArray[np.float64]:
+        """Probabilities of ``fractured`` from the network's (TTA-averaged) logits.
+
+        With a calibration in the card, ``sigmoid(slope * logit + intercept)``: a monotone map,
+        so ranking (AUROC) is unchanged and the card's thresholds are on this same scale.
+        """
+        z = logits.detach().double()
+        if self.calibration is not None:
+            slope, intercept = self.calibration
+            z = slope * z + intercept
+        return torch.sigmoid(z).cpu().numpy()

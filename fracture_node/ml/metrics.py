@@ -215,3 +215,48 @@ def ece(y: ArrayLike, s: ArrayLike, bins: int = 10) -> tuple[float, list[dict[st
         table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": n,
                       "mean_probability": conf, "fraction_fractured": acc})
     return float(total), table
+
+
+def logit(p: ArrayLike, eps: float = 1e-12) -> NDArray[np.float64]:
+    """The log-odds of probabilities (clipped away from 0 and 1)."""
+    pp = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    return np.log(pp) - np.log1p(-pp)
+
+
+def fit_platt(y: ArrayLike, z: ArrayLike, iterations: int = 100) -> tuple[float, float]:
+    """Platt scaling: ``(slope, intercept)`` such that ``sigmoid(slope * z + intercept)`` of the
+    logits ``z`` minimises the log-loss on the labels ``y`` (Newton's method, with a tiny ridge on
+    the slope so separable data still gives a finite answer).
+
+    A monotone map: it changes what a probability means, never how images rank (AUROC).
+    """
+    yy, zz = _check(y, z)
+    a, b = 1.0, 0.0
+    ridge = 1e-6
+
+    def loss(a: float, b: float) -> float:
+        t = a * zz + b
+        return float(np.mean(np.logaddexp(0.0, t) - yy * t) + 0.5 * ridge * a * a)
+
+    current = loss(a, b)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(a * zz + b)))
+        r, w = p - yy, p * (1.0 - p)
+        grad = np.array([np.mean(r * zz) + ridge * a, np.mean(r)])
+        hess = np.array([[np.mean(w * zz * zz) + ridge, np.mean(w * zz)],
+                         [np.mean(w * zz), np.mean(w) + 1e-12]])
+        step = np.linalg.solve(hess, grad)
+        scale = 1.0
+        while scale > 1e-6:
+            na, nb = a - scale * float(step[0]), b - scale * float(step[1])
+            new = loss(na, nb)
+            if new <= current:
+                break
+            scale /= 2.0
+        else:
+            break
+        converged = abs(current - new) < 1e-12
+        a, b, current = na, nb, new
+        if converged:
+            break
+    return a, b

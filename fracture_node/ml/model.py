@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import zipfile
@@ -247,4 +248,14 @@ def load_model_file(path: str | Path) -> ModelFile:
         raise ModelError(f"model file {path.name}: card lacks {', '.join(missing)}")
     if card["architecture"] not in _BUILDERS:
         raise ModelError(f"model file {path.name}: unknown architecture {card['architecture']!r}")
+    cal = card.get("calibration")
+    if cal is not None:
+        try:
+            slope, intercept = float(cal["slope"]), float(cal["intercept"])
+        except (TypeError, KeyError, ValueError):
+            raise ModelError(f"model file {path.name}: calibration needs a numeric slope and "
+                             "intercept") from None
+        if not (math.isfinite(slope) and math.isfinite(intercept) and slope > 0):
+            raise ModelError(f"model file {path.name}: calibration slope must be a positive "
+                             f"finite number (a slope <= 0 would reverse the ranking), got {slope}")
     return ModelFile(path=path, card=card, state_dict=state, sha256=digest)

@@ -101,6 +101,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--box-weight", type=float, default=0.25,
                    help="weight of the box loss (the share of the class-evidence map inside "
                         "the boxes of fractured images); 0 disables")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit Platt scaling on val so that reported probabilities match observed "
+                        "frequencies (ranking unchanged); thresholds are chosen on that scale")
     p.add_argument("--finalize-only", action="store_true",
                    help="skip training: re-score val and fix thresholds of <out>/<name>.pt")
     return p.parse_args(argv)
@@ -531,7 +534,8 @@ def run(args: argparse.Namespace) -> Path:
 
     training = dict(train_info, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
                     train_minutes=state["elapsed"] / 60.0)
-    finalize(model_path, val, args.device, state["history"], training, _dtype(args))
+    finalize(model_path, val, args.device, state["history"], training, _dtype(args),
+             calibrate=args.calibrate)
     return model_path
 
 
@@ -552,21 +556,26 @@ def finalize_only(args: argparse.Namespace) -> Path:
         va_rec = [va_rec[i] for i in sorted(rng.permutation(len(va_rec))[:n])]
     val = cache_split(va_rec, int(card["input_size"]), args.cache_dir, args.workers, "val")
     finalize(model_path, val, args.device, card.get("history") or [], card.get("training") or {},
-             _dtype(args))
+             _dtype(args), calibrate=args.calibrate)
     return model_path
 
 
 def finalize(model_path: Path, val: CachedSplit, device: str, history: list[dict[str, Any]],
-             training: dict[str, Any], weights_dtype: torch.dtype | None) -> str:
-    """Re-score val through the serving path (fp32 compute), decide on flip TTA, fix thresholds.
+             training: dict[str, Any], weights_dtype: torch.dtype | None,
+             calibrate: bool = True) -> str:
+    """Re-score val through the serving path (fp32 compute), decide on flip TTA, calibrate, fix
+    thresholds.
 
     With ``weights_dtype`` the weights are first stored in that type, so the thresholds are
-    chosen on exactly the weights that ship. Returns the final file's sha256.
+    chosen on exactly the weights that ship. With ``calibrate``, Platt scaling is fitted on the
+    val logits and stored in the card, and the thresholds are chosen on the calibrated
+    probabilities (the scale the node reports). Returns the final file's sha256.
     """
     if weights_dtype is not None:
         mf = load_model_file(model_path)
         save_model_file(model_path, mf.state_dict, mf.card, weights_dtype)
     clf = Classifier.load(model_path, device="cpu" if device == "auto" else device)
+    clf.calibration = None
     images = val.images.astype(np.float32) / 255.0
     scores: dict[bool, np.ndarray] = {}
     for tta in (False, True):
@@ -576,12 +585,29 @@ def finalize(model_path: Path, val: CachedSplit, device: str, history: list[dict
     auc_plain = metrics.auroc(val.labels, scores[False])
     auc_tta = metrics.auroc(val.labels, scores[True])
     use_tta = bool(auc_tta > auc_plain + 0.002)
-    summary = val_summary(val.labels, scores[use_tta])
+    p = scores[use_tta]
+    calibration: dict[str, Any] | None = None
+    if calibrate:
+        slope, intercept = metrics.fit_platt(val.labels, metrics.logit(p))
+        raw_ece = metrics.ece(val.labels, p)[0]
+        p = 1.0 / (1.0 + np.exp(-(slope * metrics.logit(p) + intercept)))
+        calibration = {
+            "method": "platt", "slope": slope, "intercept": intercept,
+            "fitted_on": f"val ({len(p)} images, {int(val.labels.sum())} fractured)",
+            "val_ece_before": raw_ece, "val_ece_after": metrics.ece(val.labels, p)[0],
+        }
+        log.info("calibration_fitted", slope=round(slope, 4), intercept=round(intercept, 4),
+                 val_ece_before=round(raw_ece, 4),
+                 val_ece_after=round(calibration["val_ece_after"], 4))
+    summary = val_summary(val.labels, p)
     summary["auroc_without_tta"], summary["auroc_with_flip_tta"] = auc_plain, auc_tta
     summary["scored_on"] = "cached val inputs (uint8-quantised letterboxed images), fp32 compute"
     card = dict(clf.card)
+    card.pop("calibration", None)
     card.update(thresholds=summary["thresholds"], tta=use_tta, val_metrics=summary,
                 history=history, training=training)
+    if calibration is not None:
+        card["calibration"] = calibration
     mf = load_model_file(model_path)
     sha = save_model_file(model_path, mf.state_dict, card)
     log.info("model_written", path=str(model_path), sha256=sha, val_auroc=summary["auroc"],

@@ -273,3 +273,17 @@ def test_label_components_matches_a_flood_fill_on_random_masks() -> None:
         got, n = label_components(mask)
         want, m = flood(mask)
         assert n == m and np.array_equal(got, want)
+
+
+def test_calibrated_probabilities_equal_predict_batch(tiny_model: Path, batch: np.ndarray) -> None:
+    """With a calibration in the card, the explainer reports the same calibrated probabilities
+    as ``predict_batch``, and both are ``sigmoid(slope * logit + intercept)`` of the raw ones."""
+    clf = Classifier.load(tiny_model, device="cpu")
+    raw = clf.predict_batch(batch)
+    clf.calibration = (3.0, -1.5)
+    calibrated = clf.predict_batch(batch)
+    z = np.log(raw) - np.log1p(-raw)
+    np.testing.assert_allclose(calibrated, 1.0 / (1.0 + np.exp(-(3.0 * z - 1.5))), atol=1e-6)
+    assert not np.allclose(calibrated, raw, atol=1e-3)
+    probabilities, _ = Explainer(clf).explain_batch(batch)
+    np.testing.assert_allclose(probabilities, calibrated, atol=1e-5)

@@ -7,6 +7,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,3 +161,32 @@ def test_threshold_names_and_numbers(model_path: Path) -> None:
     assert clf.threshold("0.7") == 0.7
     with pytest.raises(ModelError):
         clf.threshold("lenient")
+
+
+@pytest.mark.parametrize("calibration", [{"slope": 0.0, "intercept": 0.0},
+                                         {"slope": -1.0, "intercept": 0.2},
+                                         {"slope": float("nan"), "intercept": 0.0},
+                                         {"slope": "steep", "intercept": 0.0},
+                                         {"intercept": 0.0}])
+def test_bad_calibration_is_refused(tmp_path: Path, calibration: dict[str, object]) -> None:
+    """A calibration that is not a positive finite slope would reverse or destroy the ranking."""
+    path = tmp_path / "cal.pt"
+    save_model_file(path, build_model("mobilenet_v3_small"), dict(CARD, calibration=calibration))
+    with pytest.raises(ModelError, match="calibration"):
+        load_model_file(path)
+
+
+def test_calibration_in_the_card_is_applied(tmp_path: Path) -> None:
+    """A card's Platt calibration changes the probabilities a Classifier reports, monotonically."""
+    torch.manual_seed(0)
+    net = build_model("mobilenet_v3_small")
+    plain, cal = tmp_path / "plain.pt", tmp_path / "cal.pt"
+    save_model_file(plain, net, CARD)
+    save_model_file(cal, net, dict(CARD, calibration={"method": "platt", "slope": 0.5,
+                                                      "intercept": 0.25}))
+    batch = torch.rand(4, 64, 64).numpy()
+    raw = Classifier.load(plain, device="cpu").predict_batch(batch)
+    got = Classifier.load(cal, device="cpu").predict_batch(batch)
+    z = torch.logit(torch.from_numpy(raw)).numpy()
+    assert got == pytest.approx(1.0 / (1.0 + np.exp(-(0.5 * z + 0.25))), abs=1e-6)
+    assert list(np.argsort(got)) == list(np.argsort(raw))
