@@ -197,7 +197,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = compute_metrics(y, p, thresholds, n_boot=args.bootstrap)
     result["split"] = args.split
     result["model"] = {"name": clf.name, "version": clf.version, "sha256": clf.sha256,
-                       "tta": clf.tta, "input_size": clf.input_size}
+                       "tta": clf.tta, "input_size": clf.input_size,
+                       "calibration": clf.card.get("calibration")}
+    if clf.calibration is not None:
+        # What calibration bought on this split: the ECE of the network's own sigmoid output.
+        slope, intercept = clf.calibration
+        raw = 1.0 / (1.0 + np.exp(-(metrics.logit(p) - intercept) / slope))
+        result["ece_uncalibrated"] = metrics.ece(y, raw)[0]
     result["per_source"] = subgroup_table(y, p, [r.source for r in recs], thresholds["balanced"])
     result["per_body_part"] = subgroup_table(y, p, [r.body_part for r in recs],
                                              thresholds["balanced"])

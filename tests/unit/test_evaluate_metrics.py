@@ -142,7 +142,7 @@ def test_evaluate_writes_figures_and_json(tmp_path: Path, dataset_dir: Path) -> 
     import torch
 
     from fracture_node.ml.evaluate import main
-    from fracture_node.ml.model import build_model, save_model_file
+    from fracture_node.ml.model import build_model, load_model_file, save_model_file
 
     torch.manual_seed(0)
     model = tmp_path / "tiny.pt"
@@ -161,6 +161,21 @@ def test_evaluate_writes_figures_and_json(tmp_path: Path, dataset_dir: Path) -> 
     for name in ("loss_curves", "roc", "confusion", "reliability", "samples"):
         assert (out / f"{name}.png").stat().st_size > 1000
         assert name in json.loads((out / "figures.json").read_text())
+    assert result["model"]["calibration"] is None and "ece_uncalibrated" not in result
+
+    # The same weights with a calibration: the report names it, and its ECE of the uncalibrated
+    # output is the plain model's ECE.
+    card = dict(load_model_file(model).card,
+                calibration={"method": "platt", "slope": 0.5, "intercept": 0.1})
+    save_model_file(model, load_model_file(model).state_dict, card)
+    rc = main(["--data", str(dataset_dir), "--model", str(model), "--split", "val",
+               "--limit", "24", "--out", str(tmp_path / "cal"), "--bootstrap", "50",
+               "--workers", "1", "--device", "cpu"])
+    assert rc == 0
+    calibrated = json.loads((tmp_path / "cal" / "metrics.json").read_text())
+    assert calibrated["model"]["calibration"]["slope"] == 0.5
+    assert calibrated["ece_uncalibrated"] == pytest.approx(result["ece"], abs=1e-6)
+    assert calibrated["auroc"] == pytest.approx(result["auroc"], abs=1e-9)
 
 
 def test_platt_fit_recovers_a_known_miscalibration() -> None:
