@@ -58,6 +58,8 @@ CHECKPOINT_FORMAT = "fracture-node-checkpoint/1"
 # A plain `train` on a CPU stops and anneals within this many minutes (issue: "a full CPU
 # training run should fit in about an hour").
 CPU_TIME_BUDGET_MIN = 60.0
+# Below this fitted Platt slope the calibration is not stored (see ``finalize``).
+MIN_CALIBRATION_SLOPE = 0.05
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -587,8 +589,16 @@ def finalize(model_path: Path, val: CachedSplit, device: str, history: list[dict
     use_tta = bool(auc_tta > auc_plain + 0.002)
     p = scores[use_tta]
     calibration: dict[str, Any] | None = None
+    slope, intercept = (metrics.fit_platt(val.labels, metrics.logit(p)) if calibrate
+                        else (0.0, 0.0))
+    if calibrate and slope < MIN_CALIBRATION_SLOPE:
+        # A model that does not rank val (an early or broken run) fits a slope near 0 or below:
+        # it would squash every probability to the prevalence, or reverse the ranking.
+        log.warning("calibration_skipped", slope=round(slope, 6),
+                    val_auroc=round(auc_tta if use_tta else auc_plain, 4),
+                    reason="the model does not rank the val images; probabilities left raw")
+        calibrate = False
     if calibrate:
-        slope, intercept = metrics.fit_platt(val.labels, metrics.logit(p))
         raw_ece = metrics.ece(val.labels, p)[0]
         p = 1.0 / (1.0 + np.exp(-(slope * metrics.logit(p) + intercept)))
         calibration = {

@@ -207,3 +207,39 @@ def test_default_time_budget_is_an_hour_on_a_cpu_and_none_on_a_gpu() -> None:
     assert resolve_time_budget(15, torch.device("cuda")) == 15.0
     with pytest.raises(FractureNodeError, match="time-budget-min"):
         resolve_time_budget(-1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("ranks", [True, False])
+def test_finalize_calibrates_a_model_that_ranks_val_and_not_one_that_does_not(
+    tmp_path: Path, ranks: bool
+) -> None:
+    """finalize fits Platt scaling where the model ranks val (labels follow its scores) and
+    stores it; where the labels run against its scores the fitted slope is negative, and the
+    calibration is skipped rather than written (a file that would reverse the ranking)."""
+    import torch
+
+    from fracture_node.ml.data import CachedSplit
+    from fracture_node.ml.model import build_model, save_model_file
+    from fracture_node.ml.train import finalize
+
+    torch.manual_seed(3)
+    path = tmp_path / "m.pt"
+    save_model_file(path, build_model("resnet18"), {  # its untrained output varies by image
+        "name": "m", "version": "0", "architecture": "resnet18", "input_size": 48,
+        "normalisation": {"mean": 0.5, "std": 0.25},
+        "thresholds": {"balanced": 0.5, "high_sensitivity": 0.3}})
+    rng = np.random.default_rng(0)
+    levels = np.linspace(0.05, 0.95, 40)[:, None, None]  # images that differ, scores that do
+    images = np.clip((levels + 0.2 * rng.random((40, 48, 48))) * 255, 0, 255).astype(np.uint8)
+    raw = Classifier.load(path, device="cpu").predict_batch(images.astype(np.float32) / 255.0)
+    assert len(np.unique(raw)) == 40
+    order = np.argsort(raw)
+    labels = np.zeros(40, np.float32)
+    labels[order[20:] if ranks else order[:20]] = 1.0
+    finalize(path, CachedSplit(images, labels, []), "cpu", [], {}, None)
+    clf = Classifier.load(path, device="cpu")
+    if ranks:
+        assert clf.card["calibration"]["slope"] > 0
+        assert clf.calibration is not None
+    else:
+        assert "calibration" not in clf.card and clf.calibration is None
