@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if clf.calibration is not None:
         # What calibration bought on this split: the ECE of the network's own sigmoid output.
         slope, intercept = clf.calibration
-        raw = 1.0 / (1.0 + np.exp(-(metrics.logit(p) - intercept) / slope))
+        raw = metrics.platt((metrics.logit(p) - intercept) / slope, 1.0, 0.0)
         result["ece_uncalibrated"] = metrics.ece(y, raw)[0]
     result["per_source"] = subgroup_table(y, p, [r.source for r in recs], thresholds["balanced"])
     result["per_body_part"] = subgroup_table(y, p, [r.body_part for r in recs],

@@ -223,6 +223,11 @@ def logit(p: ArrayLike, eps: float = 1e-12) -> NDArray[np.float64]:
     return np.log(pp) - np.log1p(-pp)
 
 
+def platt(z: ArrayLike, slope: float, intercept: float) -> NDArray[np.float64]:
+    """``sigmoid(slope * z + intercept)``: Platt-scaled probabilities of the logits ``z``."""
+    return 1.0 / (1.0 + np.exp(-(slope * np.asarray(z, dtype=np.float64) + intercept)))
+
+
 def fit_platt(y: ArrayLike, z: ArrayLike, iterations: int = 100) -> tuple[float, float]:
     """Platt scaling: ``(slope, intercept)`` such that ``sigmoid(slope * z + intercept)`` of the
     logits ``z`` minimises the log-loss on the labels ``y`` (Newton's method, with a tiny ridge on
@@ -240,7 +245,7 @@ def fit_platt(y: ArrayLike, z: ArrayLike, iterations: int = 100) -> tuple[float,
 
     current = loss(a, b)
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-(a * zz + b)))
+        p = platt(zz, a, b)
         r, w = p - yy, p * (1.0 - p)
         grad = np.array([np.mean(r * zz) + ridge * a, np.mean(r)])
         hess = np.array([[np.mean(w * zz * zz) + ridge, np.mean(w * zz)],

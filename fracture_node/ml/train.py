@@ -562,6 +562,26 @@ def finalize_only(args: argparse.Namespace) -> Path:
     return model_path
 
 
+def _fit_calibration(y: np.ndarray, p: np.ndarray) -> tuple[dict[str, Any] | None, np.ndarray]:
+    """Platt scaling of the val probabilities ``p``: the card's ``calibration`` and the
+    calibrated probabilities; or ``(None, p)`` (logged) where the model does not rank val: an
+    early or broken run fits a slope near 0 or below, which would squash every probability to
+    the prevalence, or reverse the ranking."""
+    slope, intercept = metrics.fit_platt(y, metrics.logit(p))
+    if slope < MIN_CALIBRATION_SLOPE:
+        log.warning("calibration_skipped", slope=round(slope, 6),
+                    val_auroc=round(metrics.auroc(y, p), 4),
+                    reason="the model does not rank the val images; probabilities left raw")
+        return None, p
+    calibrated = metrics.platt(metrics.logit(p), slope, intercept)
+    before, after = metrics.ece(y, p)[0], metrics.ece(y, calibrated)[0]
+    log.info("calibration_fitted", slope=round(slope, 4), intercept=round(intercept, 4),
+             val_ece_before=round(before, 4), val_ece_after=round(after, 4))
+    return {"method": "platt", "slope": slope, "intercept": intercept,
+            "fitted_on": f"val ({len(y)} images, {int(y.sum())} fractured)",
+            "val_ece_before": before, "val_ece_after": after}, calibrated
+
+
 def finalize(model_path: Path, val: CachedSplit, device: str, history: list[dict[str, Any]],
              training: dict[str, Any], weights_dtype: torch.dtype | None,
              calibrate: bool = True) -> str:
@@ -588,27 +608,7 @@ def finalize(model_path: Path, val: CachedSplit, device: str, history: list[dict
     auc_tta = metrics.auroc(val.labels, scores[True])
     use_tta = bool(auc_tta > auc_plain + 0.002)
     p = scores[use_tta]
-    calibration: dict[str, Any] | None = None
-    slope, intercept = (metrics.fit_platt(val.labels, metrics.logit(p)) if calibrate
-                        else (0.0, 0.0))
-    if calibrate and slope < MIN_CALIBRATION_SLOPE:
-        # A model that does not rank val (an early or broken run) fits a slope near 0 or below:
-        # it would squash every probability to the prevalence, or reverse the ranking.
-        log.warning("calibration_skipped", slope=round(slope, 6),
-                    val_auroc=round(auc_tta if use_tta else auc_plain, 4),
-                    reason="the model does not rank the val images; probabilities left raw")
-        calibrate = False
-    if calibrate:
-        raw_ece = metrics.ece(val.labels, p)[0]
-        p = 1.0 / (1.0 + np.exp(-(slope * metrics.logit(p) + intercept)))
-        calibration = {
-            "method": "platt", "slope": slope, "intercept": intercept,
-            "fitted_on": f"val ({len(p)} images, {int(val.labels.sum())} fractured)",
-            "val_ece_before": raw_ece, "val_ece_after": metrics.ece(val.labels, p)[0],
-        }
-        log.info("calibration_fitted", slope=round(slope, 4), intercept=round(intercept, 4),
-                 val_ece_before=round(raw_ece, 4),
-                 val_ece_after=round(calibration["val_ece_after"], 4))
+    calibration, p = _fit_calibration(val.labels, p) if calibrate else (None, p)
     summary = val_summary(val.labels, p)
     summary["auroc_without_tta"], summary["auroc_with_flip_tta"] = auc_plain, auc_tta
     summary["scored_on"] = "cached val inputs (uint8-quantised letterboxed images), fp32 compute"
