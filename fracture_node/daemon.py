@@ -19,6 +19,7 @@ from fracture_node.config import Config
 from fracture_node.db import migrate
 from fracture_node.db.store import Store
 from fracture_node.dicom.scp import Receiver, node_name
+from fracture_node.launcher import allocator_name
 from fracture_node.metrics import Metrics, MetricsServer
 from fracture_node.spool import Spool
 from fracture_node.systemd import Notifier, WatchdogThread, watchdog_interval
@@ -54,7 +55,7 @@ class Daemon:
         json_logs = {"auto": None, "json": True, "console": False}[cfg.logging.format]
         logs.configure(cfg.logging.level, json=json_logs)
         log.info("node_starting", version=__version__, config_source=cfg.source,
-                 settings=cfg.redacted())
+                 allocator=allocator_name(), settings=cfg.redacted())
         cfg.node.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.notifier.extend_timeout(600)  # a long schema upgrade must not hit TimeoutStartSec
         if cfg.database.auto_upgrade:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a development/runtime environment in ./.venv (idempotent).
 #   scripts/setup.sh          Python environment only (enough to run the daemon)
-#   scripts/setup.sh --test   also the test peers: DCMTK, dicom3tools, Orthanc, systemd tools,
+#   scripts/setup.sh --test   also the test peers: DCMTK, dicom3tools, Orthanc, systemd tools, jemalloc,
 #                             and a running PostgreSQL (apt; needs root or sudo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,8 @@ if [[ "${1:-}" == "--test" ]]; then
   for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc systemd-analyze:systemd; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [[ -x /usr/sbin/${pair%%:*} ]] || need+=("${pair##*:}")
   done
+  # jemalloc: the heavy commands run on it when present (fracture_node/launcher.py).
+  ldconfig -p | grep -q 'libjemalloc\.so\.2' || need+=(libjemalloc2)
   if ((${#need[@]})); then
     echo "installing ${need[*]} (apt)"
     $SUDO apt-get update -qq

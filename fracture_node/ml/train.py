@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from fracture_node import __version__
 from fracture_node.errors import FractureNodeError
+from fracture_node.launcher import allocator_name
 from fracture_node.logs import configure, get_logger
 from fracture_node.ml import metrics
 from fracture_node.ml.data import (
@@ -357,7 +358,7 @@ def run(args: argparse.Namespace) -> Path:
     args.precision = resolve_precision(args.precision, device)
     amp = args.precision == "bf16"
     log.info("training_precision", precision=args.precision, device=str(device),
-             cpu_capability=torch.backends.cpu.get_cpu_capability())
+             cpu_capability=torch.backends.cpu.get_cpu_capability(), allocator=allocator_name())
     args.time_budget_min = resolve_time_budget(args.time_budget_min, device)
     log.info("training_budget", minutes=args.time_budget_min or None, epochs=args.epochs)
     args.out.mkdir(parents=True, exist_ok=True)
