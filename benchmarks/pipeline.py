@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 from fracture_node.config import Config, ModelConfig, NodeConfig, SaliencyConfig  # noqa: E402
 from fracture_node.db import migrate  # noqa: E402
 from fracture_node.db.store import NewInstance, Store, utcnow  # noqa: E402
+from fracture_node.launcher import allocator_name  # noqa: E402
 from fracture_node.ml.infer import Classifier  # noqa: E402
 from fracture_node.spool import Spool  # noqa: E402
 from fracture_node.worker import Worker  # noqa: E402
@@ -181,6 +182,9 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "device": str(classifier.device),
+        # glibc's malloc, as `serve` runs; `LD_PRELOAD=libjemalloc.so.2` compares jemalloc
+        # (fracture_node/launcher.py, docs/benchmarks.md)
+        "allocator": allocator_name(),
         "model": classifier.name, "model_sha256": classifier.sha256[:12],
         "input_size": classifier.input_size, "batch": args.batch,
         "decode_threads": args.decode_threads, "source": args.source,

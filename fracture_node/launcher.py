@@ -1,17 +1,19 @@
-"""The ``fracture-node`` console entry: the heavy commands run under jemalloc when the host has it.
+"""The ``fracture-node`` console entry: ``train`` runs on jemalloc when the host has it.
 
-PyTorch on a CPU allocates and frees activation buffers of tens to hundreds of MB at every
-step. glibc's malloc serves blocks that large with ``mmap`` and returns them with ``munmap``,
-so every step faults its memory in again, page by page: while training at 576 px, a fifth of
-the CPU time went to the kernel. jemalloc keeps freed pages for reuse. Measured on a 2-core
-host: a training step went from 5.6 s to 4.2 s (docs/benchmarks.md has the inference figures).
+Training on a CPU allocates and frees activation and gradient buffers of tens to hundreds of MB
+at every step. glibc's malloc serves blocks that large with ``mmap`` and returns them with
+``munmap``, so every step faults its memory in again, page by page: at 576 px a fifth of the CPU
+time went to the kernel. jemalloc keeps freed pages for reuse (and, with ``thp:always``, backs
+them with transparent huge pages). Measured on a 2-core host with native bf16: 5.6 -> 4.2 s per
+576 px step of 32 images over a whole run (docs/benchmarks.md).
 
-An allocator can only be chosen before the process starts, so ``serve``, ``train``,
-``evaluate`` and ``predict`` re-execute themselves once, with ``LD_PRELOAD`` naming the
-system's jemalloc (Debian/Ubuntu package ``libjemalloc2``). The process keeps its PID (systemd's
-``Type=notify`` and watchdog see the same main process). Without jemalloc, or with
-``FRACTURE_NODE_ALLOCATOR=system``, nothing changes. The light commands (``echo``, ``audit``...)
-never re-execute.
+Inference is left on glibc: there jemalloc measured 5-10 % slower without huge pages and even
+with them (``serve``'s pipeline, docs/benchmarks.md), so only ``train`` changes allocator.
+
+An allocator can only be chosen before the process starts, so ``train`` re-executes itself
+once, with ``LD_PRELOAD`` naming the system's jemalloc (Debian/Ubuntu package ``libjemalloc2``);
+the process keeps its PID. Without jemalloc, or with ``FRACTURE_NODE_ALLOCATOR=system``, nothing
+changes.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-HEAVY_COMMANDS = frozenset({"serve", "train", "evaluate", "predict"})
+REEXEC_COMMANDS = frozenset({"train"})
 ALLOCATOR_ENV = "FRACTURE_NODE_ALLOCATOR"
-# jemalloc's own purging thread returns idle pages to the system (a long-running node must not
-# keep its peak), instead of the threads that allocate doing it.
-MALLOC_CONF = "background_thread:true"
+# jemalloc's own thread returns idle pages to the system (instead of the allocating threads);
+# huge pages where the kernel allows them on request (THP "madvise", Debian's default).
+MALLOC_CONF = "background_thread:true,thp:always,metadata_thp:always"
 
 
 def find_jemalloc() -> str | None:
@@ -37,11 +39,11 @@ def preload_env(argv: Sequence[str], environ: Mapping[str, str],
                 library: str | None) -> dict[str, str] | None:
     """The environment to re-execute ``argv`` with, or None to run as we are.
 
-    None when: the command is not a heavy one; the user chose the system allocator; jemalloc is
+    None when: the command is not ``train``; the user chose the system allocator; jemalloc is
     already preloaded (we are the re-executed process, or an operator set it); or the host has
     no jemalloc.
     """
-    if not argv or argv[0] not in HEAVY_COMMANDS:
+    if not argv or argv[0] not in REEXEC_COMMANDS:
         return None
     choice = environ.get(ALLOCATOR_ENV, "jemalloc").strip().lower()
     if choice == "system":
@@ -70,7 +72,7 @@ def allocator_name() -> str:
 def main() -> int:
     argv = sys.argv[1:]
     env = preload_env(argv, os.environ, find_jemalloc() if argv[:1] and
-                      argv[0] in HEAVY_COMMANDS else None)
+                      argv[0] in REEXEC_COMMANDS else None)
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
