@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 REEXEC_COMMANDS = frozenset({"train"})
 ALLOCATOR_ENV = "FRACTURE_NODE_ALLOCATOR"
@@ -36,12 +36,12 @@ def find_jemalloc() -> str | None:
 
 
 def preload_env(argv: Sequence[str], environ: Mapping[str, str],
-                library: str | None) -> dict[str, str] | None:
+                find_library: Callable[[], str | None] = find_jemalloc) -> dict[str, str] | None:
     """The environment to re-execute ``argv`` with, or None to run as we are.
 
     None when: the command is not ``train``; the user chose the system allocator; jemalloc is
     already preloaded (we are the re-executed process, or an operator set it); or the host has
-    no jemalloc.
+    no jemalloc. ``find_library`` (a loader lookup) only runs when the rest says re-execute.
     """
     if not argv or argv[0] not in REEXEC_COMMANDS:
         return None
@@ -52,7 +52,10 @@ def preload_env(argv: Sequence[str], environ: Mapping[str, str],
         raise SystemExit(f"fracture-node: {ALLOCATOR_ENV} must be 'jemalloc' or 'system', "
                          f"not {choice!r}")
     preloaded = environ.get("LD_PRELOAD", "")
-    if "jemalloc" in preloaded or library is None:
+    if "jemalloc" in preloaded:
+        return None
+    library = find_library()
+    if library is None:
         return None
     env = dict(environ)
     env["LD_PRELOAD"] = f"{library} {preloaded}".strip()
@@ -71,8 +74,7 @@ def allocator_name() -> str:
 
 def main() -> int:
     argv = sys.argv[1:]
-    env = preload_env(argv, os.environ, find_jemalloc() if argv[:1] and
-                      argv[0] in REEXEC_COMMANDS else None)
+    env = preload_env(argv, os.environ)
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()

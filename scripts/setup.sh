@@ -19,7 +19,7 @@ if [[ "${1:-}" == "--test" ]]; then
   for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc systemd-analyze:systemd; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [[ -x /usr/sbin/${pair%%:*} ]] || need+=("${pair##*:}")
   done
-  # jemalloc: the heavy commands run on it when present (fracture_node/launcher.py).
+  # jemalloc: `train` runs on it when present (fracture_node/launcher.py).
   ldconfig -p | grep -q 'libjemalloc\.so\.2' || need+=(libjemalloc2)
   if ((${#need[@]})); then
     echo "installing ${need[*]} (apt)"

@@ -118,7 +118,6 @@ def test_daemon_notifies_systemd_ready_watchdog_and_stopping(
             serve.proc.kill()
 
 
-
 def test_the_node_logs_its_allocator(node: ServeProcess) -> None:
     """`serve` stays on glibc's malloc (measured the faster one for inference) and says so."""
     assert node.proc is not None
