@@ -13,7 +13,7 @@ overlays. Stored as one JSON object (``docs/audit.md`` shows the fields and SQL 
 Regions are in source-image pixels (continuous coordinates: the top-left corner of the first
 pixel is ``(0, 0)``; ``x`` is the column), hottest first. The heat map is the model-input map
 (``input_size`` square, letterbox included) shrunk to ``size`` x ``size`` (at most 64: the
-maps are bilinear upsamplings of a 12 x 12 to 24 x 24 grid, so little is lost) and kept as an
+maps are bicubic upsamplings of a 12 x 12 to 32 x 32 grid, so little is lost) and kept as an
 8-bit PNG, about 2 kB; :meth:`SaliencyRecord.source_map` turns it back into a map over the image.
 """
 

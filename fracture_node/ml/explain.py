@@ -184,13 +184,23 @@ def cams(activations: torch.Tensor, gradients: torch.Tensor, method: str) -> tor
     return F.relu(cam)
 
 
+UPSAMPLING = "bicubic"
+"""How a map grid (16 x 16 at 512 px) is brought to the input size. Bicubic, not bilinear: a
+bilinear map peaks exactly at a cell centre, 32 px apart at stride 32, while a bicubic one peaks
+between two hot cells, nearer the evidence. On the val split (87 boxed images) the pointing game of
+the bundled model went from 0.276 to 0.379 (13 images gained, 4 lost), on its 408 boxed train
+images from 0.480 to 0.583 (docs/model-card-saliency.md). Cells are placed as in training's box
+loss (cell ``i`` covers input pixels ``[i s, (i + 1) s)``, ``align_corners=False``)."""
+
+
 def _upsample_normalised(cam: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear upsampling to ``size`` x ``size`` and division by each map's maximum."""
+    """Bicubic upsampling to ``size`` x ``size``, clipped at 0, divided by each map's maximum."""
     import torch
     import torch.nn.functional as F
 
-    up = F.interpolate(cam[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    up = F.relu(up)
+    up = F.interpolate(cam[:, None], size=(size, size), mode=UPSAMPLING,
+                       align_corners=False)[:, 0]
+    up = F.relu(up)  # bicubic overshoots below 0 next to a steep edge
     peak = up.amax(dim=(1, 2), keepdim=True)
     return torch.where(peak > 0, up / torch.where(peak > 0, peak, torch.ones_like(peak)),
                        torch.zeros_like(up))

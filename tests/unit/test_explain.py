@@ -53,6 +53,28 @@ def test_heat_maps_have_the_input_shape_and_lie_in_0_1(
         assert m.max() == pytest.approx(1.0) or m.max() == 0.0
 
 
+def test_a_map_peaks_between_two_hot_cells_not_on_a_cell_centre() -> None:
+    """Bicubic upsampling: with two neighbouring hot cells (1.0 and 0.9) the peak lies between
+    their centres, nearer the hotter one; one hot cell alone peaks at its own centre."""
+    import torch
+
+    from fracture_node.ml.explain import _upsample_normalised
+
+    def peak(grid: torch.Tensor) -> tuple[int, int]:
+        up = _upsample_normalised(grid[None], 128)[0].numpy()  # cells of 32 px
+        assert up.min() >= 0.0 and up.max() == pytest.approx(1.0)
+        row, col = np.unravel_index(int(np.argmax(up)), up.shape)
+        return int(row), int(col)
+
+    grid = torch.zeros(4, 4)
+    grid[1, 1] = 1.0
+    assert peak(grid) in {(47, 47), (47, 48), (48, 47), (48, 48)}  # the centre of cell (1, 1)
+    grid[1, 2] = 0.9  # the next cell to the right, centre at column 80
+    row, col = peak(grid)
+    assert row in (47, 48)
+    assert 52 <= col < 64
+
+
 def test_probabilities_equal_predict_batch(classifier: Classifier, batch: np.ndarray) -> None:
     """The explainer's probabilities are the classifier's, from the same forward pass."""
     probabilities, _ = Explainer(classifier).explain_batch(batch)
