@@ -45,6 +45,7 @@ from fracture_node.ml.data import (
     model_boxes,
     split_records,
 )
+from fracture_node.ml.explain import UPSAMPLING
 from fracture_node.ml.infer import Classifier
 from fracture_node.ml.model import (
     ARCHITECTURES,
@@ -189,15 +190,22 @@ def box_loss(emap: torch.Tensor, masks: torch.Tensor) -> torch.Tensor | None:
 
 def pointing_hits(emap: torch.Tensor, boxes: list[list[tuple[float, float, float, float]]],
                   size: int) -> list[bool]:
-    """Per boxed image: does the map's peak cell centre fall inside one of its boxes?"""
-    h, w = emap.shape[-2:]
-    flat = emap.float().flatten(1).argmax(dim=1).tolist()
+    """Per boxed image: does the map's peak fall inside one of its boxes?
+
+    The map is upsampled to the input size as the daemon's saliency does
+    (:data:`fracture_node.ml.explain.UPSAMPLING`), so the peak can lie between two cell centres
+    and the per-epoch figure is the one the daemon would give (without its flip view).
+    """
+    keep = [k for k, image_boxes in enumerate(boxes) if image_boxes]
+    if not keep:
+        return []
+    up = F.interpolate(emap[keep].float().unsqueeze(1), size=(size, size), mode=UPSAMPLING,
+                       align_corners=False)
+    flat = up.flatten(1).argmax(dim=1).tolist()
     hits = []
-    for k, image_boxes in enumerate(boxes):
-        if not image_boxes:
-            continue
-        cy, cx = (flat[k] // w + 0.5) * size / h, (flat[k] % w + 0.5) * size / w
-        hits.append(any(x0 <= cx <= x1 and y0 <= cy <= y1 for x0, y0, x1, y1 in image_boxes))
+    for k, peak in zip(keep, flat, strict=True):
+        cy, cx = peak // size + 0.5, peak % size + 0.5
+        hits.append(any(x0 <= cx <= x1 and y0 <= cy <= y1 for x0, y0, x1, y1 in boxes[k]))
     return hits
 
 

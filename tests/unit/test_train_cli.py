@@ -144,6 +144,13 @@ def test_evidence_map_mean_is_the_logit_and_box_loss_rewards_the_box() -> None:
     assert box_loss(inside, torch.zeros(2, 1, 64, 64)) is None
     assert pointing_hits(inside, [[(0, 0, 31, 31)], []], 64) == [True]
     assert pointing_hits(outside, [[(0, 0, 31, 31)], []], 64) == [False]
+    # Two hot neighbours (cells of 32 px): the peak lies between their centres (columns 48 and
+    # 80), nearer the hotter one, as in the daemon's maps; a box there is hit, one on the
+    # hotter cell's centre is not.
+    pair = torch.zeros(1, 4, 4)
+    pair[0, 1, 1], pair[0, 1, 2] = 1.0, 0.9
+    assert pointing_hits(pair, [[(54, 40, 70, 56)]], 128) == [True]
+    assert pointing_hits(pair, [[(40, 40, 52, 56)]], 128) == [False]
 
 
 def test_tiny_epoch_with_box_supervision_records_box_figures(tmp_path: Path,
