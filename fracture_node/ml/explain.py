@@ -193,14 +193,24 @@ images from 0.480 to 0.583 (docs/model-card-saliency.md). Cells are placed as in
 loss (cell ``i`` covers input pixels ``[i s, (i + 1) s)``, ``align_corners=False``)."""
 
 
+def upsample(grid: torch.Tensor, size: int) -> torch.Tensor:
+    """Map grids ``[N, h, w]`` brought to ``[N, size, size]`` (:data:`UPSAMPLING`); not clipped.
+
+    The one placement of cells on the input, shared by the daemon's maps and ``train``'s
+    per-epoch pointing game.
+    """
+    import torch.nn.functional as F
+
+    return F.interpolate(grid[:, None], size=(size, size), mode=UPSAMPLING,
+                         align_corners=False)[:, 0]
+
+
 def _upsample_normalised(cam: torch.Tensor, size: int) -> torch.Tensor:
     """Bicubic upsampling to ``size`` x ``size``, clipped at 0, divided by each map's maximum."""
     import torch
     import torch.nn.functional as F
 
-    up = F.interpolate(cam[:, None], size=(size, size), mode=UPSAMPLING,
-                       align_corners=False)[:, 0]
-    up = F.relu(up)  # bicubic overshoots below 0 next to a steep edge
+    up = F.relu(upsample(cam, size))  # bicubic overshoots below 0 next to a steep edge
     peak = up.amax(dim=(1, 2), keepdim=True)
     return torch.where(peak > 0, up / torch.where(peak > 0, peak, torch.ones_like(peak)),
                        torch.zeros_like(up))

@@ -45,7 +45,7 @@ from fracture_node.ml.data import (
     model_boxes,
     split_records,
 )
-from fracture_node.ml.explain import UPSAMPLING
+from fracture_node.ml.explain import upsample
 from fracture_node.ml.infer import Classifier
 from fracture_node.ml.model import (
     ARCHITECTURES,
@@ -193,15 +193,13 @@ def pointing_hits(emap: torch.Tensor, boxes: list[list[tuple[float, float, float
     """Per boxed image: does the map's peak fall inside one of its boxes?
 
     The map is upsampled to the input size as the daemon's saliency does
-    (:data:`fracture_node.ml.explain.UPSAMPLING`), so the peak can lie between two cell centres
+    (:func:`fracture_node.ml.explain.upsample`), so the peak can lie between two cell centres
     and the per-epoch figure is the one the daemon would give (without its flip view).
     """
     keep = [k for k, image_boxes in enumerate(boxes) if image_boxes]
     if not keep:
         return []
-    up = F.interpolate(emap[keep].float().unsqueeze(1), size=(size, size), mode=UPSAMPLING,
-                       align_corners=False)
-    flat = up.flatten(1).argmax(dim=1).tolist()
+    flat = upsample(emap[keep].float(), size).flatten(1).argmax(dim=1).tolist()
     hits = []
     for k, peak in zip(keep, flat, strict=True):
         cy, cx = peak // size + 0.5, peak % size + 0.5
