@@ -31,7 +31,9 @@ _SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "DICOMDIR"})
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fracture-node predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="+", type=Path, help="files or folders (recursed)")
+    p.add_argument("paths", nargs="+", type=Path,
+                   help="files or folders (recursed); PNG/JPEG exported as a viewer shows them, "
+                        "bone bright")
     p.add_argument("--output", type=Path, default=Path("-"),
                    help="CSV to write; - (the default) is standard output, with the log on "
                         "standard error")
