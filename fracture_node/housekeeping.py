@@ -221,7 +221,7 @@ class Housekeeping:
                            "spool_purged", "spool_purge_checked", temporaries_removed=swept)
 
     def _purge(self, mark: Callable[[Store, dt.datetime, dt.datetime, int], Sequence[Any]],
-               delete: Callable[[Any, dict[str, Any], set[Path]], None], days: int,
+               delete: Callable[[Any, dict[str, Any], set[Path]], None], days: float,
                done_event: str, checked_event: str, **extra: Any) -> dict[str, Any]:
         """Mark rows older than ``days`` purged batch by batch (``mark``) and ``delete`` each
         one's file, for at most :data:`PURGE_MAX_S`; then remove the folders the deletions

@@ -92,8 +92,9 @@ def load_image_file(path: str | Path) -> FloatImage:
     read.
     """
     try:
-        with Image.open(path) as img:
-            img.load()
+        with Image.open(path) as opened:
+            opened.load()
+            img: Image.Image = opened
             if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
                 img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

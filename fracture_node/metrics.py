@@ -63,10 +63,11 @@ class Metrics:
 class MetricsServer:
     """Serves ``/metrics`` (Prometheus) and ``/health`` (JSON) over HTTP."""
 
+    port: int
+    """The port it listens on (the one asked for, or the one given for port 0)."""
+
     def __init__(self, metrics: Metrics, health: Callable[[], dict[str, Any]], host: str,
                  port: int) -> None:
-        outer = self
-
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 if self.path.startswith("/metrics"):
@@ -90,7 +91,7 @@ class MetricsServer:
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics",
                                         daemon=True)
-        outer.port = int(self._httpd.server_address[1])
+        self.port = int(self._httpd.server_address[1])
 
     def start(self) -> None:
         self._thread.start()

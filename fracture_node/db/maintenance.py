@@ -15,12 +15,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, Select, and_, delete, exists, func, or_, select, text, update
+from sqlalchemy import Select, and_, delete, exists, func, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
 
+from fracture_node.db import rowcount
 from fracture_node.db import schema as s
 from fracture_node.db.store import Store
 from fracture_node.errors import DatabaseError
@@ -259,7 +260,7 @@ def prune_runs(store: Store, before: dt.datetime, jobs: Sequence[str]) -> int:
             delete(s.HousekeepingRun).where(s.HousekeepingRun.started_at < before,
                                             s.HousekeepingRun.ok.is_(True),
                                             s.HousekeepingRun.job.in_(list(jobs))))
-        return int(cast("CursorResult[Any]", result).rowcount)
+        return rowcount(result)
 
     return store._run(fn)
 

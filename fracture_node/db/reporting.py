@@ -21,6 +21,7 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
+from fracture_node.db import rowcount
 from fracture_node.db import schema as s
 from fracture_node.errors import DatabaseError
 
@@ -42,7 +43,7 @@ def _already_stored(ses: Session, destination: str, uids: Sequence[str]
         .where(d.destination == destination, ro.sop_instance_uid.in_(list(uids)),
                do.delivered_at.is_not(None))
         .group_by(ro.sop_instance_uid)).all()
-    return {uid: at for uid, at in rows}
+    return {uid: at for uid, at in rows if at is not None}
 
 
 ASSOCIATION_SILENCE_S = 180.0
@@ -245,14 +246,14 @@ class ReportingQueries:
         """
         def fn(ses: Session) -> int | None:
             now = _now()
-            changed = ses.execute(
+            changed = rowcount(ses.execute(
                 update(s.Study).where(
                     s.Study.study_instance_uid == snapshot.study_instance_uid,
                     s.Study.report_due.is_(True),
                     s.Study.instances_received == snapshot.instances_received,
                     s.Study.reported_version == snapshot.reported_version)
                 .values(report_due=False, reported_version=report.version,
-                        last_reported_at=now)).rowcount
+                        last_reported_at=now)))
             if not changed:
                 return None
             row = s.Report(
@@ -307,9 +308,9 @@ class ReportingQueries:
         so that a crash does not hold a report back for the lease (``timeout_s * 4 + 5``)."""
         def fn(ses: Session) -> int:
             now = _now()
-            return ses.execute(update(s.Delivery).where(s.Delivery.state == s.PENDING,
+            return rowcount(ses.execute(update(s.Delivery).where(s.Delivery.state == s.PENDING,
                                                         s.Delivery.next_attempt_at > now)
-                               .values(next_attempt_at=now)).rowcount
+                               .values(next_attempt_at=now)))
 
         return self._run(fn)
 
@@ -407,9 +408,9 @@ class ReportingQueries:
                 cond.append(s.Delivery.destination == destination)
             if report_ids:
                 cond.append(s.Delivery.report_id.in_(list(report_ids)))
-            return ses.execute(update(s.Delivery).where(and_(*cond)).values(
+            return rowcount(ses.execute(update(s.Delivery).where(and_(*cond)).values(
                 state=s.PENDING, next_attempt_at=now,
-                deadline_at=now + dt.timedelta(seconds=deadline_s))).rowcount
+                deadline_at=now + dt.timedelta(seconds=deadline_s))))
 
         return self._run(fn)
 

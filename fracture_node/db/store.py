@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from fracture_node.db import rowcount
 from fracture_node.db import schema as s
 from fracture_node.db.reporting import ReportingQueries
 from fracture_node.errors import DatabaseError
@@ -189,13 +190,13 @@ class Store(ReportingQueries):
         """
         host_port = node.rsplit(":", 1)[0] if node.count(":") >= 2 else node
         pattern = host_port.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return self._run(lambda ses: ses.execute(
+        return self._run(lambda ses: rowcount(ses.execute(
             update(s.Association).where(
                 (s.Association.node == host_port)
                 | s.Association.node.like(pattern + ":%", escape="\\"),
                 s.Association.node != node, s.Association.ended_at.is_(None))
             .values(ended_at=utcnow(), outcome="interrupted",
-                    reason="the node stopped before the association ended")).rowcount)
+                    reason="the node stopped before the association ended"))))
 
     # Receiving ----------------------------------------------------------------------------
     def current_instance(self, sop_instance_uid: str) -> CurrentInstance | None:
@@ -323,12 +324,12 @@ class Store(ReportingQueries):
             now = utcnow()
             saved = 0
             for r in results:
-                done = ses.execute(
+                done = rowcount(ses.execute(
                     update(s.Instance).where(s.Instance.id == r.instance_id,
                                              s.Instance.state == s.CLAIMED,
                                              s.Instance.claimed_by == worker)
                     .values(state=s.PROCESSED, reason=None, detail=None, finished_at=now)
-                ).rowcount
+                ))
                 if not done:
                     continue
                 ses.add(s.Result(instance_id=r.instance_id, probability=r.probability,
@@ -346,23 +347,23 @@ class Store(ReportingQueries):
     def finish_unprocessed(self, worker: str, instance_id: int, state: str, reason: str,
                            detail: str | None) -> bool:
         """Mark a claimed instance ``not_processed`` (out of scope, undecodable) or ``failed``."""
-        return self._run(lambda ses: ses.execute(
+        return self._run(lambda ses: rowcount(ses.execute(
             update(s.Instance).where(s.Instance.id == instance_id,
                                      s.Instance.state == s.CLAIMED,
                                      s.Instance.claimed_by == worker)
             .values(state=state, reason=reason, detail=detail, finished_at=utcnow())
-        ).rowcount > 0)
+        )) > 0)
 
     def release_claims(self, worker: str, instance_ids: Sequence[int]) -> int:
         """Give claimed instances back to the queue (a worker stopping cleanly)."""
         if not instance_ids:
             return 0
-        return self._run(lambda ses: ses.execute(
+        return self._run(lambda ses: rowcount(ses.execute(
             update(s.Instance).where(s.Instance.id.in_(list(instance_ids)),
                                      s.Instance.state == s.CLAIMED,
                                      s.Instance.claimed_by == worker)
             .values(state=s.QUEUED, claimed_by=None, claimed_at=None,
-                    attempts=s.Instance.attempts - 1)).rowcount)
+                    attempts=s.Instance.attempts - 1))))
 
     def renew_claims(self, worker: str, instance_ids: Sequence[int]) -> int:
         """Refresh ``claimed_at`` of claims ``worker`` still holds (its heartbeat), so that a slow
@@ -378,8 +379,8 @@ class Store(ReportingQueries):
                 .with_for_update(skip_locked=True)).scalars().all()
             if not ids:
                 return 0
-            return ses.execute(update(s.Instance).where(s.Instance.id.in_(ids))
-                               .values(claimed_at=utcnow())).rowcount
+            return rowcount(ses.execute(update(s.Instance).where(s.Instance.id.in_(ids))
+                               .values(claimed_at=utcnow())))
 
         return self._run(fn)
 
@@ -399,14 +400,14 @@ class Store(ReportingQueries):
                 .with_for_update(skip_locked=True)).scalars().all()
             if not ids:
                 return 0, 0
-            failed = ses.execute(
+            failed = rowcount(ses.execute(
                 update(s.Instance).where(s.Instance.id.in_(ids),
                                          s.Instance.attempts >= max_attempts)
                 .values(state=s.FAILED, reason="too_many_attempts", finished_at=now,
-                        detail=f"claimed {max_attempts} times without a result")).rowcount
-            requeued = ses.execute(
+                        detail=f"claimed {max_attempts} times without a result")))
+            requeued = rowcount(ses.execute(
                 update(s.Instance).where(s.Instance.id.in_(ids), s.Instance.state == s.CLAIMED)
-                .values(state=s.QUEUED, claimed_by=None, claimed_at=None)).rowcount
+                .values(state=s.QUEUED, claimed_by=None, claimed_at=None)))
             return requeued, failed
 
         return self._run(fn)

@@ -51,7 +51,7 @@ from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 

@@ -168,7 +168,7 @@ def forward_with_map(model: nn.Module, arch: str, x: torch.Tensor
         head = model.classifier
     else:
         raise FractureNodeError(f"no class-evidence map for architecture {arch}")
-    emap = F.conv2d(f, head.weight[:, :, None, None], head.bias).squeeze(1)  # type: ignore[index]
+    emap = F.conv2d(f, head.weight[:, :, None, None], head.bias).squeeze(1)
     return emap.mean(dim=(1, 2)), emap
 
 
