@@ -308,9 +308,10 @@ class ReportingQueries:
         so that a crash does not hold a report back for the lease (``timeout_s * 4 + 5``)."""
         def fn(ses: Session) -> int:
             now = _now()
-            return rowcount(ses.execute(update(s.Delivery).where(s.Delivery.state == s.PENDING,
-                                                        s.Delivery.next_attempt_at > now)
-                               .values(next_attempt_at=now)))
+            return rowcount(ses.execute(
+                update(s.Delivery).where(s.Delivery.state == s.PENDING,
+                                         s.Delivery.next_attempt_at > now)
+                .values(next_attempt_at=now)))
 
         return self._run(fn)
 

@@ -379,8 +379,8 @@ class Store(ReportingQueries):
                 .with_for_update(skip_locked=True)).scalars().all()
             if not ids:
                 return 0
-            return rowcount(ses.execute(update(s.Instance).where(s.Instance.id.in_(ids))
-                               .values(claimed_at=utcnow())))
+            return rowcount(ses.execute(
+                update(s.Instance).where(s.Instance.id.in_(ids)).values(claimed_at=utcnow())))
 
         return self._run(fn)
 
