@@ -19,7 +19,8 @@ alone. No parameter gradient is computed or stored.
 
 Target layers, per family: ``layer="last"`` is the last convolutional stage (stride 32):
 ``layer4`` (ResNet), ``features`` (DenseNet, before the final ReLU), ``features[-1]``
-(EfficientNet, MobileNetV3, ConvNeXt). ``layer="stride16"`` (the default) takes the last stage at
+(EfficientNet, MobileNetV3, ConvNeXt), ``bn2`` (EfficientNet-Lite: the 1x1 head convolution
+after its BatchNorm and ReLU6, the features the classifier pools). ``layer="stride16"`` (the default) takes the last stage at
 stride 16 instead (``layer3``, ``features.denseblock3``, ...: a map twice as fine, for a backward
 pass through the last stage); ``layer="fused"`` takes both from the same backward pass and returns the
 geometric mean of their normalised maps (coarse class evidence, finer position).
@@ -83,6 +84,12 @@ def _stages(net: nn.Module, architecture: str) -> list[tuple[str, nn.Module]]:
     from torch import nn
     if architecture.startswith("resnet"):
         return [(n, getattr(net, n)) for n in ("layer1", "layer2", "layer3", "layer4")]
+    if architecture.startswith("efficientnet_lite"):  # timm: blocks, then the 1x1 head conv
+        blocks = getattr(net, "blocks", None)
+        if not isinstance(blocks, nn.Sequential):
+            raise ModelError(f"architecture {architecture!r}: no `blocks` stages to explain")
+        head: nn.Module = net.get_submodule("bn2")
+        return [(f"blocks.{n}", m) for n, m in blocks.named_children()] + [("bn2", head)]
     features = getattr(net, "features", None)
     if not isinstance(features, nn.Sequential):
         raise ModelError(f"architecture {architecture!r}: no `features` stages to explain")

