@@ -4,6 +4,15 @@ Every input gets one row; an input that cannot be read gets ``status=not_process
 reason, never a crash. DICOM files (``.dcm`` or a ``DICM`` preamble) go through
 :func:`fracture_node.dicom.pixels.load_dicom_file`; other files through
 :func:`fracture_node.images.load_image_file`.
+
+Where the model looked: with ``--locate`` (columns only) or ``--saliency DIR`` (columns and an
+overlay PNG per image), each scored row also gets ``peak_x`` and ``peak_y``, the maximum of the
+saliency map in the source image's pixels (continuous coordinates: origin at the top-left corner
+of the image, x to the right, y down; the centre of pixel ``(col, row)`` is
+``(col + 0.5, row + 0.5)``; for an image file, the image as a viewer shows it, EXIF orientation
+applied), and ``regions``, the regions above the saliency threshold as a JSON list of
+``[x0, y0, x1, y1]`` boxes in the same coordinates, hottest first. Scores and maps come from one
+pass of the model per batch.
 """
 
 from __future__ import annotations
@@ -11,10 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +38,8 @@ log = get_logger("predict")
 
 COLUMNS = ("path", "probability", "label", "threshold", "operating_point", "model_sha256",
            "status", "reason")
+LOCATION_COLUMNS = ("peak_x", "peak_y", "regions")
+"""Added after :data:`COLUMNS` when ``--locate`` or ``--saliency`` is given."""
 _SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "DICOMDIR"})
 
 
@@ -44,7 +58,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--saliency", type=Path, default=None, metavar="DIR",
-                   help="also write an overlay PNG per image (heat map and regions) into DIR")
+                   help="also write an overlay PNG per image (heat map and regions) into DIR; "
+                        "implies --locate")
+    p.add_argument("--locate", action="store_true",
+                   help="add where the model looked to each row: peak_x, peak_y (source "
+                        "pixels, origin top left) and regions (JSON [x0, y0, x1, y1] boxes)")
     return p.parse_args(argv)
 
 
@@ -85,65 +103,117 @@ def load_any(path: Path) -> FloatImage:
     return load_image_file(path)
 
 
-def _prepare(args: tuple[Path, object]) -> tuple[np.ndarray | None, str, str]:
-    path, clf = args
+@dataclass
+class _Input:
+    """One input after decoding: the model's array, the source shape, the image if kept."""
+
+    prepared: np.ndarray | None
+    shape: tuple[int, int] = (0, 0)
+    image: FloatImage | None = None
+    reason: str = ""
+    message: str = ""
+
+
+def _prepare(args: tuple[Path, Any, bool]) -> _Input:
+    path, clf, keep_image = args
     try:
         img = load_any(path)
-        return clf.prepare(img), "", ""  # type: ignore[attr-defined]
+        return _Input(clf.prepare(img), (int(img.shape[0]), int(img.shape[1])),
+                      img if keep_image else None)
     except NotProcessable as exc:
-        return None, exc.reason, str(exc)
+        return _Input(None, reason=exc.reason, message=str(exc))
     except Exception as exc:  # one bad input never stops the others
-        return None, "error", f"{path.name}: {type(exc).__name__}: {exc}"
+        return _Input(None, reason="error", message=f"{path.name}: {type(exc).__name__}: {exc}")
+
+
+def location_columns(heat: np.ndarray, shape: tuple[int, int], threshold: float,
+                     max_regions: int) -> dict[str, str]:
+    """``peak_x``, ``peak_y`` and ``regions`` of one model-input map, in source pixels."""
+    from fracture_node.ml.explain import find_regions, peak_point
+
+    peak = peak_point(heat, shape)
+    regions = find_regions(heat, shape, threshold=threshold, max_regions=max_regions)
+    return {
+        "peak_x": "" if peak is None else f"{peak[0]:.1f}",
+        "peak_y": "" if peak is None else f"{peak[1]:.1f}",
+        "regions": json.dumps([[round(v, 1) for v in r.box] for r in regions],
+                              separators=(",", ":")),
+    }
 
 
 def run(args: argparse.Namespace) -> tuple[int, int]:
     """Write the CSV; return (processed, not processed)."""
+    from fracture_node.ml.explain import (
+        DEFAULT_MAX_REGIONS,
+        DEFAULT_METHOD,
+        DEFAULT_THRESHOLD,
+        Explainer,
+    )
     from fracture_node.ml.infer import Classifier
 
     clf = Classifier.load(args.model, device=args.device)
     threshold = clf.threshold(args.operating_point)
+    locate = bool(args.locate or args.saliency is not None)
+    explainer = Explainer(clf, method=DEFAULT_METHOD) if locate else None
+    overlays = None
+    if args.saliency is not None:
+        from fracture_node.predict_saliency import OverlayWriter
+
+        overlays = OverlayWriter(args.saliency, threshold, args.operating_point,
+                                 method=DEFAULT_METHOD, threshold=DEFAULT_THRESHOLD,
+                                 max_regions=DEFAULT_MAX_REGIONS)
     files = list(iter_inputs(args.paths))
     to_stdout = str(args.output) == "-"
     if not to_stdout:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-    ok = bad = 0
+    ok = bad = drawn = 0
     with (contextlib.nullcontext(sys.stdout) if to_stdout
           else args.output.open("w", newline="")) as fh, \
             ThreadPoolExecutor(max(1, args.workers)) as pool:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS + (LOCATION_COLUMNS if locate else ()))
         writer.writeheader()
         for start in range(0, len(files), args.batch_size):
             chunk = files[start : start + args.batch_size]
-            prepared = list(pool.map(_prepare, [(f, clf) for f in chunk]))
-            good = [i for i, (arr, _, _) in enumerate(prepared) if arr is not None]
+            prepared = list(pool.map(_prepare, [(f, clf, overlays is not None) for f in chunk]))
+            good = [i for i, item in enumerate(prepared) if item.prepared is not None]
             probs: dict[int, float] = {}
+            maps: dict[int, np.ndarray] = {}
             if good:
-                batch = np.stack([prepared[i][0] for i in good])  # type: ignore[misc]
-                for i, prob in zip(good, clf.predict_batch(batch), strict=True):
-                    probs[i] = float(prob)
+                batch = np.stack([prepared[i].prepared for i in good])  # type: ignore[misc]
+                if explainer is not None:
+                    p_batch, heat = explainer.explain_batch(batch)
+                    maps = dict(zip(good, heat, strict=True))
+                else:
+                    p_batch = clf.predict_batch(batch)
+                probs = {i: float(p) for i, p in zip(good, p_batch, strict=True)}
             for i, path in enumerate(chunk):
                 row = {"path": str(path), "threshold": f"{threshold:.6f}",
                        "operating_point": args.operating_point, "model_sha256": clf.sha256}
+                item = prepared[i]
                 if i in probs:
                     row.update(probability=f"{probs[i]:.6f}",
                                label="fractured" if probs[i] >= threshold else "normal",
                                status="ok", reason="")
+                    if i in maps:
+                        row.update(location_columns(maps[i], item.shape, DEFAULT_THRESHOLD,
+                                                    DEFAULT_MAX_REGIONS))
+                        if overlays is not None and item.image is not None:
+                            overlays.write(path, item.image, maps[i], probs[i])
+                            drawn += 1
                     ok += 1
                 else:
-                    _, reason, message = prepared[i]
-                    row.update(probability="", label="", status="not_processed", reason=reason)
-                    log.warning("input_not_processed", file=path.name, reason=reason,
-                                detail=message)
+                    row.update(probability="", label="", status="not_processed",
+                               reason=item.reason)
+                    log.warning("input_not_processed", file=path.name, reason=item.reason,
+                                detail=item.message)
                     bad += 1
                 writer.writerow(row)
     log.info("predict_done", processed=ok, not_processed=bad,
-             output="stdout" if to_stdout else str(args.output), model_sha256=clf.sha256, operating_point=args.operating_point, threshold=threshold)
-    if args.saliency is not None:
-        from fracture_node.predict_saliency import write_overlays
-
-        written = write_overlays(files, clf, args.saliency, batch_size=args.batch_size,
-                                 operating_point=args.operating_point)
-        log.info("saliency_written", images=len(written), folder=str(args.saliency))
+             output="stdout" if to_stdout else str(args.output), model_sha256=clf.sha256,
+             operating_point=args.operating_point, threshold=threshold,
+             saliency_method=DEFAULT_METHOD if locate else None)
+    if overlays is not None:
+        log.info("saliency_written", images=drawn, folder=str(args.saliency))
     return ok, bad
 
 

@@ -44,11 +44,36 @@ def _output_name(path: Path, taken: set[str]) -> str:
     return name
 
 
+class OverlayWriter:
+    """Writes overlay PNGs into one folder, giving colliding names ``-2``, ``-3``..."""
+
+    def __init__(self, out_dir: Path, cut: float, operating_point: str, *,
+                 method: str = DEFAULT_METHOD, threshold: float = DEFAULT_THRESHOLD,
+                 max_regions: int = DEFAULT_MAX_REGIONS) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
+        self.cut = float(cut)
+        self.operating_point = operating_point
+        self.method = method
+        self.threshold = threshold
+        self.max_regions = max_regions
+        self._taken: set[str] = set()
+
+    def write(self, path: Path, image: FloatImage, heat: np.ndarray, probability: float) -> Path:
+        """The overlay of one input (``heat``: its model-input map); returns the PNG written."""
+        return _write_one(self.out_dir / _output_name(path, self._taken), image, heat,
+                          float(probability), self.cut, self.operating_point, self.threshold,
+                          self.max_regions, self.method)
+
+
 def write_overlays(paths: Iterable[Path], classifier: Any, out_dir: Path, *,
                    method: str = DEFAULT_METHOD, threshold: float = DEFAULT_THRESHOLD,
                    max_regions: int = DEFAULT_MAX_REGIONS, batch_size: int = 8,
                    operating_point: str = "balanced") -> dict[Path, Path]:
     """Write one overlay PNG per readable input into ``out_dir``.
+
+    ``predict`` itself scores and draws in one pass (:class:`OverlayWriter`); this is the same
+    for a list of files, for callers that want only the pictures.
 
     Parameters
     ----------
@@ -69,11 +94,10 @@ def write_overlays(paths: Iterable[Path], classifier: Any, out_dir: Path, *,
     """
     from fracture_node.predict import load_any
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     explainer = Explainer(classifier, method=method)
-    cut = float(classifier.threshold(operating_point))
+    writer = OverlayWriter(out_dir, float(classifier.threshold(operating_point)), operating_point,
+                           method=method, threshold=threshold, max_regions=max_regions)
     files = list(paths)
-    taken: set[str] = set()
     written: dict[Path, Path] = {}
     for start in range(0, len(files), max(1, batch_size)):
         chunk: list[tuple[Path, FloatImage]] = []
@@ -87,8 +111,7 @@ def write_overlays(paths: Iterable[Path], classifier: Any, out_dir: Path, *,
         batch = np.stack([classifier.prepare(img) for _, img in chunk])
         probabilities, maps = explainer.explain_batch(batch)
         for (path, img), p, heat in zip(chunk, probabilities, maps, strict=True):
-            written[path] = _write_one(out_dir / _output_name(path, taken), img, heat, float(p),
-                                       cut, operating_point, threshold, max_regions, method)
+            written[path] = writer.write(path, img, heat, float(p))
     log.info("saliency_written", images=len(written), out_dir=str(out_dir), method=method)
     return written
 

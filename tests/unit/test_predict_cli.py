@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,82 @@ def test_saliency_folder_gets_an_overlay_per_readable_image(tmp_path: Path, tiny
                          "--model", str(tiny_model), "--saliency", str(out)]) == 0
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 2
+
+
+def test_locate_adds_peak_and_regions_inside_the_source_image(tmp_path: Path, inputs: Path,
+                                                              tiny_model: Path) -> None:
+    """`--locate` gives each scored row a peak and JSON boxes inside the source image's pixels."""
+    from PIL import Image
+
+    from fracture_node.predict import LOCATION_COLUMNS
+
+    out = tmp_path / "p.csv"
+    assert main([str(inputs), "--output", str(out), "--model", str(tiny_model), "--locate"]) == 0
+    rows = _rows(out)
+    assert tuple(rows[0]) == COLUMNS + LOCATION_COLUMNS
+    scored = [r for r in rows if r["status"] == "ok"]
+    assert len(scored) == 3
+    for row in scored:
+        width, height = Image.open(row["path"]).size
+        x, y = float(row["peak_x"]), float(row["peak_y"])
+        assert 0 <= x <= width and 0 <= y <= height
+        boxes = json.loads(row["regions"])
+        assert boxes, "a map with a maximum has at least its hottest region"
+        for x0, y0, x1, y1 in boxes:
+            assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes)
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert bad and all(r["peak_x"] == r["regions"] == "" for r in bad)
+
+
+def test_peak_columns_map_the_model_input_back_through_the_letterbox(
+        tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A map peaking at a known model-input cell comes out at that cell's source position."""
+    import numpy as np
+    from PIL import Image
+
+    from fracture_node.ml import explain
+
+    # A wide image (400 x 100): letterboxed to 64 px, it is scaled by 0.16 and centred
+    # vertically (rows 24..40 of the 64 hold the image).
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.tile(np.linspace(0, 255, 400, dtype=np.uint8), (100, 1))).save(image)
+    calls = {"explain": 0}
+
+    def fake_explain(self: explain.Explainer, batch: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        calls["explain"] += 1
+        maps = np.zeros(batch.shape, dtype=np.float32)
+        maps[:, 30, 48] = 1.0  # row 30, column 48 of the model input
+        return np.full(len(batch), 0.9), maps
+
+    monkeypatch.setattr(explain.Explainer, "explain_batch", fake_explain)
+    out = tmp_path / "p.csv"
+    assert main([str(image), "--output", str(out), "--model", str(tiny_model), "--locate"]) == 0
+    (row,) = _rows(out)
+    assert calls["explain"] == 1
+    assert row["probability"] == "0.900000" and row["label"] == "fractured"
+    # column 48 + 0.5 -> x = 48.5 / 0.16; row 30 + 0.5 - 24 -> y = 6.5 / 0.16
+    assert float(row["peak_x"]) == pytest.approx(48.5 / 0.16, abs=0.1)
+    assert float(row["peak_y"]) == pytest.approx(6.5 / 0.16, abs=0.1)
+    ((x0, y0, x1, y1),) = json.loads(row["regions"])
+    assert x0 <= float(row["peak_x"]) <= x1 and y0 <= float(row["peak_y"]) <= y1
+    assert x1 - x0 == pytest.approx(1 / 0.16, abs=0.1)
+
+
+def test_saliency_scores_and_draws_in_one_pass(tmp_path: Path, inputs: Path, tiny_model: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `--saliency`, the probabilities come from the saliency pass: no second scoring."""
+    from fracture_node.ml.infer import Classifier
+
+    def no_second_pass(*_a: object, **_k: object) -> None:
+        raise AssertionError("predict_batch called beside the saliency pass")
+
+    monkeypatch.setattr(Classifier, "predict_batch", no_second_pass)
+    out = tmp_path / "p.csv"
+    assert main([str(inputs), "--output", str(out), "--model", str(tiny_model),
+                 "--saliency", str(tmp_path / "sal")]) == 0
+    rows = _rows(out)
+    assert sum(r["status"] == "ok" for r in rows) == 3
+    assert all(r["peak_x"] for r in rows if r["status"] == "ok")
+    assert len(list((tmp_path / "sal").glob("*.png"))) == 3
