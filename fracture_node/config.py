@@ -59,6 +59,11 @@ class NodeConfig:
     """``all`` (receive, infer, report), ``receiver`` (receive only) or ``worker`` (the rest)."""
     state_dir: Path = Path("var")
     max_associations: int = 10
+    """Associations negotiated at once (connections still sending their request do not count)."""
+    max_connections: int = 32
+    """TCP connections open at once, counted from the moment they are accepted."""
+    max_connections_per_peer: int = 8
+    """TCP connections open at once from one address, so one caller cannot starve the others."""
     max_pdu_bytes: int = 262144
     max_object_bytes: int = 1 << 30
     acse_timeout_s: float = 30.0
@@ -77,8 +82,14 @@ class NodeConfig:
             raise ConfigError(
                 f"config: [node] role = {self.role!r} is unknown; fix: use 'all', 'receiver' or 'worker'"
             )
-        for key in ("max_associations", "max_object_bytes"):
+        for key in ("max_associations", "max_object_bytes", "max_connections",
+                    "max_connections_per_peer"):
             _check_positive(f"[node] {key}", getattr(self, key))
+        if self.max_connections_per_peer > self.max_connections:
+            raise ConfigError(
+                f"config: [node] max_connections_per_peer = {self.max_connections_per_peer} is "
+                f"more than max_connections = {self.max_connections}; fix: lower it"
+            )
         if self.max_pdu_bytes != 0 and self.max_pdu_bytes < 4096:
             raise ConfigError(
                 f"config: [node] max_pdu_bytes = {self.max_pdu_bytes} is too small; "

@@ -60,6 +60,31 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _LimitedHTTPServer(ThreadingHTTPServer):
+    """A threaded HTTP server that closes connections over ``max_connections`` at once."""
+
+    max_connections = 16
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._open = 0
+        self._lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self._lock:
+            if self._open >= self.max_connections:
+                return False
+            self._open += 1
+            return True
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._open -= 1
+
+
 class MetricsServer:
     """Serves ``/metrics`` (Prometheus) and ``/health`` (JSON) over HTTP."""
 
@@ -67,8 +92,10 @@ class MetricsServer:
     """The port it listens on (the one asked for, or the one given for port 0)."""
 
     def __init__(self, metrics: Metrics, health: Callable[[], dict[str, Any]], host: str,
-                 port: int) -> None:
+                 port: int, read_timeout_s: float = 10.0, max_connections: int = 16) -> None:
         class Handler(BaseHTTPRequestHandler):
+            timeout = read_timeout_s  # a client that goes quiet mid-request is closed
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 if self.path.startswith("/metrics"):
                     body, ctype, code = metrics.render(), CONTENT_TYPE_LATEST, 200
@@ -87,7 +114,8 @@ class MetricsServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd = _LimitedHTTPServer((host, port), Handler)
+        self._httpd.max_connections = max_connections
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics",
                                         daemon=True)

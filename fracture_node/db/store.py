@@ -160,11 +160,12 @@ class Store(ReportingQueries):
     # Associations -------------------------------------------------------------------------
     def open_association(self, *, node: str, calling_ae_title: str, called_ae_title: str,
                          peer_address: str, peer_port: int, outcome: str = "open",
-                         reason: str | None = None) -> int:
+                         reason: str | None = None, started_at: dt.datetime | None = None
+                         ) -> int:
         now = utcnow()
         row = s.Association(node=node, calling_ae_title=calling_ae_title,
                             called_ae_title=called_ae_title, peer_address=peer_address,
-                            peer_port=peer_port, started_at=now,
+                            peer_port=peer_port, started_at=started_at or now,
                             ended_at=None if outcome == "open" else now, outcome=outcome,
                             reason=reason, instances_stored=0, instances_failed=0)
 

@@ -52,7 +52,7 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from fracture_node.config import Config, TlsConfig
@@ -124,64 +124,186 @@ def server_tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake moved off the accept loop.
+class _Handler(RequestHandler):
+    """pynetdicom's request handler, kept until its association's thread ends (so that the
+    server counts the connection for as long as it is open)."""
 
-    pynetdicom wraps an accepted socket in the accepting thread, so one caller that never
-    finishes its handshake would stop every other caller. Here the handshake runs in the
-    connection's own thread, limited to ``acse_timeout_s``, and a failure is reported to
-    ``on_tls_failure`` (the connection is then closed without an association).
+    def handle(self) -> None:
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+        self.server.on_finished(assoc)  # type: ignore[attr-defined]
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with connection limits and the TLS handshake moved off the
+    accept loop.
+
+    Connections are counted from the moment they are accepted: over ``max_connections`` in all,
+    or ``max_per_peer`` from one address, a new connection is closed at once and reported to
+    ``on_refused`` (nothing of it is read). pynetdicom wraps an accepted socket in the accepting
+    thread, so one caller that never finishes its handshake would stop every other caller. Here
+    the handshake runs in the connection's own thread, limited to ``acse_timeout_s``, and a
+    failure is reported to ``on_tls_failure`` (the connection is then closed without an
+    association).
     """
 
+    daemon_threads = True
+    block_on_close = False  # stop() drains associations itself, within its timeout
     tls_context: ssl.SSLContext | None = None
     handshake_timeout_s: float = 30.0
+    max_connections: int = 1 << 30
+    max_per_peer: int = 1 << 30
     on_tls_failure: Callable[[tuple[str, int], str], None] = staticmethod(lambda a, r: None)
+    on_refused: Callable[[tuple[str, int], str, str], None] = staticmethod(
+        lambda a, c, r: None)
+    on_finished: Callable[[Any], None] = staticmethod(lambda a: None)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._count_lock = threading.Lock()
+        self._per_peer: dict[str, int] = {}
+        self._total = 0
+        super().__init__(*args, **kwargs)
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (accepted and not yet closed)."""
+        return self._total
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        with self._count_lock:
+            if self._total >= self.max_connections:
+                code = "too_many_connections"
+                reason = f"more than [node] max_connections = {self.max_connections} open"
+            elif self._per_peer.get(host, 0) >= self.max_per_peer:
+                code = "too_many_connections_from_peer"
+                reason = (f"more than [node] max_connections_per_peer = {self.max_per_peer} "
+                          "open from this address")
+            else:
+                self._total += 1
+                self._per_peer[host] = self._per_peer.get(host, 0) + 1
+                return True
+        try:
+            self.on_refused(client_address, code, reason)
+        except Exception as exc:  # the accept loop must go on
+            log.error("connection_refusal_not_recorded", error=type(exc).__name__)
+        return False
+
+    def _release(self, client_address: Any) -> None:
+        host = str(client_address[0])
+        with self._count_lock:
+            self._total -= 1
+            left = self._per_peer.get(host, 1) - 1
+            if left > 0:
+                self._per_peer[host] = left
+            else:
+                self._per_peer.pop(host, None)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.tls_context is not None:
-            try:
-                request.settimeout(self.handshake_timeout_s)
-                request = self.tls_context.wrap_socket(request, server_side=True)
-                request.settimeout(None)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                reason = getattr(exc, "reason", None) or type(exc).__name__
+        try:
+            if self.tls_context is not None:
                 try:
-                    self.on_tls_failure(client_address, str(reason))
-                finally:
-                    self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+                    request.settimeout(self.handshake_timeout_s)
+                    request = self.tls_context.wrap_socket(request, server_side=True)
+                    request.settimeout(None)
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    reason = getattr(exc, "reason", None) or type(exc).__name__
+                    try:
+                        self.on_tls_failure(client_address, str(reason))
+                    finally:
+                        self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(client_address)
 
 
 class _ReceiveGuard:
-    """Limits what one association may send, checked before the bytes are read.
+    """Limits what one connection may send and how long it may take, checked as bytes arrive.
 
     Installed over the association socket's ``recv``: the DUL reads each PDU as a 6-byte
     header and then its declared length, so a declared length over the limit is refused
-    before any of it is held in memory. The refusal closes the connection (pynetdicom treats
-    it as a transport failure: the association ends as aborted).
+    before any of it is held in memory. Each PDU must also arrive whole by a deadline: the
+    first one (the A-ASSOCIATE-RQ) within ``acse_timeout_s`` of the connection opening, every
+    later one within ``pdu_timeout_s`` of its first byte plus one second per 64 KiB it declares.
+    Without it a peer that sends part of a PDU and goes quiet holds its thread and its slot for
+    ever (the DUL blocks in ``recv``, where none of pynetdicom's timers can fire). A refusal or
+    a missed deadline closes the connection (pynetdicom treats it as a transport failure: the
+    association ends as aborted) and is kept in ``refused`` for the record.
     """
 
-    def __init__(self, sock: Any, max_pdu: int, max_message: int) -> None:
-        self.recv = sock.recv
+    BYTES_PER_SECOND = 65536
+
+    def __init__(self, sock: Any, max_pdu: int, max_message: int,
+                 request_timeout_s: float = 30.0, pdu_timeout_s: float = 60.0) -> None:
+        self.sock = sock
         self.max_pdu = max_pdu
         self.max_message = max_message
+        self.request_timeout_s = request_timeout_s
+        self.pdu_timeout_s = pdu_timeout_s
+        self.opened = time.monotonic()
         self.message_bytes = 0
+        self.bytes_received = 0
+        self.pdus = 0
         self.refused: str | None = None
+        self.stalled = False
         self._pdu_type = 0
         self._header_next = True
+        self._deadline = 0.0
+        self._timeout_name = ""
 
     def __call__(self, nr_bytes: int) -> bytearray:
         # The DUL alternates: a 6-byte header read, then one read of the declared length.
         if not self._header_next:
             self._header_next = True
-            return self.recv(nr_bytes)
-        header = self.recv(nr_bytes)
+            body = self._read(nr_bytes, "bytes of a PDU")
+            self.pdus += 1
+            return body
+        if self.pdus == 0:
+            self._deadline = self.opened + self.request_timeout_s
+            self._timeout_name = "[node] acse_timeout_s"
+        else:
+            self._deadline = time.monotonic() + self.pdu_timeout_s
+            self._timeout_name = "[node] dimse_timeout_s"
+        header = self._read(nr_bytes, "bytes of a PDU header")
         if nr_bytes == 6 and len(header) == 6:
             self._header_next = False
             self._pdu_type, _, length = struct.unpack(">BBL", bytes(header))
             self._check(length)
+            if self.pdus > 0:
+                self._deadline += length / self.BYTES_PER_SECOND
         return header
+
+    def _read(self, nr_bytes: int, what: str) -> bytearray:
+        """Read ``nr_bytes`` (fewer when the peer closes) by the current deadline."""
+        raw = self.sock.socket
+        if raw is None:
+            raise OSError("the connection is closed")
+        data = bytearray()
+        try:
+            while len(data) < nr_bytes:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                raw.settimeout(left)
+                chunk = raw.recv(min(nr_bytes - len(data), 65536))
+                if not chunk:
+                    break
+                data.extend(chunk)
+                self.bytes_received += len(chunk)
+        except TimeoutError:
+            self.stalled = True
+            self.refused = (f"stalled: {len(data)} of {nr_bytes} {what} arrived by the deadline "
+                            f"({self._timeout_name})")
+            raise
+        finally:
+            try:
+                raw.settimeout(None)
+            except OSError:
+                pass
+        return data
 
     def _check(self, length: int) -> None:
         if self._pdu_type == 0x04:  # P-DATA-TF
@@ -207,6 +329,9 @@ class _Connection:
 
     def __init__(self, guard: _ReceiveGuard | None) -> None:
         self.guard = guard
+        self.started_at = utcnow()
+        self.requested = False
+        """An A-ASSOCIATE-RQ arrived whole (from then on its row is written by accept/reject)."""
         self.assoc_id: int | None = None
         self.accept_recorded = False
         self.ended: str | None = None
@@ -252,7 +377,9 @@ class Receiver:
     def _make_ae(self) -> AE:
         node = self.config.node
         ae = AE(ae_title=node.ae_title)
-        ae.maximum_associations = node.max_associations
+        # Connections and negotiated associations are limited here (_Server, _on_requested):
+        # pynetdicom counts a connection that has not finished its request as an association.
+        ae.maximum_associations = node.max_connections + 1
         ae.maximum_pdu_size = node.max_pdu_bytes
         ae.acse_timeout = node.acse_timeout_s
         ae.dimse_timeout = node.dimse_timeout_s
@@ -288,10 +415,15 @@ class Receiver:
         ]
         address = (self.config.node.bind_address, self.config.node.port)
         server = cast(_Server, self.ae.make_server(address, evt_handlers=handlers,
-                                                   server_class=_Server))
+                                                   server_class=_Server,
+                                                   request_handler=_Handler))
         server.tls_context = self._tls
         server.handshake_timeout_s = self.config.node.acse_timeout_s
+        server.max_connections = self.config.node.max_connections
+        server.max_per_peer = self.config.node.max_connections_per_peer
         server.on_tls_failure = self._on_tls_failure
+        server.on_refused = self._on_refused
+        server.on_finished = self._on_finished
         thread = threading.Thread(target=make_target(server.serve_forever), name="scp",
                                   daemon=True)
         thread.start()
@@ -344,7 +476,9 @@ class Receiver:
         try:
             sock = event.assoc.dul.socket
             guard = _ReceiveGuard(sock, node.max_pdu_bytes,
-                                  node.max_object_bytes + OBJECT_SLACK_BYTES)
+                                  node.max_object_bytes + OBJECT_SLACK_BYTES,
+                                  request_timeout_s=node.acse_timeout_s,
+                                  pdu_timeout_s=node.dimse_timeout_s)
             sock.recv = guard
         except Exception as exc:  # a handler must not raise into pynetdicom
             log.error("receive_guard_not_installed", error=f"{type(exc).__name__}: {exc}")
@@ -359,22 +493,37 @@ class Receiver:
             calling = _ae(request.calling_ae_title)
             called = _ae(request.called_ae_title)
             address = str(assoc.requestor.address)
+            with self._lock:
+                conn = self._conns.setdefault(id(assoc), _Connection(None))
+                conn.requested = True
+                negotiating = sum(1 for c in self._conns.values() if c.requested)
+            result, source = REJECTED_PERMANENT, SOURCE_SERVICE_USER
             if not self._peer_allowed(address):
                 reason = f"peer address {address} is not in [node] allowed_peers"
                 diagnostic = NO_REASON_GIVEN
             elif self._allowed_aets and calling not in self._allowed_aets:
                 reason = f"calling AE title {calling!r} is not in [node] allowed_calling_ae_titles"
                 diagnostic = CALLING_AE_NOT_RECOGNISED
+            elif negotiating > self.config.node.max_associations:
+                reason = (f"more than [node] max_associations = "
+                          f"{self.config.node.max_associations} at once")
+                result, source = REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION
+                diagnostic = LOCAL_LIMIT_EXCEEDED
             else:
                 return
-            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
+            assoc.acse.send_reject(result, source, diagnostic)
             self._rejected(calling, called, address, int(assoc.requestor.port or 0),
-                           _REJECT_REASONS[(SOURCE_SERVICE_USER, diagnostic)], reason)
+                           _REJECT_REASONS[(source, diagnostic)], reason)
             assoc.kill()  # wait until the A-ASSOCIATE-RJ is sent and the peer closed
         except Exception as exc:  # never let a caller in because a check failed
             log.error("association_check_failed", error=f"{type(exc).__name__}: {exc}")
             if not assoc.is_rejected:
                 assoc.abort()
+
+    def _on_refused(self, address: tuple[str, int], code: str, reason: str) -> None:
+        """A connection over the connection limits, closed before anything of it was read."""
+        self._rejected("", self.config.node.ae_title, str(address[0]), int(address[1]), code,
+                       reason)
 
     def _on_tls_failure(self, address: tuple[str, int], reason: str) -> None:
         self._rejected("", self.config.node.ae_title, str(address[0]), int(address[1]),
@@ -455,18 +604,61 @@ class Receiver:
             self._conns.pop(id(assoc), None)
         assoc_id = conn.assoc_id
         reason = conn.guard.refused if conn.guard is not None else None
+        if not conn.requested:
+            # pynetdicom's acceptor waits acse_timeout_s for a request that cannot come now:
+            # wake it (None reads as that timeout), so that the thread and its slot go at once.
+            assoc.dul.to_user_queue.put(None)
+            self._end_without_request(assoc, conn)
+            return
         if reason:
             outcome = "aborted"
-            log.warning("association_limit_exceeded", association_id=assoc_id, detail=reason,
+            stalled = conn.guard is not None and conn.guard.stalled
+            log.warning("association_stalled" if stalled else "association_limit_exceeded",
+                        association_id=assoc_id, detail=reason,
                         peer_address=str(assoc.requestor.address))
             if self.metrics:
-                self.metrics.store_failures.labels("limit_exceeded").inc()
+                self.metrics.store_failures.labels(
+                    "stalled" if stalled else "limit_exceeded").inc()
         if assoc_id is None:
             return
         log.info("association_ended", association_id=assoc_id, outcome=outcome)
         with self._lock:
             self._unrecorded_ends.append((assoc_id, outcome, reason[:128] if reason else None))
         self._record_ends()
+
+    def _end_without_request(self, assoc: Any, conn: _Connection) -> None:
+        """A connection closed before a whole A-ASSOCIATE-RQ arrived.
+
+        One we cut (stalled, over a limit), one that sent bytes that were not a request, or one
+        held until the ACSE timeout gets a row (outcome ``aborted``) with the reason; one that
+        opened and closed without a byte (a port check) only a debug line.
+        """
+        guard = conn.guard
+        sent = guard.bytes_received if guard is not None else 0
+        held_s = (utcnow() - conn.started_at).total_seconds()
+        reason = guard.refused if guard is not None else None
+        if reason is None and held_s >= self.config.node.acse_timeout_s * 0.9:
+            reason = "stalled: no A-ASSOCIATE-RQ by the deadline ([node] acse_timeout_s)"
+        elif reason is None and sent:
+            reason = f"closed after {sent} bytes without a whole A-ASSOCIATE-RQ"
+        address = str(assoc.requestor.address)
+        if reason is None:
+            log.debug("connection_closed_without_request", peer_address=address)
+            return
+        code = "stalled_connection" if reason.startswith("stalled") else "no_request"
+        log.warning("connection_closed", reason=code, detail=reason, peer_address=address,
+                    bytes_received=sent, held_s=round(held_s, 1))
+        if self.metrics:
+            self.metrics.associations_rejected.labels(code).inc()
+        try:
+            assoc_id = self.store.open_association(
+                node=self.node, calling_ae_title="", called_ae_title="",
+                peer_address=address[:64], peer_port=int(assoc.requestor.port or 0),
+                outcome="aborted", reason=reason[:128], started_at=conn.started_at)
+        except DatabaseError as exc:
+            log.error("association_not_recorded", error=str(exc))
+            return
+        log.info("association_ended", association_id=assoc_id, outcome="aborted")
 
     def _record_ends(self) -> None:
         """Write the ends of associations to SQL; retry those the database refused.
@@ -511,6 +703,14 @@ class Receiver:
 
     def _on_conn_close(self, event: Any) -> None:
         self._end(event, "closed")
+
+    def _on_finished(self, assoc: Any) -> None:
+        """The association's thread ended: end what no event ended (pynetdicom may stop the
+        DUL without a closing event when its own ACSE timer and a read deadline meet)."""
+        try:
+            self._end(_Ended(assoc), "closed")
+        except Exception as exc:  # the server's thread must not die with it
+            log.error("association_end_failed", error=type(exc).__name__)
 
     def _message_done(self, event: Any) -> None:
         with self._lock:
@@ -633,6 +833,13 @@ class Receiver:
             self.metrics.received_bytes.inc(len(data))
         self.on_stored()
         return SUCCESS
+
+
+class _Ended:
+    """Stands for a pynetdicom event where only its association is needed."""
+
+    def __init__(self, assoc: Any) -> None:
+        self.assoc = assoc
 
 
 def _ae(value: Any) -> str:
