@@ -8,8 +8,10 @@ Statuses (PS3.4 B.2.3):
 
 - ``0x0000`` stored (or an identical copy already held: see below);
 - ``0xA700`` out of resources: the spool or the database cannot take it (nothing is kept);
-- ``0xA900`` the data set does not match the SOP class (no Study Instance UID, UIDs disagree);
-- ``0xC000`` cannot understand: the data set cannot be parsed;
+- ``0xA900`` the data set does not match the SOP class or the request (no SOP Instance or
+  Study Instance UID; SOP Class or Instance UID not the request's; the request's SOP class not
+  its presentation context's);
+- ``0xC000`` cannot understand: the data set cannot be parsed, or holds none of the UIDs;
 - ``0xA701`` the object is larger than ``[node] max_object_bytes``.
 
 Access (PS3.8 9.3.4): a caller whose address is not in ``[node] allowed_peers`` or whose calling
@@ -779,16 +781,37 @@ class Receiver:
             study_uid = _clean_uid(header.get("StudyInstanceUID"))
             series_uid = _clean_uid(header.get("SeriesInstanceUID"))
             ds_sop_uid = _clean_uid(header.get("SOPInstanceUID"))
+            ds_sop_class = _clean_uid(header.get("SOPClassUID"))
             modality = str(header.get("Modality", "") or "")[:16] or None
         except Exception as exc:
             return self._fail(assoc_id, sop_uid, sop_class, CANNOT_UNDERSTAND, "unparseable",
                               f"the data set cannot be parsed: {type(exc).__name__}")
+        context_class = _clean_uid(getattr(event.context, "abstract_syntax", None))
+        # PS3.4 B.2.3: 0xC000 when the data set cannot be understood at all, 0xA900 when it
+        # can but does not match the request (every row the report needs is checked here, so
+        # an accepted instance can always be reported).
+        if not (study_uid or ds_sop_uid or ds_sop_class):
+            return self._fail(assoc_id, sop_uid, sop_class, CANNOT_UNDERSTAND, "unparseable",
+                              "the data set has none of SOP Class, SOP Instance and Study "
+                              "Instance UID: not a DICOM data set")
+        if context_class and context_class != sop_class:
+            return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH,
+                              "sop_class_mismatch", "the request's Affected SOP Class UID is "
+                              "not the presentation context's abstract syntax")
+        if not ds_sop_class or ds_sop_class != sop_class:
+            return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH,
+                              "sop_class_mismatch", "the data set's SOP Class UID is "
+                              + ("missing" if not ds_sop_class else "not the request's"))
+        if not ds_sop_uid:
+            return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH,
+                              "missing_sop_instance_uid",
+                              "the data set has no SOP Instance UID")
+        if ds_sop_uid != sop_uid:
+            return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH, "uid_mismatch",
+                              "the data set's SOP Instance UID differs from the request's")
         if not study_uid:
             return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH,
                               "missing_study_uid", "the data set has no Study Instance UID")
-        if ds_sop_uid and ds_sop_uid != sop_uid:
-            return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH, "uid_mismatch",
-                              "the data set's SOP Instance UID differs from the request's")
         digest = hashlib.sha256(data).hexdigest()
         try:
             current = self.store.current_instance(sop_uid)
