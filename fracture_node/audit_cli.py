@@ -117,6 +117,9 @@ def _status(args: argparse.Namespace) -> int:
         "instance states             " + _pairs(state["instance_states"]),
         f"unreported studies          {state['unreported_studies']}",
         f"oldest unreported study     {_duration(age) if age else '-'}",
+        f"studies retrying a report   {state['retrying_studies']}",
+        f"parked studies              {state['parked_studies']}"
+        + ("  (fracture-node reprocess)" if state["parked_studies"] else ""),
         f"dead deliveries             {state['dead_deliveries']}",
         f"pending deliveries          {state['pending_deliveries']}",
         "delivery states             " + _pairs(state["delivery_states"]),
@@ -125,6 +128,9 @@ def _status(args: argparse.Namespace) -> int:
     print("\nlast reports")
     print(table(["created_at", "study_instance_uid", "version", "instances", "positive",
                  "unprocessed"], state["last_reports"]) if state["last_reports"] else "(none)")
+    if state["parked"]:
+        print("\nparked studies (report failed every attempt)")
+        print(table(["parked_at", "study_instance_uid", "attempts", "error"], state["parked"]))
     if state["housekeeping_last_run"]:
         print("\nhousekeeping last run")
         for job, when in state["housekeeping_last_run"].items():

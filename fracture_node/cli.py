@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--report-id", type=int, action="append", dest="report_ids",
                        help="only this report (repeatable)")
 
+    reprocess = sub.add_parser("reprocess",
+                               help="report parked studies again (after their report failed)")
+    reprocess.add_argument("--config", "-c")
+    reprocess.add_argument("study_uids", nargs="*", metavar="STUDY_UID",
+                           help="only these studies (default: every parked study)")
     for name, helptext in (
             ("audit", "answer an audit question (positives, turnaround, models, deliveries, "
                       "objects, sources, unprocessed)"),
@@ -94,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _echo(args)
         if args.command == "retry":
             return _retry(args)
+        if args.command == "reprocess":
+            return _reprocess(args)
     except FractureNodeError as exc:
         print(f"fracture-node: {exc}", file=sys.stderr)
         return 2
@@ -171,6 +178,21 @@ def _retry(args: argparse.Namespace) -> int:
         store.dispose()
     print(f"{count} dead-lettered deliveries queued again; a running node sends them within "
           "seconds")
+    return 0
+
+
+def _reprocess(args: argparse.Namespace) -> int:
+    from fracture_node import config as cfg
+    from fracture_node.db.store import Store
+
+    config = cfg.load(args.config)
+    store = Store(config.database_url)
+    try:
+        count = store.reprocess_studies(args.study_uids)
+    finally:
+        store.dispose()
+    print(f"{count} studies due for a report again; a running node reports them within "
+          "seconds (fracture-node status shows any that fail again)")
     return 0
 
 

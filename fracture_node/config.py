@@ -192,9 +192,16 @@ class StudyConfig:
 
     stable_after_s: float = 30.0
     """A study is reported when no instance arrived for this long and its associations ended."""
+    report_max_attempts: int = 5
+    """After this many failed attempts a study's report is parked (``fracture-node reprocess``)."""
+    report_first_retry_s: float = 60.0
+    """Back-off after a failed report attempt, doubled at each failure up to the next."""
+    report_max_retry_s: float = 3600.0
 
     def validate(self) -> None:
         _check_positive("[study] stable_after_s", self.stable_after_s, allow_zero=True)
+        for key in ("report_max_attempts", "report_first_retry_s", "report_max_retry_s"):
+            _check_positive(f"[study] {key}", getattr(self, key))
 
 
 @dataclass(frozen=True)

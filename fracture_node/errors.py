@@ -6,6 +6,9 @@ is its default message. Messages name objects by UID, never by patient demograph
 
 from __future__ import annotations
 
+import re
+import traceback
+
 
 class FractureNodeError(Exception):
     """fracture-node failed."""
@@ -53,3 +56,35 @@ class ReportError(FractureNodeError):
 
 class DeliveryError(FractureNodeError):
     """An object could not be delivered to a destination."""
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
+
+
+def describe(exc: BaseException) -> str:
+    """What an exception says that may be logged and stored: never a value from a data set.
+
+    Library exceptions (pydicom, highdicom, the standard library) often quote the value they
+    refused: a birth date, a name. They are described by their type and where they were raised
+    (``ValueError at pydicom/valuerep.py:123 in __new__``), without their text. Our own errors
+    keep their message (they name objects by UID), with anything quoted and the text of any
+    library exception they wrap removed, in case a message carried one along.
+    """
+    where = ""
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    if frames:
+        last = frames[-1]
+        parts = last.filename.replace("\\", "/").split("/")
+        where = f" at {'/'.join(parts[-2:])}:{last.lineno} in {last.name}"
+    if not isinstance(exc, FractureNodeError):
+        return f"{type(exc).__name__}{where}"
+    text = str(exc)
+    cause: BaseException | None = exc.__cause__ or exc.__context__
+    seen = 0
+    while cause is not None and seen < 5:
+        quoted = str(cause)
+        if quoted and not isinstance(cause, FractureNodeError):
+            text = text.replace(quoted, f"<{type(cause).__name__}>")
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    text = _QUOTED.sub("<value>", text)
+    return f"{type(exc).__name__}: {text}"

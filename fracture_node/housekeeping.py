@@ -293,11 +293,13 @@ class Housekeeping:
         g = maintenance.gauges(self.store, self.clock())
         self.metrics.queue_depth.set(g.queue_depth)
         self.metrics.dead_deliveries.set(g.dead_deliveries)
+        self.metrics.parked_studies.set(g.parked_studies)
         self.metrics.oldest_unreported_study_seconds.set(g.oldest_unreported_study_seconds)
         summary = {"queue_depth": g.queue_depth, "claimed": g.claimed,
                    "dead_deliveries": g.dead_deliveries,
                    "pending_deliveries": g.pending_deliveries,
                    "unreported_studies": g.unreported_studies,
+                   "parked_studies": g.parked_studies,
                    "oldest_unreported_study_seconds": round(g.oldest_unreported_study_seconds, 1)}
         log.debug("metrics_refreshed", **summary)
         return summary

@@ -45,6 +45,11 @@ class Metrics:
         self.decode_seconds = Histogram(p + "decode_seconds", "Decode time per instance",
                                         registry=r)
         self.reports = Counter(p + "reports", "Structured Reports produced", registry=r)
+        self.report_failures = Counter(p + "report_failures",
+                                       "Failed attempts to report a study", registry=r)
+        self.parked_studies = Gauge(p + "parked_studies",
+                                    "Studies whose report is parked after repeated failures",
+                                    registry=r)
         self.deliveries = Counter(p + "delivery_attempts", "Delivery attempts",
                                   ["destination", "outcome"], registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "Instances waiting for the model",

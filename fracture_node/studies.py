@@ -51,15 +51,12 @@ from fracture_node.dicom.report import (
     build_report,
     write_report,
 )
-from fracture_node.errors import DatabaseError, ReportError
+from fracture_node.errors import DatabaseError, ReportError, describe
 from fracture_node.logs import get_logger
 from fracture_node.saliency import SaliencyRecord
 from fracture_node.spool import Spool, safe_name
 
 log = get_logger("studies")
-
-RETRY_FAILED_REPORT_S = 60.0
-
 
 @dataclass(frozen=True)
 class _Shown:
@@ -91,7 +88,6 @@ class Reporter:
         self.reports_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.device_uid = generate_uid(entropy_srcs=["fracture-node device",
                                                      config.node.ae_title])
-        self._failed: dict[tuple[str, int], float] = {}
         self.overlays = {d.name: d.overlay_kinds for d in config.destinations}
         self.overlay_kinds = frozenset().union(*self.overlays.values())
 
@@ -108,20 +104,39 @@ class Reporter:
         return made
 
     def report_study(self, study_uid: str) -> int:
+        """Report one study; any failure but the database's is recorded against the study
+        (scrubbed reason, back-off, parked after ``[study] report_max_attempts``)."""
         snapshot = self.store.study_snapshot(study_uid)
         if snapshot is None:
             return 0
-        key = (study_uid, snapshot.instances_received)
-        if time.monotonic() < self._failed.get(key, 0.0):
-            return 0
-        started = time.perf_counter()
         try:
-            sr, counts, shown = self._build(snapshot)
-        except ReportError as exc:
-            self._failed[key] = time.monotonic() + RETRY_FAILED_REPORT_S
-            log.error("report_failed", study_instance_uid=study_uid, error=str(exc),
-                      retry_in_s=RETRY_FAILED_REPORT_S)
+            return self._report(snapshot)
+        except DatabaseError:
+            raise
+        except Exception as exc:  # one study must never stop the others, nor be retried blind
+            self._failed(study_uid, exc)
             return 0
+
+    def _failed(self, study_uid: str, exc: BaseException) -> None:
+        error = describe(exc)
+        study = self.config.study
+        outcome = self.store.record_report_failure(
+            study_uid, error, max_attempts=study.report_max_attempts,
+            first_retry_s=study.report_first_retry_s, max_retry_s=study.report_max_retry_s)
+        if self.metrics:
+            self.metrics.report_failures.inc()
+        if outcome.parked:
+            log.error("report_parked", study_instance_uid=study_uid, error=error,
+                      attempts=outcome.attempts,
+                      detail="no more attempts: fix the cause, then fracture-node reprocess")
+        else:
+            log.error("report_failed", study_instance_uid=study_uid, error=error,
+                      attempts=outcome.attempts, retry_in_s=outcome.retry_in_s)
+
+    def _report(self, snapshot: StudySnapshot) -> int:
+        study_uid = snapshot.study_instance_uid
+        started = time.perf_counter()
+        sr, counts, shown = self._build(snapshot)
         relative = f"{safe_name(study_uid)}/{sr.SOPInstanceUID}.dcm"
         path = self.reports_dir / relative
         write_report(sr, path)

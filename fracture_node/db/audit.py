@@ -435,6 +435,11 @@ class Audit:
                 runs = ses.execute(
                     select(s.HousekeepingRun.job, func.max(s.HousekeepingRun.started_at))
                     .group_by(s.HousekeepingRun.job)).all()
+                parked = ses.execute(
+                    select(s.Study.report_parked_at, s.Study.study_instance_uid,
+                           s.Study.report_attempts, s.Study.report_error)
+                    .where(s.Study.report_parked_at.is_not(None))
+                    .order_by(s.Study.report_parked_at.desc()).limit(last_reports)).all()
         except SQLAlchemyError as exc:
             raise DatabaseError(f"status failed: {type(exc).__name__}: "
                                 f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}") from exc
@@ -448,6 +453,11 @@ class Audit:
             "delivery_states": dict(sorted(deliveries.items())),
             "unreported_studies": g.unreported_studies,
             "oldest_unreported_study_seconds": round(g.oldest_unreported_study_seconds, 1),
+            "retrying_studies": g.retrying_studies,
+            "parked_studies": g.parked_studies,
+            "parked": [
+                {"parked_at": maintenance._as_utc(r[0]), "study_instance_uid": r[1],
+                 "attempts": r[2], "error": r[3]} for r in parked],
             "last_reports": [
                 {"created_at": r[0], "study_instance_uid": r[1], "version": r[2],
                  "instances": r[3], "positive": r[4], "unprocessed": r[5]} for r in reports],

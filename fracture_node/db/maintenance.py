@@ -65,6 +65,10 @@ class Gauges:
     oldest_unreported_study_seconds: float
     """Age of the oldest instance that no report covers yet; 0 when every study is reported."""
     unreported_studies: int
+    parked_studies: int = 0
+    """Studies whose report failed ``[study] report_max_attempts`` times (``reprocess``)."""
+    retrying_studies: int = 0
+    """Studies whose last report attempt failed, waiting for their next attempt."""
 
 
 def _purgeable(cutoff: dt.datetime) -> Any:
@@ -223,12 +227,17 @@ def gauges_in(ses: Session, now: dt.datetime) -> Gauges:
         select(func.min(waiting.c.since), func.count())).one()
     oldest_at = _as_utc(oldest)
     age = max(0.0, (now - oldest_at).total_seconds()) if oldest_at else 0.0
+    parked, retrying = ses.execute(select(
+        func.count(s.Study.report_parked_at),
+        func.count().filter(s.Study.report_parked_at.is_(None),
+                            s.Study.report_attempts > 0))).one()
     return Gauges(queue_depth=int(states.get(s.QUEUED, 0)),
                   claimed=int(states.get(s.CLAIMED, 0)),
                   dead_deliveries=int(deliveries.get(s.DEAD, 0)),
                   pending_deliveries=int(deliveries.get(s.PENDING, 0)),
                   oldest_unreported_study_seconds=age,
-                  unreported_studies=int(unreported or 0))
+                  unreported_studies=int(unreported or 0),
+                  parked_studies=int(parked or 0), retrying_studies=int(retrying or 0))
 
 
 def _as_utc(value: Any) -> dt.datetime | None:

@@ -148,6 +148,15 @@ class DueDelivery:
     """Overlays not stored yet, in the order they are sent."""
 
 
+@dataclass(frozen=True)
+class ReportFailure:
+    """What :meth:`ReportingQueries.record_report_failure` decided."""
+
+    attempts: int
+    parked: bool
+    retry_in_s: float | None
+
+
 class ReportingQueries:
     """Study, report and delivery statements; needs ``_run`` from the Store."""
 
@@ -181,9 +190,12 @@ class ReportingQueries:
                                later.received_at >= silent_since))
         open_assoc = exists().where(i.study_instance_uid == s.Study.study_instance_uid,
                                     i.association_id == a.id, still_open)
+        now = _now()
         due = list(self._run(lambda ses: ses.execute(
             select(s.Study.study_instance_uid)
             .where(s.Study.report_due.is_(True), s.Study.last_received_at <= stable_before,
+                   s.Study.report_parked_at.is_(None),
+                   or_(s.Study.report_retry_at.is_(None), s.Study.report_retry_at <= now),
                    ~unfinished, ~open_assoc)
             .order_by(s.Study.last_received_at).limit(limit)).scalars().all()))
         random.shuffle(due)
@@ -253,7 +265,8 @@ class ReportingQueries:
                     s.Study.instances_received == snapshot.instances_received,
                     s.Study.reported_version == snapshot.reported_version)
                 .values(report_due=False, reported_version=report.version,
-                        last_reported_at=now)))
+                        last_reported_at=now, report_attempts=0, report_retry_at=None,
+                        report_error=None, report_parked_at=None)))
             if not changed:
                 return None
             row = s.Report(
@@ -295,6 +308,58 @@ class ReportingQueries:
             if isinstance(exc.__cause__, IntegrityError):
                 return None
             raise
+
+    def record_report_failure(self, study_uid: str, error: str, *, max_attempts: int,
+                              first_retry_s: float, max_retry_s: float) -> ReportFailure:
+        """Count a failed attempt to report a study, with its (scrubbed) reason: back off
+        (``first_retry_s``, doubling up to ``max_retry_s``), or park the study after
+        ``max_attempts``."""
+        def fn(ses: Session) -> ReportFailure:
+            now = _now()
+            study = ses.execute(select(s.Study).where(
+                s.Study.study_instance_uid == study_uid).with_for_update()).scalar_one_or_none()
+            if study is None:
+                return ReportFailure(attempts=0, parked=False, retry_in_s=None)
+            study.report_attempts = (study.report_attempts or 0) + 1
+            study.report_error = error[:256]
+            if study.report_attempts >= max_attempts:
+                study.report_parked_at = now
+                study.report_retry_at = None
+                return ReportFailure(attempts=study.report_attempts, parked=True,
+                                     retry_in_s=None)
+            retry_s = min(max_retry_s, first_retry_s * 2 ** (study.report_attempts - 1))
+            study.report_retry_at = now + dt.timedelta(seconds=retry_s)
+            return ReportFailure(attempts=study.report_attempts, parked=False,
+                                 retry_in_s=retry_s)
+
+        return self._run(fn)
+
+    def reprocess_studies(self, study_uids: Sequence[str] = ()) -> int:
+        """Take parked studies back (those named, or every parked one): their failure count
+        and back-off are cleared and a report is due again. Returns how many."""
+        def fn(ses: Session) -> int:
+            where: list[Any] = [s.Study.report_parked_at.is_not(None)]
+            if study_uids:  # named: parked or failing (a reported study stays as it is)
+                where = [s.Study.study_instance_uid.in_(list(study_uids)),
+                         or_(s.Study.report_parked_at.is_not(None),
+                             s.Study.report_attempts > 0)]
+            return rowcount(ses.execute(update(s.Study).where(*where).values(
+                report_due=True, report_attempts=0, report_retry_at=None,
+                report_parked_at=None)))
+
+        return self._run(fn)
+
+    def parked_studies(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Studies whose report failed ``report_max_attempts`` times, newest first."""
+        def fn(ses: Session) -> list[dict[str, Any]]:
+            rows = ses.execute(
+                select(s.Study.study_instance_uid, s.Study.report_attempts,
+                       s.Study.report_parked_at, s.Study.report_error)
+                .where(s.Study.report_parked_at.is_not(None))
+                .order_by(s.Study.report_parked_at.desc()).limit(limit)).all()
+            return [dict(r._mapping) for r in rows]
+
+        return self._run(fn)
 
     def oldest_unreported_study(self) -> dt.datetime | None:
         return self._run(lambda ses: ses.execute(

@@ -198,6 +198,16 @@ class Study(Base):
     """True while the study has instances that no report covers yet."""
     reported_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_reported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    report_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Failed attempts to report the study since its last report or arrival."""
+    report_retry_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    """No report attempt before this (back-off after a failure)."""
+    report_error: Mapped[str | None] = mapped_column(String(256))
+    """Why the last attempt failed: the exception's type and a scrubbed message (no values
+    copied from a header)."""
+    report_parked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    """Set after ``[study] report_max_attempts`` failures: no more attempts until
+    ``fracture-node reprocess`` or a new instance of the study."""
 
     __table_args__ = (
         Index(None, "report_due", "last_received_at"),

@@ -244,7 +244,10 @@ class Store(ReportingQueries):
             ses.execute(stmt.on_conflict_do_update(
                 index_elements=[s.Study.study_instance_uid],
                 set_={"last_received_at": new.received_at, "report_due": True,
-                      "instances_received": s.Study.instances_received + 1}))
+                      "instances_received": s.Study.instances_received + 1,
+                      # a new instance is a new chance: a parked study is tried again
+                      "report_attempts": 0, "report_retry_at": None,
+                      "report_parked_at": None}))
             if new.association_id is not None:
                 ses.execute(update(s.Association).where(s.Association.id == new.association_id)
                             .values(instances_stored=s.Association.instances_stored + 1))
