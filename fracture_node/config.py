@@ -74,6 +74,9 @@ class NodeConfig:
     allowed_peers: tuple[str, ...] = ()
     """Addresses or networks (CIDR) allowed to associate; empty: any."""
     require_called_ae_title: bool = False
+    stop_timeout_s: float = 60.0
+    """SIGTERM to exit, at most: associations in flight get half of it to finish, the worker's
+    batch, a report or a delivery in flight the rest; what is left resumes from SQL."""
 
     def validate(self) -> None:
         _check_ae("[node] ae_title", self.ae_title)
@@ -95,7 +98,7 @@ class NodeConfig:
                 f"config: [node] max_pdu_bytes = {self.max_pdu_bytes} is too small; "
                 "fix: use 0 (no limit) or at least 4096"
             )
-        for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+        for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "stop_timeout_s"):
             _check_positive(f"[node] {key}", getattr(self, key))
         for ae in self.allowed_calling_ae_titles:
             _check_ae("[node] allowed_calling_ae_titles", ae)

@@ -8,9 +8,12 @@ next start.
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import os
 import signal
 import threading
+import time
+import traceback
 from types import FrameType
 from typing import Any
 
@@ -19,6 +22,7 @@ from fracture_node.config import Config
 from fracture_node.db import migrate
 from fracture_node.db.store import Store
 from fracture_node.dicom.scp import Receiver, node_name
+from fracture_node.errors import StartupError, describe
 from fracture_node.launcher import allocator_name
 from fracture_node.metrics import Metrics, MetricsServer
 from fracture_node.spool import Spool
@@ -46,6 +50,7 @@ class Daemon:
         self.notifier = Notifier.from_environ(os.environ)
         self.watchdog: WatchdogThread | None = None
         self.wake = threading.Event()
+        self._stopping_part: str | None = None
 
     # Life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -69,16 +74,25 @@ class Daemon:
         swept = spool.sweep_temporaries(0 if not self.store.is_postgres else 3600)
         if swept:
             log.warning("spool_temporaries_removed", count=swept)
-        classifier = None
-        if cfg.node.role in ("all", "worker"):
-            # Load the model before listening: a node that cannot score must not accept.
-            from fracture_node.ml.infer import Classifier
-
-            classifier = Classifier.load(cfg.model.path, cfg.model.device)
+        # Every port first, before the model loads and before anything is stored: a port that
+        # is taken ends start-up here, naming it. Callers wait in the backlog until we serve.
+        if cfg.metrics.enabled:
+            self.metrics_server = _bind(
+                "metrics_port", "[metrics] port", cfg.metrics.host, cfg.metrics.port,
+                lambda: MetricsServer(self.metrics, self.health, cfg.metrics.host,
+                                      cfg.metrics.port))
         if cfg.node.role in ("all", "receiver"):
             self.receiver = Receiver(cfg, self.store, spool, on_stored=self.wake.set,
                                      metrics=self.metrics)
-            self.receiver.start()
+            _bind("dicom_port", "[node] port", cfg.node.bind_address, cfg.node.port,
+                  self.receiver.bind)
+        classifier = None
+        if cfg.node.role in ("all", "worker"):
+            # Load the model before serving: a node that cannot score must not accept.
+            from fracture_node.ml.infer import Classifier
+
+            classifier = Classifier.load(cfg.model.path, cfg.model.device)
+        if self.receiver is not None:
             closed = self.store.interrupt_open_associations(self.receiver.node)
             if closed:
                 log.warning("associations_interrupted", count=closed)
@@ -90,10 +104,10 @@ class Daemon:
         self._parts.append(self.housekeeping)  # stopped after the worker (parts stop in reverse)
         if classifier is not None:
             self._start_processing(spool, node, classifier)
-        if cfg.metrics.enabled:
-            self.metrics_server = MetricsServer(self.metrics, self.health, cfg.metrics.host,
-                                                cfg.metrics.port)
+        if self.metrics_server is not None:
             self.metrics_server.start()
+        if self.receiver is not None:
+            self.receiver.serve()  # every part is ready: the first association may come
         self.metrics.up.set(1)
         log.info("node_started", role=cfg.node.role,
                  port=self.receiver.port if self.receiver else None)
@@ -142,20 +156,30 @@ class Daemon:
                           threshold=classifier.threshold(cfg.model.operating_point),
                           operating_point=cfg.model.operating_point),
             metrics=self.metrics,
-            on_report=lambda: scheduler.modify_job("deliver", next_run_time=_now()))
+            on_report=lambda: self._poke(scheduler, "deliver"))
         self.worker = Worker(cfg, self.store, spool, classifier, node, wake=self.wake,
                              metrics=self.metrics,
-                             on_batch=lambda: scheduler.modify_job("report",
-                                                                   next_run_time=_now()))
-        scheduler.add_job(_guarded(self.reporter.run_once, "report"), "interval",
+                             on_batch=lambda: self._poke(scheduler, "report"))
+        jobs = _RunningJobs()
+        scheduler.add_job(jobs.guarded(self.reporter.run_once, "report"), "interval",
                           seconds=0.25, id="report")
-        scheduler.add_job(_guarded(self.deliverer.run_once, "deliver"), "interval",
+        scheduler.add_job(jobs.guarded(self.deliverer.run_once, "deliver"), "interval",
                           seconds=1.0, id="deliver")
         self.scheduler = scheduler
         self.worker.start()
         scheduler.start()
-        self._parts.append(_SchedulerPart(scheduler))
+        self._parts.append(_SchedulerPart(scheduler, jobs))
         self._parts.append(self.worker)
+
+    def _poke(self, scheduler: Any, job: str) -> None:
+        """Run ``job`` now (a batch was scored, a report made). Never while stopping: a job that
+        called into the scheduler while ``shutdown`` held its locks would wait for ever."""
+        if self.stopping.is_set():
+            return
+        try:
+            scheduler.modify_job(job, next_run_time=_now())
+        except Exception as exc:  # a stopped scheduler, a job removed: nothing to hurry
+            log.debug("job_not_hurried", job=job, error=type(exc).__name__)
 
     def health(self) -> dict[str, Any]:
         """What ``/health`` answers: ok only when the database answers and the SCP listens."""
@@ -169,29 +193,60 @@ class Daemon:
         state["ok"] = state["database"] == "ok" and not self.stopping.is_set()
         return state
 
-    def stop(self) -> None:
-        """Stop every part in order; safe to call twice."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop every part in order, within ``timeout_s`` (``[node] stop_timeout_s``); safe to
+        call twice, and after a start that failed half-way.
+
+        Associations in flight get half the time to finish; the worker, the report and delivery
+        jobs and housekeeping what is left. A part still busy at the deadline is left behind
+        (logged): its work is in SQL and resumes at the next start.
+        """
         self.stopping.set()
+        timeout_s = self.config.node.stop_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         self.notifier.stopping("draining")
-        log.info("node_stopping")
-        if self.receiver is not None:
-            self.receiver.stop()
-        for part in reversed(self._parts):
-            part.stop()
-        self._parts.clear()
-        if self.metrics_server is not None:
-            self.metrics_server.stop()
-            self.metrics_server = None
-        if self.watchdog is not None:  # systemd enforces the watchdog while stopping too
-            self.watchdog.stop()
-            self.watchdog = None
-        if self.store is not None:
-            self.store.dispose()
+        log.info("node_stopping", timeout_s=timeout_s)
+        done = threading.Event()
+        stopper = threading.Thread(target=self._stop_parts, args=(deadline, done),
+                                   name="stop", daemon=True)
+        stopper.start()
+        stopper.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        if not done.is_set():
+            log.error("node_stop_timed_out", timeout_s=timeout_s, waiting_for=self._stopping_part,
+                      detail="left running; its work resumes from SQL at the next start")
         self.metrics.up.set(0)
-        log.info("node_stopped")
+        log.info("node_stopped", complete=done.is_set())
+
+    def _stop_parts(self, deadline: float, done: threading.Event) -> None:
+        def left() -> float:
+            return max(0.1, deadline - time.monotonic())
+
+        try:
+            if self.receiver is not None:
+                self._stopping_part = "scp"
+                self.receiver.stop(drain_timeout_s=left() / 2)
+            for part in reversed(self._parts):
+                self._stopping_part = type(part).__name__.strip("_").lower()
+                _stop_within(part, left())
+            self._parts.clear()
+            if self.metrics_server is not None:
+                self._stopping_part = "metrics"
+                self.metrics_server.stop()
+                self.metrics_server = None
+            if self.watchdog is not None:  # systemd enforces the watchdog while stopping too
+                self._stopping_part = "watchdog"
+                self.watchdog.stop()
+                self.watchdog = None
+            if self.store is not None:
+                self._stopping_part = "database"
+                self.store.dispose()
+            self._stopping_part = None
+            done.set()
+        except Exception as exc:  # stop what can be stopped; say what could not
+            log.error("node_stop_failed", part=self._stopping_part, error=describe(exc))
 
     def run(self) -> int:
-        """Start, wait for SIGTERM or SIGINT, stop; the exit code."""
+        """Start, wait for SIGTERM or SIGINT, stop; the exit code (1 when start-up failed)."""
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("signal_received", signal=signal.Signals(signum).name)
             self.stopping.set()
@@ -200,10 +255,14 @@ class Daemon:
         signal.signal(signal.SIGINT, on_signal)
         try:
             self.start()
-            while not self.stopping.wait(1.0):
-                pass
-        finally:
-            self.stop()
+        except Exception as exc:  # one event naming what failed, never a raw traceback
+            part = getattr(exc, "part", None) or _failed_part(exc)
+            log.error("node_start_failed", part=part, error=describe(exc))
+            self.stop(timeout_s=min(10.0, self.config.node.stop_timeout_s))
+            return 1
+        while not self.stopping.wait(1.0):
+            pass
+        self.stop()
         return 0
 
 
@@ -211,23 +270,75 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _guarded(fn: Any, job: str) -> Any:
-    """A scheduler job that logs its errors instead of losing them in APScheduler's logger."""
-    def run() -> None:
-        try:
-            fn()
-        except Exception as exc:
-            log.error("job_failed", job=job, error=f"{type(exc).__name__}: {exc}")
+def _bind(part: str, key: str, host: str, port: int, bind: Any) -> Any:
+    """Take a port: ``bind()``'s result, or a :class:`StartupError` naming the port."""
+    try:
+        return bind()
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        raise StartupError(part, f"cannot listen on {host}:{port} ({key}): {why}; fix: stop "
+                                 f"what holds the port, or set another {key}") from exc
 
-    return run
+
+def _failed_part(exc: BaseException) -> str:
+    """Which part a start-up failure came from, by the module that raised it."""
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    for frame in reversed(frames):
+        path = frame.filename.replace("\\", "/")
+        for marker, part in (("/ml/", "model"), ("/db/", "database"), ("/dicom/", "dicom"),
+                             ("/housekeeping", "housekeeping"), ("/config", "config")):
+            if marker in path:
+                return part
+    return "start"
+
+
+def _stop_within(part: Any, timeout_s: float) -> None:
+    """``part.stop()``, with ``timeout_s`` when it takes one."""
+    if "timeout_s" in inspect.signature(part.stop).parameters:
+        part.stop(timeout_s=timeout_s)
+    else:
+        part.stop()
+
+
+class _RunningJobs:
+    """The scheduler jobs running now, so that stopping can wait for them without holding
+    APScheduler's locks (its ``shutdown(wait=True)`` does, and a job that touches the scheduler
+    then never ends)."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._idle = threading.Condition()
+
+    def guarded(self, fn: Any, job: str) -> Any:
+        """A job that logs its errors instead of losing them in APScheduler's logger."""
+        def run() -> None:
+            with self._idle:
+                self._running += 1
+            try:
+                fn()
+            except Exception as exc:
+                log.error("job_failed", job=job, error=describe(exc))
+            finally:
+                with self._idle:
+                    self._running -= 1
+                    self._idle.notify_all()
+
+        return run
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0, timeout_s)
 
 
 class _SchedulerPart:
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, jobs: _RunningJobs) -> None:
         self.scheduler = scheduler
+        self.jobs = jobs
 
-    def stop(self) -> None:
-        self.scheduler.shutdown(wait=True)
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.scheduler.shutdown(wait=False)
+        if not self.jobs.wait_idle(timeout_s):
+            log.warning("jobs_still_running", timeout_s=round(timeout_s, 1))
 
 
 __all__ = ["Daemon", "node_name"]

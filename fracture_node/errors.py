@@ -58,6 +58,22 @@ class DeliveryError(FractureNodeError):
     """An object could not be delivered to a destination."""
 
 
+class StartupError(FractureNodeError):
+    """A part of the node could not start.
+
+    Parameters
+    ----------
+    part:
+        What failed (``dicom_port``, ``metrics_port``, ``model``, ...), logged with the event.
+    message:
+        What happened and what to do.
+    """
+
+    def __init__(self, part: str, message: str) -> None:
+        self.part = part
+        super().__init__(message)
+
+
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
 
 

@@ -131,5 +131,7 @@ class MetricsServer:
         log.info("metrics_listening", port=self.port)
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        """Stop serving and close the port (also when it was bound but never served)."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()  # waits for serve_forever: only when it runs
         self._httpd.server_close()

@@ -365,6 +365,7 @@ class Receiver:
         self.metrics = metrics
         self.node = ""
         self._server: Any = None
+        self._serving = False
         self._conns: dict[int, _Connection] = {}
         self._unrecorded_ends: list[tuple[int, str, str | None]] = []
         self._retry_timer: threading.Timer | None = None
@@ -403,6 +404,12 @@ class Receiver:
 
     def start(self) -> None:
         """Listen for associations (in background threads)."""
+        self.bind()
+        self.serve()
+
+    def bind(self) -> None:
+        """Take the port (bound and listening; callers wait in the backlog until
+        :meth:`serve`). Raises OSError when the port is taken."""
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -426,12 +433,18 @@ class Receiver:
         server.on_tls_failure = self._on_tls_failure
         server.on_refused = self._on_refused
         server.on_finished = self._on_finished
+        self._server = server
+        self.node = node_name(self.port)
+
+    def serve(self) -> None:
+        """Accept associations (the port is bound by :meth:`bind`)."""
+        server = self._server
+        assert server is not None, "bind() first"
         thread = threading.Thread(target=make_target(server.serve_forever), name="scp",
                                   daemon=True)
         thread.start()
+        self._serving = True
         self.ae._servers.append(server)
-        self._server = server
-        self.node = node_name(self.port)
         log.info("scp_listening", ae_title=self.config.node.ae_title,
                  address=self.config.node.bind_address, port=self.port,
                  tls=self._tls is not None,
@@ -441,6 +454,10 @@ class Receiver:
         """Stop accepting associations, let the ones in flight finish, then close."""
         server = self._server
         if server is None:
+            return
+        if not self._serving:  # bound, never served: socketserver's shutdown() would wait
+            server.server_close()
+            self._server = None
             return
         server.shutdown()  # no new connections from here on
         deadline = time.monotonic() + drain_timeout_s
