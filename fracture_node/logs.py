@@ -6,6 +6,8 @@ dates never reach a log call: log UIDs instead.
 
 from __future__ import annotations
 
+import datetime as dt
+import json as json_module
 import logging
 import sys
 import warnings
@@ -68,6 +70,9 @@ def configure(level: str = "info", json: bool | None = None, stream: TextIO | No
     # warnings, but they are not allowed to print dataset contents at debug level.
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=stream,
                         format="%(levelname)s %(name)s %(message)s", force=True)
+    if json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(LibraryJSONFormatter())
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # pydicom warns about every non-conformant value it reads; received objects are often
     # non-conformant, and such warnings may quote element values (patient data): keep errors only.
@@ -79,6 +84,36 @@ def configure(level: str = "info", json: bool | None = None, stream: TextIO | No
     warnings.simplefilter("default")
     # APScheduler warns when a frequent job is still running at its next tick: that is expected.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
+
+
+LIBRARY_MESSAGE_CHARS = 300
+"""How much of a library's log message is kept: pynetdicom's can repeat what a peer sent
+(up to 64 KiB of a PDU)."""
+
+
+class LibraryJSONFormatter(logging.Formatter):
+    """Library log records (pynetdicom, alembic, ...) as JSON lines like our own events.
+
+    The message is cut to :data:`LIBRARY_MESSAGE_CHARS` and control characters are escaped by
+    the JSON encoding; an exception keeps only its type (its text and traceback can quote what a
+    peer sent or a data set holds).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's bad format string must not lose the record
+            message = str(record.msg)
+        if len(message) > LIBRARY_MESSAGE_CHARS:
+            message = message[:LIBRARY_MESSAGE_CHARS] + f"... ({len(message)} chars)"
+        event: dict[str, Any] = {
+            "event": "library_log", "logger": record.name,
+            "log_level": record.levelname.lower(), "message": message,
+            "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            event["error"] = record.exc_info[0].__name__
+        return json_module.dumps(event, ensure_ascii=True)
 
 
 def get_logger(name: str | None = None) -> Any:

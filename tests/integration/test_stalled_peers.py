@@ -7,19 +7,26 @@ pynetdicom and DCMTK storescu.
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import socket
 import ssl
 import struct
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
+import structlog
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from fracture_node import logs
 from fracture_node.db import schema as s
 from tests.integration import test_security as _security
 from tests.integration.test_security import TINY, Pki, _client_ctx, _tls
@@ -292,3 +299,37 @@ def test_metrics_port_closes_a_stalled_request_and_serves_others() -> None:
         over.close()
     finally:
         server.stop()
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The node's JSON logging into a buffer (restored afterwards)."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    buf = io.StringIO()
+    logs.configure("info", json=True, stream=buf)
+    yield buf
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_library_errors_from_bad_peers_are_bounded_json_lines(make_node: Any,
+                                                              json_log: io.StringIO) -> None:
+    """A stalled peer and a 60 KB garbage request make pynetdicom log errors: every line is
+    JSON, and none repeats more than a bounded part of what the peer sent."""
+    node = make_node(acse_timeout_s=2.0)
+    staller = _raw(node.port, "127.0.0.2", b"\x01\x00\x00")
+    garbage = b"\x01\x00" + struct.pack(">L", 60_000) + b"PHI-LIKE-PEER-TEXT " * 3158
+    bad = _raw(node.port, "127.0.0.3", garbage[:60_006])
+    for sock in (staller, bad):
+        _closed_within(sock, 8.0)
+        sock.close()
+    _stalled_rows(node, 2)
+    lines = [line for line in json_log.getvalue().splitlines() if line.strip()]
+    events = [json.loads(line) for line in lines]  # fails on any plain-text line
+    assert any(e["event"] == "library_log" and e["logger"].startswith("pynetdicom")
+               for e in events)
+    assert max(len(line) for line in lines) < 2000
+    assert all(line.count("PHI-LIKE-PEER-TEXT") <= 16 for line in lines)
