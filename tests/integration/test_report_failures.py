@@ -184,3 +184,42 @@ def test_header_values_never_reach_logs_errors_or_sql(
     assert any(e["event"] == "report_failed" for e in events)
     for value in (name, patient_id, institution, birth):
         assert value not in seen, value
+
+
+_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+           "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "InstitutionName",
+           "Manufacturer")
+"""Every attribute the SR copies from the first source (report.py's Type 2 list, and the
+equipment names the issue found copied unchecked)."""
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(st.one_of(
+    _PHI_TEXT, st.from_regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", fullmatch=True),
+    st.text(alphabet="0123456789:.-x", min_size=6, max_size=20).filter(lambda v: len(set(v)) > 3),
+    st.text(alphabet="ABCDEFGHIJ^=\\", min_size=70, max_size=90)), min_size=len(_COPIED),
+    max_size=len(_COPIED)))
+def test_real_report_path_leaks_no_invalid_header_value(
+        failing_node: Node, samples_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        values: list[str]) -> None:
+    """Random invalid values in every attribute the report copies go through the real SR build:
+    the study is reported or its failure recorded, and no value reaches a log event or SQL."""
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+    node = failing_node
+    ds = _study(samples_dir, 1)[0]
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    for keyword, value in zip(_COPIED, values, strict=True):
+        if pydicom.datadict.dictionary_VR(keyword) in ("DA", "TM", "CS", "SH"):
+            value = value.encode("ascii", "replace").decode()
+        setattr(ds, keyword, value)
+    node.add(ds)
+    node.drain()
+    with structlog.testing.capture_logs() as events:
+        node.reporter.run_once()
+    row = node.store.rows(s.Study, s.Study.study_instance_uid == ds.StudyInstanceUID)[0]
+    assert row.report_due is False or row.report_attempts >= 1  # reported, or failure recorded
+    seen = json.dumps(events, default=str) + (row.report_error or "")
+    for value in values:
+        if len(value) >= 6:
+            assert value not in seen, value
