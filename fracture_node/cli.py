@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="only these studies (default: every parked study)")
     for name, helptext in (
             ("audit", "answer an audit question (positives, turnaround, models, deliveries, "
-                      "objects, sources, unprocessed)"),
+                      "objects, sources, unprocessed, reports_failed)"),
             ("status", "queue depth, states, last reports, dead deliveries"),
             ("housekeeping", "run one housekeeping job now")):
         p = sub.add_parser(name, help=helptext, add_help=False)

@@ -292,6 +292,18 @@ GROUP BY f.reason
 ORDER BY 3 DESC, 1, 2
 """
 
+_REPORTS_FAILED = """
+SELECT st.study_instance_uid,
+       CASE WHEN st.report_parked_at IS NOT NULL THEN 'parked' ELSE 'retrying' END AS state,
+       st.report_attempts AS attempts, st.instances_received AS instances,
+       st.first_received_at, st.last_received_at, st.report_retry_at AS next_attempt_at,
+       st.report_parked_at AS parked_at, st.report_error AS error
+FROM studies st
+WHERE st.report_attempts > 0
+  AND st.last_received_at >= :since AND st.last_received_at < :until
+ORDER BY 2, st.last_received_at
+"""
+
 QUESTIONS: dict[str, Question] = {q.name: q for q in (
     _question("positives", "Positive results per day",
               "day instances positive positive_rate studies positive_studies", "", _POSITIVES),
@@ -327,6 +339,10 @@ QUESTIONS: dict[str, Question] = {q.name: q for q in (
                   "PEERS", "string_agg(DISTINCT a.peer_address, ',' ORDER BY a.peer_address)")),
     _question("unprocessed", "Instances not processed, by reason (and C-STORE requests refused)",
               "state reason instances first_at last_at", "first_at last_at", _UNPROCESSED),
+    _question("reports_failed", "Studies whose report failed: retrying, or parked",
+              "study_instance_uid state attempts instances first_received_at last_received_at "
+              "next_attempt_at parked_at error",
+              "first_received_at last_received_at next_attempt_at parked_at", _REPORTS_FAILED),
 )}
 
 

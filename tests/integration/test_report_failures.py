@@ -8,6 +8,7 @@ the property test that no such value reaches a log line, an exception text or an
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -82,6 +83,12 @@ def test_failed_report_is_recorded_backed_off_parked_and_reprocessed(
     [parked] = state["parked"]
     assert parked["study_instance_uid"] == study[0].StudyInstanceUID
     assert parked["attempts"] == 3 and parked["error"].startswith("ReportError")
+    with Audit(node.config.database_url) as auditor:
+        [asked] = auditor.ask("reports_failed", row.first_received_at - dt.timedelta(days=1),
+                              row.report_parked_at + dt.timedelta(days=1))
+    assert (asked["study_instance_uid"], asked["state"], asked["attempts"]) == (
+        study[0].StudyInstanceUID, "parked", 3)
+    assert asked["error"] == parked["error"]
     for rel, data in saved.items():  # the cause is fixed
         node.spool.path(rel).write_bytes(data)
     assert node.store.reprocess_studies() == 1
