@@ -86,7 +86,7 @@ def _stalled_rows(node: Any, count: int, timeout: float = 15.0) -> list[Any]:
 def test_ten_stalled_connections_do_not_lock_out_storescu(make_node: Any,
                                                           samples_dir: Path) -> None:
     """Ten peers sending 3 header bytes or half a request: storescu still stores, at once."""
-    node = make_node(acse_timeout_s=4.0)  # max_associations stays 10
+    node = make_node(acse_timeout_s=6.0)  # max_associations stays 10
     stallers = [_raw(node.port, f"127.0.0.{2 + i}", b"\x01\x00\x00" if i % 2 else
                      _half_request()) for i in range(10)]
     time.sleep(0.5)  # every staller is in the node's recv
@@ -95,7 +95,7 @@ def test_ten_stalled_connections_do_not_lock_out_storescu(make_node: Any,
                            str(samples_dir / TINY)], capture_output=True, text=True, timeout=60)
     served_s = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert served_s < 3.0, served_s  # before any staller was cut: they do not hold its slot
+    assert served_s < 5.0, served_s  # before any staller was cut: they do not hold its slot
     assert len(node.store.rows(s.Instance)) == 1
     for sock in stallers:
         _closed_within(sock, 10.0)
@@ -178,14 +178,21 @@ def test_slow_drip_of_a_pdu_is_cut_at_its_deadline(make_node: Any) -> None:
     raw.sendall(b"\x04\x00" + struct.pack(">L", 100))
     start = time.monotonic()
     try:
-        for _ in range(10):
+        for _ in range(10):  # 10 bytes over 5 s, more than the 2 s deadline
             time.sleep(0.5)
             raw.sendall(b"\x00")
     except OSError:
         pass  # the node closed the connection
-    rows = node.store.rows(s.Association, s.Association.calling_ae_title == "DRIP")
+    rows: list[Any] = []
+    while time.monotonic() - start < 10:
+        rows = node.store.rows(s.Association, s.Association.calling_ae_title == "DRIP",
+                               s.Association.ended_at.is_not(None))
+        if rows:
+            break
+        time.sleep(0.05)
     assert rows and rows[0].outcome == "aborted" and rows[0].reason.startswith("stalled")
-    assert time.monotonic() - start < 6.0
+    cut_after = (rows[0].ended_at - rows[0].started_at).total_seconds()
+    assert cut_after < 4.5, cut_after  # the deadline did not move with each byte
     assoc.abort()
 
 
@@ -202,7 +209,7 @@ def test_stall_after_tls_handshake_is_cut_and_recorded(make_node: Any, pki: Pki)
         assert tls.recv(4096) == b""
     except (ConnectionResetError, ssl.SSLError):
         pass
-    assert time.monotonic() - start < 4.0
+    assert time.monotonic() - start < 5.0
     tls.close()
     [row] = _stalled_rows(node, 1)
     assert row.peer_address == "127.0.0.4" and row.reason.startswith("stalled: 3 of 6 bytes")
