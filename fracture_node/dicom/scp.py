@@ -65,7 +65,7 @@ from pynetdicom.utils import make_target
 from fracture_node.config import Config, TlsConfig
 from fracture_node.db.store import NewInstance, Store, utcnow
 from fracture_node.dicom.connections import ConnectionServer, Handler, ReceiveGuard
-from fracture_node.errors import ConfigError, DatabaseError, StorageError
+from fracture_node.errors import ConfigError, DatabaseError, StorageError, describe
 from fracture_node.logs import get_logger
 from fracture_node.spool import Spool
 
@@ -306,7 +306,7 @@ class Receiver:
                                   pdu_timeout_s=node.dimse_timeout_s)
             sock.recv = guard
         except Exception as exc:  # a handler must not raise into pynetdicom
-            log.error("receive_guard_not_installed", error=f"{type(exc).__name__}: {exc}")
+            log.error("receive_guard_not_installed", error=describe(exc))
         with self._lock:
             self._conns[id(event.assoc)] = _Connection(guard)
 
@@ -341,7 +341,7 @@ class Receiver:
                            _REJECT_REASONS[(source, diagnostic)], reason)
             assoc.kill()  # wait until the A-ASSOCIATE-RJ is sent and the peer closed
         except Exception as exc:  # never let a caller in because a check failed
-            log.error("association_check_failed", error=f"{type(exc).__name__}: {exc}")
+            log.error("association_check_failed", error=describe(exc))
             if not assoc.is_rejected:
                 assoc.abort()
 
