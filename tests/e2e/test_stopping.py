@@ -72,6 +72,7 @@ def test_sigterm_while_scoring_and_reporting_exits_in_bounded_time(
         pushing.clear()
         if serve.proc is not None and serve.proc.poll() is None:
             serve.proc.kill()
+    print(f"\nSIGTERM to exit while scoring and reporting: {took:.1f} s")
     assert code == 0
     assert took < 20.0, took
     events = _events(serve.log())
@@ -115,6 +116,7 @@ def test_port_taken_ends_start_up_with_one_event_and_exit_1(
     names = [e["event"] for e in events]
     assert "model_loaded" not in names and "scp_listening" not in names
     assert names[-1] == "node_stopped"
+    print(f"\n{which} port taken: exit 1 after {took:.1f} s")
     assert took < 60, took
 
 
