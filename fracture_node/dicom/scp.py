@@ -52,6 +52,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import pydicom
@@ -99,6 +100,10 @@ _REJECT_REASONS = {
 }
 
 ASSOCIATION_END_RETRY_S = 2.0
+
+REFUSAL_ROW_EVERY_S = 10.0
+"""At most one ``associations`` row per address and reason this often for connections refused
+over the connection limits (the metric counts every one)."""
 
 OBJECT_SLACK_BYTES = 1 << 20
 """How far past ``max_object_bytes`` a message may grow before the association is aborted."""
@@ -172,6 +177,8 @@ class Receiver:
         self.node = ""
         self._server: Any = None
         self._serving = False
+        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
+        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scp-refusals")
         self._conns: dict[int, _Connection] = {}
         self._unrecorded_ends: list[tuple[int, str, str | None]] = []
         self._retry_timer: threading.Timer | None = None
@@ -264,6 +271,7 @@ class Receiver:
         if not self._serving:  # bound, never served: socketserver's shutdown() would wait
             server.server_close()
             self._server = None
+            self._recorder.shutdown(wait=False)
             return
         server.shutdown()  # no new connections from here on
         deadline = time.monotonic() + drain_timeout_s
@@ -282,6 +290,7 @@ class Receiver:
             timer, self._retry_timer = self._retry_timer, None
         if timer is not None:
             timer.cancel()
+        self._recorder.shutdown(wait=False)
         self._record_ends()  # last try; what still fails is closed as interrupted at next start
 
     # Associations -------------------------------------------------------------------------
@@ -346,9 +355,29 @@ class Receiver:
                 assoc.abort()
 
     def _on_refused(self, address: tuple[str, int], code: str, reason: str) -> None:
-        """A connection over the connection limits, closed before anything of it was read."""
-        self._rejected("", self.config.node.ae_title, str(address[0]), int(address[1]), code,
-                       reason)
+        """A connection over the connection limits, closed before anything of it was read.
+
+        Runs in the accept loop, which must never wait on the database: the row is written by a
+        background thread, and for one address and reason at most one row every
+        ``REFUSAL_ROW_EVERY_S`` (a flood of connections must not become a flood of rows); the
+        others are counted in the metric and in the next row's reason.
+        """
+        host = str(address[0])
+        now = time.monotonic()
+        with self._lock:
+            last, skipped = self._refusals.get((host, code), (-REFUSAL_ROW_EVERY_S, 0))
+            if now - last < REFUSAL_ROW_EVERY_S:
+                self._refusals[(host, code)] = (last, skipped + 1)
+                if self.metrics:
+                    self.metrics.associations_rejected.labels(code).inc()
+                return
+            if len(self._refusals) > 1024:
+                self._refusals.clear()
+            self._refusals[(host, code)] = (now, 0)
+        if skipped:
+            reason = f"{reason} (+{skipped} refused since the last row)"
+        self._recorder.submit(self._rejected, "", self.config.node.ae_title, host,
+                              int(address[1]), code, reason)
 
     def _on_tls_failure(self, address: tuple[str, int], reason: str) -> None:
         self._rejected("", self.config.node.ae_title, str(address[0]), int(address[1]),

@@ -238,6 +238,28 @@ def test_one_address_over_its_share_is_refused_and_others_are_served(make_node: 
         sock.close()
 
 
+def test_a_flood_of_refused_connections_is_counted_not_written_row_by_row(make_node: Any
+                                                                          ) -> None:
+    """Fifty connections over one address's share: every one counted in the metric, one row
+    in SQL, and the node still serves another address at once."""
+    node = make_node(max_connections_per_peer=2, acse_timeout_s=30.0)
+    held = [_raw(node.port, "127.0.0.2", b"\x01") for _ in range(2)]
+    time.sleep(0.3)
+    for _ in range(50):
+        extra = _raw(node.port, "127.0.0.2")
+        _closed_within(extra, 3.0)
+        extra.close()
+    assoc = _associate(node.port)
+    assert assoc.is_established
+    assoc.release()
+    time.sleep(0.5)
+    rows = node.store.rows(s.Association, s.Association.outcome == "rejected")
+    assert len(rows) == 1 and rows[0].peer_address == "127.0.0.2"
+    assert node.rejected("too_many_connections_from_peer") == 50
+    for sock in held:
+        sock.close()
+
+
 def test_connections_over_max_connections_are_refused(make_node: Any) -> None:
     """Past max_connections in all, a new connection is closed at once and recorded."""
     node = make_node(max_connections=4, max_connections_per_peer=4, acse_timeout_s=30.0)
