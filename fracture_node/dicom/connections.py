@@ -128,14 +128,19 @@ class ReceiveGuard:
     header and then its declared length, so a declared length over the limit is refused
     before any of it is held in memory. Each PDU must also arrive whole by a deadline: the
     first one (the A-ASSOCIATE-RQ) within ``acse_timeout_s`` of the connection opening, every
-    later one within ``pdu_timeout_s`` of its first byte plus one second per 64 KiB it declares.
+    later one within ``pdu_timeout_s`` of its first byte plus one second per 8 KiB it declares,
+    and each message (the P-DATA PDUs up to the end of a C-STORE or C-ECHO) within
+    ``pdu_timeout_s`` of its first PDU plus one second per 8 KiB received (whole PDUs trickled one
+    at a time would otherwise keep an association for ever).
     Without it a peer that sends part of a PDU and goes quiet holds its thread and its slot for
     ever (the DUL blocks in ``recv``, where none of pynetdicom's timers can fire). A refusal or
     a missed deadline closes the connection (pynetdicom treats it as a transport failure: the
     association ends as aborted) and is kept in ``refused`` for the record.
     """
 
-    BYTES_PER_SECOND = 65536
+    BYTES_PER_SECOND = 8192
+    """The slowest rate a PDU or a message may arrive at, past the first ``pdu_timeout_s``
+    (64 kbit/s: a slow teleradiology link still gets its 10 MB radiograph through)."""
 
     def __init__(self, sock: Any, max_pdu: int, max_message: int,
                  request_timeout_s: float = 30.0, pdu_timeout_s: float = 60.0) -> None:
@@ -153,6 +158,7 @@ class ReceiveGuard:
         self._pdu_type = 0
         self._header_next = True
         self._deadline = 0.0
+        self._message_started = 0.0
         self._timeout_name = ""
 
     def __call__(self, nr_bytes: int) -> bytearray:
@@ -212,10 +218,20 @@ class ReceiveGuard:
                 self.refused = (f"a P-DATA PDU of {length} bytes is longer than "
                                 f"[node] max_pdu_bytes = {self.max_pdu}")
             else:
+                now = time.monotonic()
+                if self.message_bytes == 0:
+                    self._message_started = now
                 self.message_bytes += length
+                allowed_s = self.pdu_timeout_s + self.message_bytes / self.BYTES_PER_SECOND
                 if self.message_bytes > self.max_message:
                     self.refused = (f"a message grew past {self.max_message} bytes "
                                     "([node] max_object_bytes + 1 MiB)")
+                elif now - self._message_started > allowed_s:
+                    self.stalled = True  # whole PDUs, each in time, but a trickle
+                    self.refused = (f"stalled: a message of {self.message_bytes} bytes so far "
+                                    f"took {now - self._message_started:.0f} s "
+                                    f"([node] dimse_timeout_s + 1 s per "
+                                    f"{self.BYTES_PER_SECOND // 1024} KiB)")
         elif length > (1 << 20):  # association, release and abort PDUs are small
             self.refused = f"a PDU of type 0x{self._pdu_type:02X} declares {length} bytes"
         if self.refused:

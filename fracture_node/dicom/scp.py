@@ -32,7 +32,7 @@ Connections (:mod:`fracture_node.dicom.connections`): at most ``max_connections`
 ``max_connections_per_peer`` from one address, counted from accept; a connection still sending
 its A-ASSOCIATE-RQ does not count against ``max_associations``; the request must arrive whole
 within ``acse_timeout_s`` of connecting and every later PDU within ``dimse_timeout_s`` of its
-first byte (plus 1 s per 64 KiB), else the connection is closed. Every connection we cut or
+first byte (plus 1 s per 8 KiB), else the connection is closed. Every connection we cut or
 refuse is an ``associations`` row (``aborted`` or ``rejected``, reason), a log line and a metric.
 
 Duplicates: an object whose SOP Instance UID we hold with identical bytes is acknowledged with
