@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="use TLS with the [tls] certificates of --config")
     echo.add_argument("--config", "-c", help="configuration with the [tls] section")
 
+    model = sub.add_parser("model", help="model file tools (export the ONNX graph)")
+    model.add_argument("action", choices=["export"],
+                       help="export: write the ONNX graph of a model file (<model>.onnx beside "
+                            "it), which the onnxruntime engine runs")
+    model.add_argument("--model", help="model file (default: the bundled model)")
+    model.add_argument("--out", help="where to write the graph (default: beside the model file)")
+
     retry = sub.add_parser("retry", help="resend dead-lettered reports")
     retry.add_argument("--config", "-c")
     retry.add_argument("--destination", help="only deliveries to this destination")
@@ -101,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _retry(args)
         if args.command == "reprocess":
             return _reprocess(args)
+        if args.command == "model":
+            return _model(args)
     except FractureNodeError as exc:
         print(f"fracture-node: {exc}", file=sys.stderr)
         return 2
@@ -162,6 +171,20 @@ def _db(args: argparse.Namespace) -> int:
         print(f"schema: {before or 'empty'} -> {after}")
     else:
         print(migrate.current(url) or "empty")
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fracture_node import logs
+    from fracture_node.ml.infer import bundled_model_path
+    from fracture_node.ml.onnx_export import export_onnx
+
+    logs.configure(stream=sys.stderr)
+    source = Path(args.model) if args.model else bundled_model_path()
+    written = export_onnx(source, Path(args.out) if args.out else None)
+    print(f"{written}: ONNX graph of {source.name} written (verified against torch)")
     return 0
 
 
