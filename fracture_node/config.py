@@ -158,6 +158,11 @@ class ModelConfig:
     """A model file made by ``fracture-node train``; default: the bundled model."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    engine: str = "auto"
+    """What runs the network: ``auto`` (ONNX Runtime on the CPU when the model file's ONNX graph
+    can serve the configured saliency, torch on a GPU), ``torch`` or ``onnxruntime`` (CPU)."""
+    threads: int = 0
+    """Intra-op threads of the engine (0: its default, one per physical core)."""
     operating_point: str = "balanced"
     """``balanced`` or ``high_sensitivity`` (both chosen on the validation split), or a number."""
     max_batch: int = 16
@@ -173,6 +178,17 @@ class ModelConfig:
                 f"config: [model] device = {self.device!r} is unknown; "
                 "fix: use 'auto', 'cpu', 'cuda' or 'cuda:0'"
             )
+        if self.engine not in ("auto", "torch", "onnxruntime"):
+            raise ConfigError(
+                f"config: [model] engine = {self.engine!r} is unknown; "
+                "fix: use 'auto', 'torch' or 'onnxruntime'"
+            )
+        if self.engine == "onnxruntime" and self.device.startswith("cuda"):
+            raise ConfigError(
+                f"config: [model] engine = 'onnxruntime' runs on the CPU, not on {self.device!r}; "
+                "fix: set device = 'cpu' (or 'auto'), or engine = 'torch'"
+            )
+        _check_positive("[model] threads", self.threads, allow_zero=True)
         if self.operating_point not in ("balanced", "high_sensitivity"):
             try:
                 value = float(self.operating_point)

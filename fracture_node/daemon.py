@@ -91,7 +91,12 @@ class Daemon:
             # Load the model before serving: a node that cannot score must not accept.
             from fracture_node.ml.infer import Classifier
 
-            classifier = Classifier.load(cfg.model.path, cfg.model.device)
+            classifier = Classifier.load(
+                cfg.model.path, cfg.model.device, engine=cfg.model.engine,
+                threads=cfg.model.threads,
+                saliency=((cfg.saliency.method, cfg.saliency.layer) if cfg.saliency.enabled
+                          else None),
+                cache_dir=cfg.node.state_dir / "models")
         if self.receiver is not None:
             closed = self.store.interrupt_open_associations(self.receiver.node)
             if closed:

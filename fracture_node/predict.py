@@ -53,6 +53,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "standard error")
     p.add_argument("--model", type=Path, default=None, help="model file (default: bundled)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime"],
+                   help="what runs the network (as [model] engine): auto takes onnxruntime on "
+                        "the CPU, exporting <model>.onnx beside the model file when needed")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads of the engine (0: its default)")
     p.add_argument("--operating-point", default="balanced",
                    help="balanced, high_sensitivity, or a probability threshold")
     p.add_argument("--batch-size", type=int, default=16)
@@ -144,6 +149,7 @@ def location_columns(heat: np.ndarray, shape: tuple[int, int], threshold: float,
 def run(args: argparse.Namespace) -> tuple[int, int]:
     """Write the CSV; return (processed, not processed)."""
     from fracture_node.ml.explain import (
+        DEFAULT_LAYER,
         DEFAULT_MAX_REGIONS,
         DEFAULT_METHOD,
         DEFAULT_THRESHOLD,
@@ -151,9 +157,11 @@ def run(args: argparse.Namespace) -> tuple[int, int]:
     )
     from fracture_node.ml.infer import Classifier
 
-    clf = Classifier.load(args.model, device=args.device)
-    threshold = clf.threshold(args.operating_point)
     locate = bool(args.locate or args.saliency is not None)
+    clf = Classifier.load(args.model, device=args.device, engine=args.engine,
+                          threads=args.threads,
+                          saliency=(DEFAULT_METHOD, DEFAULT_LAYER) if locate else None)
+    threshold = clf.threshold(args.operating_point)
     explainer = Explainer(clf, method=DEFAULT_METHOD) if locate else None
     overlays = None
     if args.saliency is not None:

@@ -127,6 +127,7 @@ class Worker:
         self._keeper.start()
         log.info("worker_started", model=self.classifier.name, model_version=self.classifier.version,
                  model_sha256=self.classifier.sha256, device=str(self.classifier.device),
+                 engine=getattr(self.classifier, "engine", "torch"),
                  threshold=self.threshold, operating_point=self.operating_point,
                  max_batch=self.config.model.max_batch, max_wait_ms=self.config.model.max_wait_ms,
                  saliency=(f"{self.explainer.method}@{self.explainer.layer}"

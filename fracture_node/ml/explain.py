@@ -283,10 +283,24 @@ class Explainer:
         self.method = method
         self.layer = layer
         self.input_size: int = int(classifier.input_size)
+        self.architecture = str(classifier.card["architecture"])
+        # onnxruntime engine: the graph's class-evidence map is the HiResCAM (= Grad-CAM) map
+        # of the last stage for a pooling + linear head (fracture_node.ml.ort_engine).
+        self._from_graph = getattr(classifier, "engine", "torch") == "onnxruntime"
+        if self._from_graph:
+            from fracture_node.ml.ort_engine import EVIDENCE_METHODS
+
+            if layer != "last" or method not in EVIDENCE_METHODS or not classifier.has_evidence:
+                raise ModelError(
+                    f"saliency {method}@{layer} of architecture {self.architecture} needs the "
+                    f"torch engine; the onnxruntime engine gives {' or '.join(EVIDENCE_METHODS)}"
+                    " at layer last for pooling + linear heads")
+            self.layer_name = str(classifier.evidence_layer or "last")
+            self._layers = []
+            return
         # The Classifier keeps its network private; infer.py exposes no accessor yet.
         self._net: nn.Module = classifier._net
         self._device: torch.device = classifier._device
-        self.architecture = str(classifier.card["architecture"])
         wanted = ("stride16", "last") if layer == "fused" else (layer,)
         found = [target_layer(self._net, self.architecture, w) for w in wanted]
         self.layer_name = "+".join(name for name, _ in found)
@@ -315,11 +329,13 @@ class Explainer:
             arr = arr[None]
         if arr.ndim != 3 or arr.shape[1:] != (size, size):
             raise ValueError(f"expected a batch of shape [N, {size}, {size}], got {arr.shape}")
-        import torch
-
         if arr.shape[0] == 0:
             return (np.zeros(0, dtype=np.float64),
                     {m: np.zeros((0, size, size), dtype=np.float32) for m in methods})
+        if self._from_graph:
+            return self._from_evidence(arr, methods)
+        import torch
+
         x = torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1).to(self._device)
         x = (x - clf._mean) / clf._std
         if self._device.type == "cpu":
@@ -350,6 +366,18 @@ class Explainer:
                 fused = _upsample_normalised(fused.pow(1.0 / len(ups)), size)
             maps[m] = fused.detach().float().cpu().numpy().astype(np.float32, copy=False)
         return probabilities, maps
+
+    def _from_evidence(self, arr: NDArray[np.float32], methods: Sequence[str]
+                       ) -> tuple[NDArray[np.float64], dict[str, HeatMaps]]:
+        """onnxruntime engine: one run of the graph gives the logits and the maps (no torch)."""
+        from fracture_node.ml.ort_engine import EVIDENCE_METHODS, upsample_cams
+
+        unsupported = [m for m in methods if m not in EVIDENCE_METHODS]
+        if unsupported:
+            raise ModelError(f"saliency method {unsupported[0]} needs the torch engine")
+        probabilities, cams = self.classifier.evidence_batch(arr)
+        heat = upsample_cams(cams, self.input_size)
+        return probabilities, {m: heat for m in methods}
 
     def _pass(self, x: torch.Tensor
               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:

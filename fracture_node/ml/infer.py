@@ -2,6 +2,17 @@
 
 The daemon's worker calls :meth:`Classifier.prepare` on decode threads (pure numpy) and
 :meth:`Classifier.predict_batch` on stacked batches.
+
+Two engines run the same model file (:data:`ENGINES`, ``[model] engine``): ``torch`` (the
+training engine, and the one for a GPU) and ``onnxruntime`` (the CPU serving engine,
+:mod:`fracture_node.ml.ort_engine`: several times torch's images per second on a CPU,
+docs/benchmarks.md), which runs the graph exported from the model file
+(:func:`fracture_node.ml.onnx_export.export_onnx`, ``<model>.onnx``). ``auto`` takes onnxruntime
+on the CPU when the graph can serve what is asked (its saliency included) and torch on a GPU. A
+graph is only run when the sha256 it records is that of the model file: otherwise it is exported
+again (torch present) or refused, with a logged event naming both hashes. Whatever the engine,
+the classifier's identity (:attr:`Classifier.sha256`, recorded with every result) is the model
+file's sha256.
 """
 
 from __future__ import annotations
@@ -18,12 +29,14 @@ from numpy.typing import NDArray
 from fracture_node.errors import ModelError
 from fracture_node.images import FloatImage, letterbox
 from fracture_node.logs import get_logger
+from fracture_node.ml import ort_engine as oe
 from fracture_node.ml.model import ModelFile, load_model_file
 
 log = get_logger("ml.infer")
 
 BUNDLED_NAME = "fracture-model.pt"
 OPERATING_POINTS = ("balanced", "high_sensitivity")
+ENGINES = ("auto", "torch", "onnxruntime")
 
 
 def bundled_model_path() -> Path:
@@ -48,13 +61,79 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def onnx_unfit(model_file: ModelFile, saliency: tuple[str, str] | None) -> str | None:
+    """Why the onnxruntime engine cannot serve this model (with this saliency), or None."""
+    if not oe.available():
+        return "onnxruntime is not installed"
+    if saliency is not None:
+        method, layer = saliency
+        if layer != "last" or method not in oe.EVIDENCE_METHODS:
+            return (f"saliency {method}@{layer} needs the torch engine (onnxruntime gives "
+                    f"{' or '.join(oe.EVIDENCE_METHODS)} at layer last)")
+        arch = str(model_file.card["architecture"])
+        if not oe.has_evidence_map(arch):
+            return (f"architecture {arch} has no class-evidence map, so saliency needs the "
+                    "torch engine")
+    return None
+
+
+def obtain_graph(model_file: ModelFile, threads: int = 0, cache_dir: Path | None = None
+                 ) -> oe.OrtRunner:
+    """The ONNX graph of a model file in an onnxruntime session, exported when needed.
+
+    Looks beside the model file (``<model>.onnx``), then in ``cache_dir``. A graph recorded as
+    exported from another model file is logged (``onnx_stale``, both hashes) and replaced by a
+    new export; without torch, or when no place can be written, it is refused.
+
+    Raises
+    ------
+    ModelError
+        No graph of this model file can be found or exported (the message names the hashes).
+    """
+    places = [oe.onnx_path_for(model_file.path)]
+    if cache_dir is not None:
+        places.append(Path(cache_dir) / f"{model_file.path.stem}.onnx")
+    stale: list[str] = []
+    for place in places:
+        if not place.is_file():
+            continue
+        try:
+            runner = oe.OrtRunner(place, threads)
+        except ModelError as exc:
+            log.warning("onnx_unreadable", path=str(place), error=str(exc))
+            continue
+        if runner.source_sha256 == model_file.sha256:
+            return runner
+        log.warning("onnx_stale", path=str(place), onnx_source_sha256=runner.source_sha256,
+                    model_sha256=model_file.sha256,
+                    detail="graph exported from another model file: not used, exporting again")
+        stale.append(f"{place.name} records sha256 {runner.source_sha256 or 'none'}")
+    errors: list[str] = []
+    for place in places:
+        try:
+            from fracture_node.ml.onnx_export import export_onnx
+
+            runner = oe.OrtRunner(export_onnx(model_file, place), threads)
+            oe.check_source(runner, model_file.sha256)
+            return runner
+        except (ModelError, ImportError) as exc:
+            log.warning("onnx_export_failed", path=str(place), error=str(exc))
+            errors.append(str(exc))
+    raise ModelError(
+        f"no ONNX graph of model file {model_file.path.name} (sha256 {model_file.sha256})"
+        f"{' (' + '; '.join(stale) + ')' if stale else ''} and none could be exported: "
+        f"{'; '.join(errors)}")
+
+
 class Classifier:
     """A fracture model ready to score batches of prepared images.
 
     Use :meth:`load`; ``predict_batch`` is serialised by a lock, ``prepare`` is thread-safe.
+    ``engine`` says what runs the network (``torch`` or ``onnxruntime``, with ``runner``).
     """
 
-    def __init__(self, model_file: ModelFile, device: torch.device) -> None:
+    def __init__(self, model_file: ModelFile, device: torch.device, engine: str = "torch",
+                 runner: oe.OrtRunner | None = None) -> None:
         card = model_file.card
         self.card: dict[str, Any] = card
         self.name: str = str(card["name"])
@@ -73,25 +152,96 @@ class Classifier:
         self.calibration: tuple[float, float] | None = (
             (float(cal["slope"]), float(cal["intercept"])) if cal else None)
         self._device = device
-        self._net = model_file.build().to(device)
-        if device.type == "cpu":
-            self._net = self._net.to(memory_format=torch.channels_last)
+        self.engine: str = engine
+        self._runner = runner
+        self.onnx_path: Path | None = None
+        self._net: Any = None
+        if engine == "onnxruntime":
+            if runner is None or device.type != "cpu":
+                raise ModelError("the onnxruntime engine needs its graph and the CPU")
+            oe.check_source(runner, self.sha256)
+            self.onnx_path = runner.path
+            self.has_evidence: bool = runner.has_evidence
+            self.evidence_layer: str = runner.evidence_layer
+        elif engine == "torch":
+            self._net = model_file.build().to(device)
+            if device.type == "cpu":
+                self._net = self._net.to(memory_format=torch.channels_last)
+            self.has_evidence = oe.has_evidence_map(str(card["architecture"]))
+            self.evidence_layer = ""
+        else:
+            raise ModelError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: Path | str | None = None, device: str = "auto") -> Classifier:
-        """Load a model file (``None``: the bundled model) onto ``device``.
+    def load(cls, path: Path | str | None = None, device: str = "auto", engine: str = "torch",
+             threads: int = 0, saliency: tuple[str, str] | None = None,
+             cache_dir: Path | None = None) -> Classifier:
+        """Load a model file (``None``: the bundled model) onto ``device`` with ``engine``.
+
+        Parameters
+        ----------
+        engine:
+            ``torch``, ``onnxruntime`` (CPU only), or ``auto``: onnxruntime on the CPU when
+            :func:`onnx_unfit` finds nothing against it and its graph can be found or
+            exported (:func:`obtain_graph`), torch otherwise (each choice logged).
+        threads:
+            Intra-op threads of the engine (0: the engine's default).
+        saliency:
+            ``(method, layer)`` the classifier must explain, or None.
+        cache_dir:
+            Where a graph is exported when the model file's folder cannot be written.
 
         Raises
         ------
         ModelError
-            The file is missing, corrupt or of another format, or the device is unusable.
+            The file is missing, corrupt or of another format, the device is unusable, or the
+            onnxruntime engine was asked for and cannot serve this model.
         """
+        if engine not in ENGINES:
+            raise ModelError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
         target = Path(path) if path is not None else bundled_model_path()
-        clf = cls(load_model_file(target), resolve_device(device))
+        model_file = load_model_file(target)
+        if engine == "onnxruntime" and device == "auto":
+            device = "cpu"
+        dev = resolve_device(device)
+        chosen, runner, reason = cls._choose(model_file, dev, engine, threads, saliency,
+                                             cache_dir)
+        if chosen == "torch" and threads > 0:
+            torch.set_num_threads(threads)
+        clf = cls(model_file, dev, chosen, runner)
         log.info("model_loaded", model=clf.name, version=clf.version, sha256=clf.sha256,
-                 device=clf.device, input_size=clf.input_size, tta=clf.tta)
+                 device=clf.device, engine=clf.engine, engine_requested=engine, reason=reason,
+                 onnx=str(clf.onnx_path) if clf.onnx_path else None,
+                 input_size=clf.input_size, tta=clf.tta)
         return clf
+
+    @staticmethod
+    def _choose(model_file: ModelFile, device: torch.device, engine: str, threads: int,
+                saliency: tuple[str, str] | None, cache_dir: Path | None
+                ) -> tuple[str, oe.OrtRunner | None, str]:
+        """The engine to run, its graph (onnxruntime), and why."""
+        if engine == "torch":
+            return "torch", None, "configured"
+        if device.type != "cpu":
+            if engine == "onnxruntime":
+                raise ModelError(f"[model] engine = onnxruntime runs on the CPU, not on "
+                                 f"{device}; set device = \"cpu\" or engine = \"torch\"")
+            return "torch", None, f"auto: {device.type} device"
+        unfit = onnx_unfit(model_file, saliency)
+        if engine == "onnxruntime":
+            if unfit:
+                raise ModelError(f"[model] engine = onnxruntime cannot serve model file "
+                                 f"{model_file.path.name}: {unfit}; set engine = \"torch\"")
+            return "onnxruntime", obtain_graph(model_file, threads, cache_dir), "configured"
+        if unfit:
+            log.warning("engine_fallback", engine="torch", reason=unfit)
+            return "torch", None, f"auto: {unfit}"
+        try:
+            return "onnxruntime", obtain_graph(model_file, threads, cache_dir), "auto: cpu"
+        except ModelError as exc:
+            log.error("engine_fallback", engine="torch", reason=str(exc))
+            return "torch", None, "auto: no usable ONNX graph"
 
     def threshold(self, operating_point: str) -> float:
         """The probability threshold of a named operating point, or a number given as text."""
@@ -125,6 +275,10 @@ class Classifier:
             )
         if arr.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
+        if self._runner is not None:
+            with self._lock:
+                logits, _ = self._runner.run(arr, self.tta, evidence=False)
+            return self.probabilities(logits)
         x = torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1).to(self._device)
         x = (x - self._mean) / self._std
         if self._device.type == "cpu":
@@ -140,14 +294,30 @@ class Classifier:
                 logits = (logits + self._net(torch.flip(x, dims=[3])).float().squeeze(1)) / 2
         return self.probabilities(logits)
 
-    def probabilities(self, logits: torch.Tensor) -> NDArray[np.float64]:
+    def evidence_batch(self, batch: NDArray[np.float32]
+                       ) -> tuple[NDArray[np.float64], NDArray[np.float32]]:
+        """onnxruntime engine: probabilities and class activation maps ``[N, h, w]`` (>= 0, the
+        test-time views summed) of prepared images ``[N, S, S]``, from one run of the graph."""
+        if self._runner is None:
+            raise ModelError("evidence_batch needs the onnxruntime engine")
+        with self._lock:
+            logits, cams = self._runner.run(np.asarray(batch, dtype=np.float32), self.tta,
+                                            evidence=True)
+        assert cams is not None
+        return self.probabilities(logits), cams
+
+    def probabilities(self, logits: Any) -> NDArray[np.float64]:
         """Probabilities of ``fractured`` from the network's (TTA-averaged) logits.
 
         With a calibration in the card, ``sigmoid(slope * logit + intercept)``: a monotone map,
         so ranking (AUROC) is unchanged and the card's thresholds are on this same scale.
+        ``logits``: a torch tensor or a numpy array.
         """
-        z = logits.detach().double()
+        if isinstance(logits, torch.Tensor):
+            logits = logits.detach().double().cpu().numpy()
+        z = np.asarray(logits, dtype=np.float64)
         if self.calibration is not None:
             slope, intercept = self.calibration
             z = slope * z + intercept
-        return torch.sigmoid(z).cpu().numpy()
+        e = np.exp(-np.abs(z))
+        return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))

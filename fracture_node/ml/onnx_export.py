@@ -35,11 +35,6 @@ PARITY_TOLERANCE = 1e-4
 ``max(1, |logit|)``; larger refuses the export."""
 
 
-def has_evidence_map(arch: str) -> bool:
-    """Architectures whose head is global-average pooling then one linear layer."""
-    return arch.startswith(("resnet", "densenet")) or is_lite(arch)
-
-
 def _last_stage(net: nn.Module, arch: str, x: torch.Tensor
                 ) -> tuple[torch.Tensor, nn.Linear, str]:
     """The last stage's activations ``[N, C, h, w]`` (what the pooling averages), the linear
@@ -68,7 +63,7 @@ class ExportGraph(nn.Module):
         self.arch = arch
         self.mean = float(mean)
         self.std = float(std) or 1.0
-        self.evidence = has_evidence_map(arch)
+        self.evidence = oe.has_evidence_map(arch)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = (image - self.mean) / self.std

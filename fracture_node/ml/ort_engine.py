@@ -47,6 +47,12 @@ EVIDENCE_METHODS: tuple[str, ...] = ("hirescam", "gradcam")
 global-average-pooling + linear head both equal the class activation map)."""
 
 
+def has_evidence_map(arch: str) -> bool:
+    """Architectures whose head is global-average pooling then one linear layer (ResNet,
+    DenseNet, EfficientNet-Lite): their graph carries the class-evidence map."""
+    return arch.startswith(("resnet", "densenet", "efficientnet_lite"))
+
+
 def onnx_path_for(model_path: Path) -> Path:
     """Where the exported graph of a model file lives: beside it, suffix ``.onnx``."""
     return Path(model_path).with_suffix(".onnx")

@@ -1,0 +1,194 @@
+"""Engines: torch or onnxruntime chosen for a model file, the graph's source checked, same output."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from structlog.testing import capture_logs
+
+from fracture_node.config import ModelConfig
+from fracture_node.errors import ConfigError, ModelError
+from fracture_node.ml import ort_engine as oe
+from fracture_node.ml.explain import Explainer, upsample
+from fracture_node.ml.infer import Classifier
+from fracture_node.ml.model import (
+    ARCHITECTURES,
+    build_model,
+    load_model_file,
+    save_model_file,
+    sha256_file,
+)
+from fracture_node.ml.onnx_export import export_onnx
+
+CARD = {"name": "engine-test", "version": "0", "architecture": "resnet18", "input_size": 64,
+        "thresholds": {"balanced": 0.5, "high_sensitivity": 0.3},
+        "normalisation": {"mean": 0.4, "std": 0.2}, "tta": True,
+        "calibration": {"method": "platt", "slope": 1.3, "intercept": -0.2}}
+HIRESCAM = ("hirescam", "last")
+
+
+def _save(path: Path, seed: int, arch: str = "resnet18") -> Path:
+    torch.manual_seed(seed)
+    save_model_file(path, build_model(arch), dict(CARD, architecture=arch))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet18 model file (64 px, TTA, calibrated) with its graph beside it."""
+    path = _save(tmp_path_factory.mktemp("engine") / "model.pt", 3)
+    export_onnx(path)
+    return path
+
+
+def _copy(exported: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix in (".pt", ".json", ".onnx"):
+        shutil.copy(exported.with_suffix(suffix), folder / f"model{suffix}")
+    return folder / "model.pt"
+
+
+def _images(n: int, size: int = 64) -> np.ndarray:
+    return np.random.default_rng(7).random((n, size, size), dtype=np.float32)
+
+
+def test_auto_on_the_cpu_runs_onnxruntime_with_the_model_files_identity(exported: Path) -> None:
+    """auto picks onnxruntime on the CPU; the classifier's sha256 stays the .pt's."""
+    clf = Classifier.load(exported, "cpu", engine="auto", saliency=HIRESCAM)
+    assert clf.engine == "onnxruntime"
+    assert clf.onnx_path == exported.with_suffix(".onnx")
+    assert clf.sha256 == sha256_file(exported)
+
+
+def test_onnxruntime_probabilities_equal_torchs(exported: Path) -> None:
+    """Both engines give the same calibrated, TTA-averaged probabilities."""
+    ort = Classifier.load(exported, "cpu", engine="onnxruntime")
+    ref = Classifier.load(exported, "cpu", engine="torch")
+    batch = _images(5)
+    np.testing.assert_allclose(ort.predict_batch(batch), ref.predict_batch(batch), atol=1e-5)
+
+
+def test_onnxruntime_saliency_maps_equal_torchs_hirescam(exported: Path) -> None:
+    """The graph's evidence output gives torch's HiResCAM (and Grad-CAM) maps at the last stage."""
+    ort = Explainer(Classifier.load(exported, "cpu", engine="onnxruntime"), method="hirescam")
+    ref = Explainer(Classifier.load(exported, "cpu", engine="torch"), method="hirescam")
+    batch = _images(4)
+    p_ort, maps_ort = ort.explain_methods(batch, ("hirescam", "gradcam"))
+    p_ref, maps_ref = ref.explain_methods(batch, ("hirescam", "gradcam"))
+    np.testing.assert_allclose(p_ort, p_ref, atol=1e-5)
+    assert ort.layer_name == ref.layer_name == "layer4"
+    for method in ("hirescam", "gradcam"):
+        np.testing.assert_allclose(maps_ort[method], maps_ref[method], atol=1e-3)
+        assert [int(np.argmax(m)) for m in maps_ort[method]] == \
+            [int(np.argmax(m)) for m in maps_ref[method]]
+
+
+def test_upsampling_without_torch_equals_torchs_bicubic() -> None:
+    """ort_engine's matrix upsampling equals F.interpolate bicubic, clipped and normalised."""
+    grid = np.random.default_rng(1).random((3, 7, 5), dtype=np.float32) - 0.3
+    grid[2] = -1.0  # no positive evidence: an all-zero map
+    up = torch.relu(upsample(torch.from_numpy(grid), 40))
+    peak = up.amax(dim=(1, 2), keepdim=True)
+    ref = torch.where(peak > 0, up / torch.where(peak > 0, peak, 1.0), 0.0).numpy()
+    np.testing.assert_allclose(oe.upsample_cams(grid, 40), ref, atol=1e-5)
+    assert not oe.upsample_cams(grid, 40)[2].any()
+
+
+def test_auto_falls_back_to_torch_for_saliency_the_graph_cannot_give(exported: Path) -> None:
+    """LayerCAM needs gradients: auto runs torch and logs why."""
+    with capture_logs() as logs:
+        clf = Classifier.load(exported, "cpu", engine="auto", saliency=("layercam", "last"))
+    assert clf.engine == "torch"
+    [fallback] = [e for e in logs if e["event"] == "engine_fallback"]
+    assert "layercam@last" in fallback["reason"]
+
+
+def test_onnxruntime_engine_refuses_saliency_it_cannot_give(exported: Path) -> None:
+    """Asked for explicitly, onnxruntime with a stride-16 map is refused, not degraded."""
+    with pytest.raises(ModelError, match="hirescam@stride16 needs the torch engine"):
+        Classifier.load(exported, "cpu", engine="onnxruntime", saliency=("hirescam", "stride16"))
+
+
+def test_missing_graph_is_exported_at_load(exported: Path, tmp_path: Path) -> None:
+    """No .onnx beside the model file: auto exports it and uses it."""
+    path = _copy(exported, tmp_path)
+    path.with_suffix(".onnx").unlink()
+    with capture_logs() as logs:
+        clf = Classifier.load(path, "cpu", engine="auto")
+    assert clf.engine == "onnxruntime"
+    assert oe.OrtRunner(path.with_suffix(".onnx")).source_sha256 == sha256_file(path)
+    assert any(e["event"] == "onnx_exported" for e in logs)
+
+
+def test_graph_of_changed_weights_is_exported_again(exported: Path, tmp_path: Path) -> None:
+    """New weights in the model file: the old graph is logged with both hashes, re-exported,
+    and the scores are the new weights' scores."""
+    path = _copy(exported, tmp_path)
+    old = sha256_file(path)
+    _save(path, seed=99)  # the model file drifts from its graph
+    new = sha256_file(path)
+    assert old != new
+    with capture_logs() as logs:
+        clf = Classifier.load(path, "cpu", engine="onnxruntime")
+    [stale] = [e for e in logs if e["event"] == "onnx_stale"]
+    assert (stale["onnx_source_sha256"], stale["model_sha256"]) == (old, new)
+    assert oe.OrtRunner(path.with_suffix(".onnx")).source_sha256 == new
+    batch = _images(3)
+    expected = Classifier.load(path, "cpu", engine="torch").predict_batch(batch)
+    np.testing.assert_allclose(clf.predict_batch(batch), expected, atol=1e-5)
+
+
+def test_graph_of_changed_weights_is_refused_when_it_cannot_be_exported(
+        exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the exporter (an install without torch), a stale graph is refused, naming both
+    hashes; auto then scores with torch rather than with the stale graph."""
+    path = _copy(exported, tmp_path)
+    old = sha256_file(path)
+    _save(path, seed=98)
+    new = sha256_file(path)
+    monkeypatch.setitem(sys.modules, "fracture_node.ml.onnx_export", None)
+    with pytest.raises(ModelError) as refused:
+        Classifier.load(path, "cpu", engine="onnxruntime")
+    assert old in str(refused.value) and new in str(refused.value)
+    with capture_logs() as logs:
+        clf = Classifier.load(path, "cpu", engine="auto")
+    assert clf.engine == "torch"
+    assert any(e["event"] == "onnx_stale" and e["onnx_source_sha256"] == old for e in logs)
+
+
+def test_graph_of_another_model_file_is_never_run(exported: Path, tmp_path: Path) -> None:
+    """A classifier handed a graph whose recorded source is another file refuses it."""
+    other = _save(tmp_path / "other.pt", seed=5)
+    runner = oe.OrtRunner(exported.with_suffix(".onnx"))
+    with pytest.raises(ModelError, match=sha256_file(other)):
+        Classifier(load_model_file(other), torch.device("cpu"), "onnxruntime", runner)
+
+
+def test_graph_is_written_to_the_cache_folder_when_needed(exported: Path, tmp_path: Path) -> None:
+    """When the model's folder cannot take the graph, it goes to the cache folder."""
+    path = _copy(exported, tmp_path / "ro")
+    path.with_suffix(".onnx").unlink()
+    path.with_suffix(".onnx").mkdir()  # something that is not a graph is in the way
+    clf = Classifier.load(path, "cpu", engine="onnxruntime", cache_dir=tmp_path / "cache")
+    assert clf.onnx_path == tmp_path / "cache" / "model.onnx"
+
+
+def test_evidence_architectures_are_trainings() -> None:
+    """The graph carries an evidence map exactly for the architectures training makes one for."""
+    from fracture_node.ml.train import supports_evidence_map
+
+    for arch in ARCHITECTURES:
+        assert oe.has_evidence_map(arch) == supports_evidence_map(arch), arch
+
+
+@pytest.mark.parametrize(("engine", "device", "threads"),
+                         [("tensorrt", "auto", 0), ("onnxruntime", "cuda", 0), ("auto", "auto", -1)])
+def test_config_refuses_impossible_engines(engine: str, device: str, threads: int) -> None:
+    """Unknown engines, onnxruntime on a GPU and negative threads are configuration errors."""
+    with pytest.raises(ConfigError):
+        ModelConfig(engine=engine, device=device, threads=threads).validate()
