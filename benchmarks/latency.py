@@ -1,6 +1,6 @@
 """Latency: from the last instance of a three-image study to the SR acknowledged by the PACS.
 
-    .venv/bin/python benchmarks/latency.py [--studies 20] [--model PATH]
+    .venv/bin/python benchmarks/latency.py [--studies 20] [--model PATH] [--engine auto]
 
 A real ``fracture-node serve`` process (SQLite, the bundled model unless ``--model``) receives
 three-image studies from pynetdicom and reports to DCMTK storescp playing the PACS. For each study:
@@ -9,6 +9,9 @@ t0 = the C-STORE response of its last instance, t1 = the delivery recorded as ac
 Printed: p50/p95/max of t1 - t0 - stable_after_s, i.e. the time the node adds beyond the
 stability wait it is configured to observe; ``sr_p50_s``/``sr_p95_s`` the same up to the SR's own
 acknowledgement (``deliveries.report_delivered_at``), which differs with ``--overlays``.
+``--engine`` is ``[model] engine`` (``auto``, the default, is onnxruntime on a CPU); the model
+file is copied into the temporary folder first, so that its ONNX graph is exported there, never
+beside the bundled model.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ def main() -> int:
                         help="[saliency] enabled (the daemon's default: on)")
     parser.add_argument("--overlays", choices=["none", "sc", "gsps", "both"], default="none",
                         help="the destination's overlays (the default: none, the SR alone)")
+    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                        help="[model] engine (the daemon's default: auto)")
+    parser.add_argument("--threads", type=int, default=0, help="[model] threads")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fn-latency-"))
     import csv
@@ -61,7 +67,14 @@ def main() -> int:
     pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(tmp / "pacs"),
                              str(pacs_port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    model_line = f'path = "{args.model.resolve()}"\n' if args.model else ""
+    import shutil
+
+    from fracture_node.ml.infer import bundled_model_path
+
+    model = tmp / "model" / "fracture-model.pt"
+    model.parent.mkdir()
+    shutil.copy(args.model or bundled_model_path(), model)
+    model_line = (f'path = "{model}"\nengine = "{args.engine}"\nthreads = {args.threads}\n')
     config = tmp / "fn.toml"
     config.write_text(
         f'[node]\nport = {fn_port}\nbind_address = "127.0.0.1"\nstate_dir = "{tmp / "fn"}"\n'
@@ -116,7 +129,8 @@ def main() -> int:
     sr = np.array(sorted(sr_lat)) if sr_lat else np.array([np.nan])
     print(json.dumps({
         "benchmark": "latency", "date": time.strftime("%Y-%m-%d"),
-        "saliency": args.saliency, "overlays": args.overlays,
+        "saliency": args.saliency, "overlays": args.overlays, "engine": args.engine,
+        "engine_used": engine_used(tmp),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "studies": len(ends), "reported": len(lat), "stable_after_s": args.stable_after,
         "p50_s": round(float(np.percentile(arr, 50)), 3),
@@ -129,6 +143,11 @@ def main() -> int:
         "load_average": os.getloadavg()[0],
     }))
     return 0
+
+
+def engine_used(tmp: Path) -> str:
+    """The engine the node ran: onnxruntime leaves its graph beside the copied model file."""
+    return "onnxruntime" if (tmp / "model" / "fracture-model.onnx").is_file() else "torch"
 
 
 def _ts(value: str) -> float:

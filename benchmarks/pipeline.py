@@ -131,9 +131,21 @@ def main() -> int:
     parser.add_argument("--db", default="", help="database URL (default: a SQLite file)")
     parser.add_argument("--saliency", choices=["on", "off"], default="on",
                         help="[saliency] enabled in the worker (default on, as in the daemon)")
+    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                        help="[model] engine (default auto, as in the daemon); the model file is "
+                             "copied to a temporary folder, where its ONNX graph is exported")
+    parser.add_argument("--threads", type=int, default=0, help="[model] threads")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="fn-bench-"))
+    import shutil
+
+    from fracture_node.ml.infer import bundled_model_path
+
+    model = tmp / "model" / "fracture-model.pt"
+    model.parent.mkdir()
+    shutil.copy(args.model or bundled_model_path(), model)
+    args.model = model
     url = args.db or f"sqlite:///{tmp / 'bench.db'}"
     migrate.upgrade(url)
     config = Config(node=NodeConfig(state_dir=tmp),
@@ -142,7 +154,10 @@ def main() -> int:
                                       decode_threads=args.decode_threads),
                     saliency=SaliencyConfig(enabled=args.saliency == "on")).validate()
     store, spool = Store(url), Spool(config.spool_dir, fsync=False)
-    classifier = Classifier.load(args.model, args.device)
+    saliency = SaliencyConfig(enabled=args.saliency == "on")
+    classifier = Classifier.load(
+        args.model, args.device, engine=args.engine, threads=args.threads,
+        saliency=(saliency.method, saliency.layer) if saliency.enabled else None)
     blobs = sources(args.source, args.instances)
 
     # Raw: the model alone on prepared inputs of the serving batch size.
@@ -181,7 +196,7 @@ def main() -> int:
         "benchmark": "pipeline_vs_raw",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-        "device": str(classifier.device),
+        "device": str(classifier.device), "engine": classifier.engine,
         # glibc's malloc, as `serve` runs; `LD_PRELOAD=libjemalloc.so.2` compares jemalloc
         # (fracture_node/launcher.py, docs/benchmarks.md)
         "allocator": allocator_name(),

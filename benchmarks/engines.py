@@ -1,0 +1,211 @@
+"""Inference engines on one model, one run: images/s of torch eager and ONNX Runtime, and ratios.
+
+    .venv/bin/python benchmarks/engines.py [--model F | --build efficientnet_lite0:384]
+        [--batch 16] [--threads 2] [--seconds 8] [--compile]
+
+For each engine, on a batch of real val radiographs of the serving batch size (``[model]
+max_batch``, 16), already letterboxed (the model's work alone), four modes: plain, flip TTA,
+saliency (the class-evidence map, HiResCAM at the last stage, what the worker runs by default),
+and TTA + saliency. Engines:
+
+- ``torch``: eager, NCHW contiguous;
+- ``torch_cl``: eager, channels-last (what ``[model] engine = "torch"`` runs on a CPU); its
+  saliency is the explainer's backward pass;
+- ``torch_compile`` (``--compile``): ``torch.compile`` of the network, channels-last;
+- ``onnxruntime``: the graph exported from the model file (CPU execution provider, all graph
+  optimisations), as ``[model] engine = "onnxruntime"`` runs it; saliency is its second output.
+
+Prints one JSON line per measurement, then a summary object with the ratios to ``torch_cl``
+and the largest logit difference between onnxruntime and torch on the batch.
+``--build ARCH:SIZE`` makes a model file in a temporary folder from the project's builders
+(ImageNet weights where installed, else random) instead of using ``--model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from fracture_node.images import load_image_file  # noqa: E402
+from fracture_node.ml.data import load_records, split_records  # noqa: E402
+from fracture_node.ml.explain import Explainer  # noqa: E402
+from fracture_node.ml.infer import Classifier, bundled_model_path  # noqa: E402
+from fracture_node.ml.model import (  # noqa: E402
+    IMAGENET,
+    IMAGENET_GREY,
+    build_model,
+    is_lite,
+    save_model_file,
+)
+from fracture_node.ml.onnx_export import export_onnx  # noqa: E402
+
+MODES = (("plain", False, False), ("tta", True, False), ("saliency", False, True),
+         ("tta+saliency", True, True))
+
+
+def build(spec: str, folder: Path) -> Path:
+    """A model file of ``ARCH:SIZE`` from the project's builders."""
+    arch, size = spec.split(":")
+    torch.manual_seed(0)
+    pretrained = IMAGENET if is_lite(arch) else None
+    try:
+        net = build_model(arch, pretrained=pretrained)
+    except Exception:
+        net, pretrained = build_model(arch), None
+    mean, std = IMAGENET_GREY if pretrained else (0.2, 0.25)
+    path = folder / f"{arch}-{size}.pt"
+    save_model_file(path, net, {
+        "name": f"bench-{arch}", "version": "0", "architecture": arch, "input_size": int(size),
+        "thresholds": {"balanced": 0.5, "high_sensitivity": 0.3},
+        "normalisation": {"mean": mean, "std": std}, "tta": True,
+        "weights": "imagenet" if pretrained else "random"})
+    return path
+
+
+def val_batch(size: int, n: int) -> np.ndarray:
+    from fracture_node.images import letterbox
+
+    val = split_records(load_records(SHARED / "datasets" / "fracture-xr"), "val")
+    return np.stack([letterbox(load_image_file(r.path), size) for r in val[:n]])
+
+
+def rate(fn: Callable[[], Any], n_images: int, seconds: float) -> float:
+    fn()  # warm-up
+    runs, started = 0, time.perf_counter()
+    while True:
+        fn()
+        runs += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds and runs >= 2:
+            return runs * n_images / elapsed
+
+
+def torch_forward(net: torch.nn.Module, clf: Classifier, batch: np.ndarray, tta: bool,
+                  channels_last: bool) -> Callable[[], Any]:
+    def run() -> Any:
+        x = (torch.from_numpy(batch)[:, None] - clf._mean) / clf._std
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            logits = net(x).squeeze(1)
+            if tta:
+                logits = (logits + net(torch.flip(x, dims=[3])).squeeze(1)) / 2
+        return logits
+    return run
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=None, help="model file (default: bundled)")
+    p.add_argument("--build", default=None, metavar="ARCH:SIZE",
+                   help="build a model file instead, e.g. efficientnet_lite0:384")
+    p.add_argument("--batch", type=int, default=16, help="the serving batch size")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: default)")
+    p.add_argument("--seconds", type=float, default=8.0, help="time per measurement")
+    p.add_argument("--compile", action="store_true", help="also torch.compile")
+    p.add_argument("--engines", default="torch,torch_cl,onnxruntime")
+    args = p.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="fn-engines-"))
+    if args.build:
+        model = build(args.build, tmp)
+    else:  # a copy, so that the graph is not written beside the bundled model
+        source = args.model or bundled_model_path()
+        model = tmp / source.name
+        model.write_bytes(source.read_bytes())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    export_onnx(model)
+    export_s = time.perf_counter() - t0
+    ref = Classifier.load(model, "cpu", engine="torch", threads=args.threads)
+    ort = Classifier.load(model, "cpu", engine="onnxruntime", threads=args.threads,
+                          saliency=("hirescam", "last"))
+    batch = val_batch(ref.input_size, args.batch)
+    engines = args.engines.split(",") + (["torch_compile"] if args.compile else [])
+    results: dict[str, dict[str, float]] = {}
+    common = {"model": ref.name, "architecture": ref.card["architecture"],
+              "weights": ref.card.get("weights", "trained"), "model_sha256": ref.sha256[:12],
+              "input_size": ref.input_size, "batch": args.batch,
+              "threads": args.threads or "default"}
+    nets: dict[str, Any] = {"torch_cl": ref._net}
+    if "torch" in engines:
+        nets["torch"] = Classifier.load(model, "cpu")._net.to(
+            memory_format=torch.contiguous_format)
+    if "torch_compile" in engines:
+        nets["torch_compile"] = torch.compile(ref._net)
+    for engine in engines:
+        results[engine] = {}
+        for mode, tta, saliency in MODES:
+            clf = ort if engine == "onnxruntime" else ref
+            clf.tta = tta
+            if engine == "onnxruntime":
+                if saliency:
+                    explainer = Explainer(ort, "hirescam", "last")
+                    fn: Callable[[], Any] = lambda e=explainer: e.explain_batch(batch)  # noqa: E731
+                else:
+                    fn = lambda: ort.predict_batch(batch)  # noqa: E731
+            elif saliency:
+                if engine != "torch_cl":
+                    continue  # the explainer runs the classifier's (channels-last) network
+                explainer = Explainer(ref, "hirescam", "last")
+                fn = lambda e=explainer: e.explain_batch(batch)  # noqa: E731
+            else:
+                fn = torch_forward(nets[engine], ref, batch, tta, engine != "torch")
+            started = time.perf_counter()
+            value = rate(fn, len(batch), args.seconds)
+            results[engine][mode] = round(value, 2)
+            print(json.dumps({"benchmark": "engines", "engine": engine, "mode": mode,
+                              "images_per_s": round(value, 2),
+                              "wall_s": round(time.perf_counter() - started, 1), **common}),
+                  flush=True)
+    ref.tta = ort.tta = True
+    with torch.inference_mode():
+        x = (torch.from_numpy(batch)[:, None] - ref._mean) / ref._std
+        torch_logits = ((ref._net(x) + ref._net(torch.flip(x, dims=[3]))) / 2).squeeze(1)
+    ort_logits, _ = ort._runner.run(batch, True, evidence=False)  # type: ignore[union-attr]
+    base = results.get("torch_cl", {})
+    summary = {
+        "benchmark": "engines_summary", "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs {cpu_name()}",
+        "load_average": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__, "export_s": round(export_s, 1),
+        **common, "images_per_s": results,
+        "ratio_onnxruntime_to_torch_cl": {
+            mode: round(results["onnxruntime"][mode] / base[mode], 2)
+            for mode in results.get("onnxruntime", {}) if mode in base},
+        "max_abs_logit_difference": float(np.max(np.abs(
+            ort_logits - torch_logits.numpy()))),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
