@@ -18,19 +18,23 @@ file's sha256.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from fracture_node.errors import ModelError
 from fracture_node.images import FloatImage, letterbox
 from fracture_node.logs import get_logger
 from fracture_node.ml import ort_engine as oe
-from fracture_node.ml.model import ModelFile, load_model_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from fracture_node.ml.model import ModelFile
 
 log = get_logger("ml.infer")
 
@@ -50,6 +54,8 @@ def bundled_model_path() -> Path:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` takes CUDA when present, else the CPU; anything else is passed to torch."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -61,7 +67,75 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def onnx_unfit(model_file: ModelFile, saliency: tuple[str, str] | None) -> str | None:
+def cpu_without_torch(device: str) -> bool:
+    """True when ``device`` is the CPU whatever torch says: ``cpu``, or ``auto`` where torch is
+    not installed (a serving install). Imports torch only to ask CUDA (``auto``)."""
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class GraphModel:
+    """A model file known through its ONNX graph: its path, the card recorded in the graph, and
+    the sha256 of the model file's bytes (which the graph records as its source)."""
+
+    path: Path
+    card: dict[str, Any]
+    sha256: str
+
+
+def find_graph(model_path: Path, sha256: str, threads: int = 0,
+               cache_dir: Path | None = None, quiet: bool = False) -> oe.OrtRunner | None:
+    """The graph exported from the model file with this sha256, beside it or in ``cache_dir``,
+    in an onnxruntime session; None when there is none. Graphs of another model file are
+    logged (``onnx_stale``, both hashes; unless ``quiet``) and never returned."""
+    for place in _graph_places(model_path, cache_dir):
+        if not place.is_file():
+            continue
+        try:
+            runner = oe.OrtRunner(place, threads)
+        except ModelError as exc:
+            if not quiet:
+                log.warning("onnx_unreadable", path=str(place), error=str(exc))
+            continue
+        if runner.source_sha256 == sha256:
+            return runner
+        if not quiet:
+            log.warning("onnx_stale", path=str(place), onnx_source_sha256=runner.source_sha256,
+                        model_sha256=sha256,
+                        detail="graph exported from another model file: not used")
+    return None
+
+
+def _stale_notes(places: list[Path]) -> list[str]:
+    """What the graphs in ``places`` record as their source, for an error message."""
+    notes = []
+    for place in places:
+        try:
+            recorded = oe.OrtRunner(place).source_sha256 if place.is_file() else None
+        except ModelError:
+            recorded = None
+        if recorded is not None:
+            notes.append(f"{place.name} records sha256 {recorded or 'none'}")
+    return notes
+
+
+def _graph_places(model_path: Path, cache_dir: Path | None) -> list[Path]:
+    places = [oe.onnx_path_for(model_path)]
+    if cache_dir is not None:
+        places.append(Path(cache_dir) / f"{Path(model_path).stem}.onnx")
+    return places
+
+
+def onnx_unfit(model_file: ModelFile | GraphModel, saliency: tuple[str, str] | None
+               ) -> str | None:
     """Why the onnxruntime engine cannot serve this model (with this saliency), or None."""
     if not oe.available():
         return "onnxruntime is not installed"
@@ -90,24 +164,11 @@ def obtain_graph(model_file: ModelFile, threads: int = 0, cache_dir: Path | None
     ModelError
         No graph of this model file can be found or exported (the message names the hashes).
     """
-    places = [oe.onnx_path_for(model_file.path)]
-    if cache_dir is not None:
-        places.append(Path(cache_dir) / f"{model_file.path.stem}.onnx")
-    stale: list[str] = []
-    for place in places:
-        if not place.is_file():
-            continue
-        try:
-            runner = oe.OrtRunner(place, threads)
-        except ModelError as exc:
-            log.warning("onnx_unreadable", path=str(place), error=str(exc))
-            continue
-        if runner.source_sha256 == model_file.sha256:
-            return runner
-        log.warning("onnx_stale", path=str(place), onnx_source_sha256=runner.source_sha256,
-                    model_sha256=model_file.sha256,
-                    detail="graph exported from another model file: not used, exporting again")
-        stale.append(f"{place.name} records sha256 {runner.source_sha256 or 'none'}")
+    places = _graph_places(model_file.path, cache_dir)
+    found = find_graph(model_file.path, model_file.sha256, threads, cache_dir)
+    if found is not None:
+        return found
+    stale = _stale_notes(places)
     errors: list[str] = []
     for place in places:
         try:
@@ -125,6 +186,25 @@ def obtain_graph(model_file: ModelFile, threads: int = 0, cache_dir: Path | None
         f"{'; '.join(errors)}")
 
 
+def _without_torch(target: Path, engine: str, saliency: tuple[str, str] | None,
+                   cache_dir: Path | None) -> str:
+    """Why a model file cannot be served here without torch (graphs of another file logged)."""
+    if engine == "torch" or not oe.available():
+        return (f"[model] engine = {engine} needs torch (or onnxruntime), which is not installed "
+                "here; install torch, or set engine = \"onnxruntime\" with onnxruntime installed")
+    sha256 = oe.file_sha256(target)
+    runner = find_graph(target, sha256, cache_dir=cache_dir)  # logs onnx_stale, both hashes
+    if runner is not None:
+        why = str(onnx_unfit(GraphModel(target, runner.card(), sha256), saliency))
+    else:
+        notes = _stale_notes(_graph_places(target, cache_dir))
+        why = (f"its ONNX graph was exported from another model file ({'; '.join(notes)})"
+               if notes else "it has no ONNX graph")
+    return (f"model file {target.name} (sha256 {sha256}) cannot be served without torch: {why}; "
+            "export its graph with `fracture-node model export` where torch is installed, "
+            "or install torch here")
+
+
 class Classifier:
     """A fracture model ready to score batches of prepared images.
 
@@ -132,7 +212,7 @@ class Classifier:
     ``engine`` says what runs the network (``torch`` or ``onnxruntime``, with ``runner``).
     """
 
-    def __init__(self, model_file: ModelFile, device: torch.device, engine: str = "torch",
+    def __init__(self, model_file: ModelFile | GraphModel, device: Any, engine: str = "torch",
                  runner: oe.OrtRunner | None = None) -> None:
         card = model_file.card
         self.card: dict[str, Any] = card
@@ -157,13 +237,16 @@ class Classifier:
         self.onnx_path: Path | None = None
         self._net: Any = None
         if engine == "onnxruntime":
-            if runner is None or device.type != "cpu":
+            if runner is None or str(device) != "cpu":
                 raise ModelError("the onnxruntime engine needs its graph and the CPU")
             oe.check_source(runner, self.sha256)
             self.onnx_path = runner.path
             self.has_evidence: bool = runner.has_evidence
             self.evidence_layer: str = runner.evidence_layer
         elif engine == "torch":
+            import torch
+
+            assert not isinstance(model_file, GraphModel)
             self._net = model_file.build().to(device)
             if device.type == "cpu":
                 self._net = self._net.to(memory_format=torch.channels_last)
@@ -201,15 +284,33 @@ class Classifier:
         if engine not in ENGINES:
             raise ModelError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
         target = Path(path) if path is not None else bundled_model_path()
-        model_file = load_model_file(target)
         if engine == "onnxruntime" and device == "auto":
             device = "cpu"
+        if engine != "torch" and oe.available() and cpu_without_torch(device):
+            # The graph of this very file (its sha256) carries the card: no torch needed.
+            sha256 = oe.file_sha256(target)
+            runner = find_graph(target, sha256, threads, cache_dir, quiet=True)
+            if runner is not None:
+                known = GraphModel(target, runner.card(), sha256)
+                if onnx_unfit(known, saliency) is None:
+                    return cls._loaded(cls(known, "cpu", "onnxruntime", runner), engine,
+                                       "configured" if engine == "onnxruntime" else "auto: cpu")
+        try:
+            from fracture_node.ml.model import load_model_file
+        except ImportError as exc:  # a serving install without torch
+            raise ModelError(_without_torch(target, engine, saliency, cache_dir)) from exc
+        model_file = load_model_file(target)
         dev = resolve_device(device)
         chosen, runner, reason = cls._choose(model_file, dev, engine, threads, saliency,
                                              cache_dir)
         if chosen == "torch" and threads > 0:
+            import torch
+
             torch.set_num_threads(threads)
-        clf = cls(model_file, dev, chosen, runner)
+        return cls._loaded(cls(model_file, dev, chosen, runner), engine, reason)
+
+    @staticmethod
+    def _loaded(clf: Classifier, engine: str, reason: str) -> Classifier:
         log.info("model_loaded", model=clf.name, version=clf.version, sha256=clf.sha256,
                  device=clf.device, engine=clf.engine, engine_requested=engine, reason=reason,
                  onnx=str(clf.onnx_path) if clf.onnx_path else None,
@@ -279,6 +380,8 @@ class Classifier:
             with self._lock:
                 logits, _ = self._runner.run(arr, self.tta, evidence=False)
             return self.probabilities(logits)
+        import torch
+
         x = torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1).to(self._device)
         x = (x - self._mean) / self._std
         if self._device.type == "cpu":
@@ -313,7 +416,7 @@ class Classifier:
         so ranking (AUROC) is unchanged and the card's thresholds are on this same scale.
         ``logits``: a torch tensor or a numpy array.
         """
-        if isinstance(logits, torch.Tensor):
+        if hasattr(logits, "detach"):  # a torch tensor
             logits = logits.detach().double().cpu().numpy()
         z = np.asarray(logits, dtype=np.float64)
         if self.calibration is not None:

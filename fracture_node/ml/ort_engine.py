@@ -24,6 +24,7 @@ This module imports no torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,26 @@ def has_evidence_map(arch: str) -> bool:
 def onnx_path_for(model_path: Path) -> Path:
     """Where the exported graph of a model file lives: beside it, suffix ``.onnx``."""
     return Path(model_path).with_suffix(".onnx")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (a model file's identity), without torch.
+
+    Raises
+    ------
+    ModelError
+        The file does not exist or cannot be read.
+    """
+    h = hashlib.sha256()
+    try:
+        with Path(path).open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise ModelError(f"model file {path} does not exist") from None
+    except OSError as exc:
+        raise ModelError(f"model file {path} cannot be read: {exc.strerror}") from exc
+    return h.hexdigest()
 
 
 def available() -> bool:
