@@ -178,9 +178,14 @@ def _model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fracture_node import logs
+    from fracture_node.errors import ModelError
     from fracture_node.ml.infer import bundled_model_path
-    from fracture_node.ml.onnx_export import export_onnx
 
+    try:
+        from fracture_node.ml.onnx_export import export_onnx
+    except ImportError as exc:
+        raise ModelError(f"model export needs torch and onnx, which are not installed here "
+                         f"({exc.name}); export on a machine with the training install") from exc
     logs.configure(stream=sys.stderr)
     source = Path(args.model) if args.model else bundled_model_path()
     written = export_onnx(source, Path(args.out) if args.out else None)

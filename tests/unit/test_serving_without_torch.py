@@ -95,3 +95,16 @@ def test_stale_graph_is_refused_without_torch_naming_both_hashes(tmp_path: Path,
     assert code == 2
     assert old in str(out["error"]) and sha256_file(model) in str(out["error"])
     assert "without torch" in str(out["error"])
+
+
+def test_model_export_without_torch_says_what_is_missing(tmp_path: Path) -> None:
+    """`fracture-node model export` where torch is not installed exits 2 with a clear message."""
+    blocker = WITHOUT_TORCH.split("import numpy as np")[0]
+    script = blocker + ("from fracture_node import cli\n"
+                        "raise SystemExit(cli.main(['model', 'export', '--model', sys.argv[1]]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert "model export needs torch and onnx" in proc.stderr
+    assert "Traceback" not in proc.stderr
