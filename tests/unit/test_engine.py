@@ -192,3 +192,28 @@ def test_config_refuses_impossible_engines(engine: str, device: str, threads: in
     """Unknown engines, onnxruntime on a GPU and negative threads are configuration errors."""
     with pytest.raises(ConfigError):
         ModelConfig(engine=engine, device=device, threads=threads).validate()
+
+
+def test_predict_gives_the_same_rows_on_both_engines(exported: Path, samples_dir: Path,
+                                                     tmp_path: Path) -> None:
+    """`predict --locate` writes the same labels, probabilities (1e-5) and peaks on either engine."""
+    import csv
+
+    from fracture_node.predict import main as predict
+
+    inputs = [str(samples_dir / n) for n in ("CR_hip_RG2_JLSL.dcm", "CR_chest_RG1_J2KI.dcm",
+                                             "CR_extremity_RG3_J2KR.dcm")]
+    rows = {}
+    for engine in ("torch", "onnxruntime"):
+        out = tmp_path / f"{engine}.csv"
+        assert predict([*inputs, "--model", str(exported), "--engine", engine, "--locate",
+                        "--operating-point", "0.5", "--output", str(out)]) == 0
+        with out.open() as fh:
+            rows[engine] = list(csv.DictReader(fh))
+    assert len(rows["torch"]) == 3
+    for ref, got in zip(rows["torch"], rows["onnxruntime"], strict=True):
+        assert got["status"] == ref["status"] == "ok"
+        assert got["label"] == ref["label"]
+        assert abs(float(got["probability"]) - float(ref["probability"])) <= 1e-5
+        assert (got["peak_x"], got["peak_y"]) == (ref["peak_x"], ref["peak_y"])
+        assert got["model_sha256"] == ref["model_sha256"] == sha256_file(exported)
