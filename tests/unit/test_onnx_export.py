@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import structlog
 import torch
 
 from fracture_node import cli
@@ -24,6 +26,13 @@ def _model(path: Path, arch: str, size: int = 64, seed: int = 0) -> Path:
         "thresholds": {"balanced": 0.5, "high_sensitivity": 0.3},
         "normalisation": {"mean": 0.4, "std": 0.2}, "tta": True})
     return path
+
+
+@pytest.fixture
+def cli_logs() -> Iterator[None]:
+    """The CLI configures logging onto the captured stderr, closed after the test: undo it."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +95,7 @@ def test_architecture_without_a_pooling_head_exports_logits_only(tmp_path: Path)
         runner.run(np.zeros((1, 64, 64), np.float32), tta=False, evidence=True)
 
 
-def test_cli_exports_to_the_given_path(resnet: Path, tmp_path: Path,
+def test_cli_exports_to_the_given_path(resnet: Path, tmp_path: Path, cli_logs: None,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """`fracture-node model export --model X --out Y` writes Y and says so."""
     out = tmp_path / "elsewhere" / "graph.onnx"
@@ -96,7 +105,7 @@ def test_cli_exports_to_the_given_path(resnet: Path, tmp_path: Path,
     assert oe.OrtRunner(out).source_sha256 == sha256_file(resnet)
 
 
-def test_cli_refuses_a_missing_model_file(tmp_path: Path,
+def test_cli_refuses_a_missing_model_file(tmp_path: Path, cli_logs: None,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """A model file that does not exist exits 2 with its name, and writes nothing."""
     assert cli.main(["model", "export", "--model", str(tmp_path / "none.pt")]) == 2
