@@ -2,7 +2,8 @@
 # Set up a development/runtime environment in ./.venv (idempotent).
 #   scripts/setup.sh          Python environment only (enough to run the daemon)
 #   scripts/setup.sh --test   also the test peers: DCMTK, dicom3tools, Orthanc, systemd tools, jemalloc,
-#                             and a running PostgreSQL (apt; needs root or sudo)
+#                             PixelMed's SR validator (Java), and a running PostgreSQL (apt; needs
+#                             root or sudo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,10 @@ if [[ "${1:-}" == "--test" ]]; then
   done
   # jemalloc: `train` runs on it when present (fracture_node/launcher.py).
   ldconfig -p | grep -q 'libjemalloc\.so\.2' || need+=(libjemalloc2)
+  # PixelMed's DicomSRValidator checks our SR templates (tests/integration/test_report_validation.py).
+  [[ -f /usr/share/java/pixelmed.jar ]] || need+=(libpixelmed-java)
+  [[ -f /usr/share/java/commons-codec.jar ]] || need+=(libcommons-codec-java)
+  command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
   if ((${#need[@]})); then
     echo "installing ${need[*]} (apt)"
     $SUDO apt-get update -qq

@@ -33,7 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from fracture_node.dicom.report import SaliencyRegion
+from fracture_node.dicom.header import clean_sources
+from fracture_node.dicom.report import SaliencyRegion, percent_text
 from fracture_node.errors import ReportError
 from fracture_node.images import FloatImage
 from fracture_node.logs import get_logger
@@ -78,7 +79,8 @@ def render_overlay(image: FloatImage, heatmap: NDArray[np.floating[Any]] | None,
     heatmap:
         Saliency over the same pixels ``[H, W]`` in [0, 1], or ``None`` (regions only).
     regions:
-        Outlined in yellow with their peak value.
+        Outlined in yellow, labelled by rank (``R1`` the hottest): never with a number that could
+        be read as a probability.
     caption:
         Text written at the top left (e.g. the probability and "UNVERIFIED").
     max_side:
@@ -106,17 +108,28 @@ def render_overlay(image: FloatImage, heatmap: NDArray[np.floating[Any]] | None,
     width = max(2, round(side / 300))
     font_size = max(12, round(side / 45))
     font = ImageFont.load_default(size=font_size)
-    for region in regions:
+    for rank, region in enumerate(regions, start=1):
         points = [(x * scale, y * scale) for x, y in region.polygon]
         draw.line(points, fill=REGION_COLOUR, width=width, joint="curve")
         x0 = min(p[0] for p in points)
         y0 = min(p[1] for p in points)
-        draw.text((x0 + width, max(0.0, y0 - font_size - width)), f"{region.peak:.2f}",
+        draw.text((x0 + width, max(0.0, y0 - font_size - width)), region_label(rank),
                   fill=REGION_COLOUR, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     if caption:
         draw.text((width * 2, width * 2), caption, fill=TEXT_COLOUR, font=font, stroke_width=2,
                   stroke_fill=(0, 0, 0))
     return np.asarray(picture, dtype=np.uint8)
+
+
+def region_label(rank: int) -> str:
+    """``R1``, ``R2``...: where the model looked, hottest first (not a probability)."""
+    return f"R{rank}"
+
+
+def caption_text(probability: float) -> str:
+    """The caption of an overlay: the image's probability as the SR states it, unverified."""
+    return (f"AI fracture {percent_text(probability)} - UNVERIFIED, not for diagnosis; "
+            "R1, R2: where the model looked")
 
 
 def _source_reference(source: Dataset) -> Dataset:
@@ -136,18 +149,15 @@ def _purpose_of_reference() -> Dataset:
     return code
 
 
-def _type2_defaults(source: Dataset) -> Dataset:
-    """A shallow copy of the header with absent Type 2 patient/study attributes added empty."""
+def _type2_defaults(source: Dataset) -> tuple[Dataset, str | None]:
+    """A cleaned copy of the header (no pixels) with absent Type 2 patient/study attributes added
+    empty, and the Specific Character Set its text needs (:func:`clean_sources`)."""
     ref = Dataset()
     for elem in source:
         if elem.tag.group != 0x7FE0:
             ref.add(elem)
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
-                    "ReferringPhysicianName"):
-        if keyword not in ref:
-            setattr(ref, keyword, None)
-    return ref
+    (clean,), charset = clean_sources([ref])
+    return clean, charset
 
 
 def build_secondary_capture(
@@ -192,12 +202,13 @@ def build_secondary_capture(
         raise ReportError(
             f"overlay for image {source.SOPInstanceUID} of study {study_uid}: the grey image "
             f"{image.shape} does not match Rows x Columns {source.Rows} x {source.Columns}")
-    caption = f"AI fracture p={probability:.2f} - UNVERIFIED, not for diagnosis"
+    caption = caption_text(probability)
     pixels = render_overlay(image, heatmap, regions, caption, max_side=max_side)
     orientation = _orientation(source)
+    header, charset = _type2_defaults(source)
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=_type2_defaults(source),
+            ref_dataset=header,
             pixel_array=pixels,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
@@ -220,7 +231,7 @@ def build_secondary_capture(
     if orientation is None:
         del sc.PatientOrientation
         sc.add_new("PatientOrientation", "CS", None)
-    _copy_from_source(sc, source)
+    _copy_from_source(sc, header, charset)
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
@@ -235,14 +246,16 @@ def build_secondary_capture(
     return sc
 
 
-def _copy_from_source(ds: Dataset, source: Dataset) -> None:
-    """Specific Character Set of the copied patient/study text, and General Series Laterality.
+def _copy_from_source(ds: Dataset, source: Dataset, charset: str | None) -> None:
+    """Specific Character Set of the copied (cleaned) text, and General Series Laterality.
 
     Laterality is Type 2C (PS3.3 C.7.3.1): the source's, else present and empty, since the
     condition (a paired body part without Image Laterality) cannot be judged from every header.
     """
-    if "SpecificCharacterSet" in source:
-        ds.SpecificCharacterSet = source.SpecificCharacterSet
+    if charset:
+        ds.SpecificCharacterSet = charset
+    elif "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet
     value = source.get("Laterality") or source.get("ImageLaterality")
     ds.Laterality = value if value in ("R", "L") else None
 
@@ -292,7 +305,7 @@ def build_presentation_state(
     if not regions:
         raise ReportError(f"the presentation state for image {source.SOPInstanceUID} of study "
                           f"{study_uid} needs at least one region")
-    header = _type2_defaults(source)
+    header, charset = _type2_defaults(source)
     try:
         layer = hd.pr.GraphicLayer(layer_name=GSPS_LAYER, order=1,
                                    description="AI fracture saliency regions (unverified)")
@@ -308,8 +321,8 @@ def build_presentation_state(
         for k, r in enumerate(regions):
             xs = [p[0] for p in r.polygon]
             ys = [p[1] for p in r.polygon]
-            label = (f"AI fracture p={probability:.2f} (unverified)" if k == 0
-                     else f"AI region {k + 1}")
+            label = (f"AI fracture {percent_text(probability)} (unverified), "
+                     f"{region_label(k + 1)}" if k == 0 else region_label(k + 1))
             anchor = (min(xs), max(0.0, min(ys) - 1.0))
             texts.append(hd.pr.TextObject(
                 text_value=label,
@@ -341,7 +354,7 @@ def build_presentation_state(
             f"the presentation state of image {source.SOPInstanceUID} (study {study_uid}) "
             f"could not be built: {exc}") from exc
     gsps.SeriesDescription = GSPS_SERIES_DESCRIPTION
-    _copy_from_source(gsps, source)
+    _copy_from_source(gsps, header, charset)
     log.info("overlay_gsps_built", study_instance_uid=study_uid,
              source_sop_instance_uid=str(source.SOPInstanceUID),
              sop_instance_uid=str(gsps.SOPInstanceUID), regions=len(regions))

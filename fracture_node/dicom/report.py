@@ -3,25 +3,37 @@
 The document is built with highdicom, layer by layer as the standard names them: value types
 (NUM, CODE, TEXT, IMAGE) inside TID 1501 measurement groups inside a TID 1500 Measurement
 Report inside a Comprehensive 3D SR instance. ``docs/conformance.md`` (section 6) shows the tree and
-lists every code; keep the two in step.
+lists every code; keep the two in step. The tree passes PixelMed's ``DicomSRValidator`` (the
+template checker IHE Connectathons use for AI Results) with no error and no warning, and
+dciodvfy with no error: the per-image and study decisions (Fracture present/absent) and the
+sentences a radiologist reads live in the TID 1500 "Qualitative Evaluations" container (rows
+12-14), the per-image probability in the image's TID 1501 group.
 
 The SR belongs to the study it reports on (same Study Instance UID, patient and study
-attributes copied from the received headers by highdicom) and lives in its own series, marked
-as an unverified AI result: Preliminary Flag PRELIMINARY, Verification Flag UNVERIFIED.
-A corrected report is a new instance in the same series with a higher Instance Number and a
-Predecessor Documents Sequence (PS3.3 C.17.2) naming the report it replaces.
+attributes copied from the received headers by highdicom, checked and cleaned first by
+:mod:`fracture_node.dicom.header`) and lives in its own series, marked as an unverified AI
+result: Preliminary Flag PRELIMINARY, Verification Flag UNVERIFIED, and the sentence
+:data:`NOT_FOR_DIAGNOSIS` as the first item a viewer renders. A corrected report is a new
+instance in the same series with a higher Instance Number and a Predecessor Documents Sequence
+(PS3.3 C.17.2) naming the report it replaces.
+
+IHE AI Results (AIR): the algorithm is a Contributing Equipment Sequence item with Purpose of
+Reference (Newcode1, 99IHE, "Processing Algorithm"), its name as Manufacturer's Model Name, its
+version and ours as Software Versions, and a Device UID derived from the model file's SHA-256
+(:func:`algorithm_device_uid`; the Device Observer UID of the observation context is the same).
 
 Where the model looked (optional): each :class:`SaliencyRegion` of a finding becomes a TID 1410
 Planar ROI Measurements group right after the image's TID 1501 group: an IMAGE REGION SCOORD
 POLYLINE (closed, in pixel coordinates of the source image, PS3.3 C.18.6.1.1) on that image,
-finding type Fracture, the saliency method as Measurement Method (TID 1419) and the region's
-peak saliency (relative to the image's maximum) as a NUM with derivation Maximum. By default
-only images scored positive carry regions (``regions_of_negatives``).
+finding Fracture, the saliency method as Measurement Method (TID 1419) and the region's
+relative saliency (its peak over the image's maximum; not a probability) as a NUM with
+derivation Maximum. By default only images scored positive carry regions
+(``regions_of_negatives``).
 """
 
 from __future__ import annotations
 
-import copy
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -36,6 +48,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from fracture_node.dicom.header import clean_sources
 from fracture_node.errors import ReportError
 from fracture_node.logs import get_logger
 
@@ -51,15 +64,19 @@ SERIES_DESCRIPTION = "AI fracture detection - UNVERIFIED - not for diagnosis"
 
 FRACTURE = hd.sr.CodedConcept("72704001", "SCT", "Fracture")
 """SNOMED CT 72704001 |Fracture (morphologic abnormality)|."""
-FINDING_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure  # 49755003, CID 7150
 PRESENT = codes.SCT.Present  # 52101004, CID 240/241
 ABSENT = codes.SCT.Absent  # 272519000, CID 240/241
 PROBABILITY = codes.DCM.Probability  # (122157, DCM, "Probability")
 MAXIMUM = codes.SCT.Maximum  # 56851009, CID 3488 "Min/Max/Mean"
-PROCEDURE = codes.SCT.PlainRadiography  # 168537006, CID 10005
-UNIT_PROBABILITY = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
+PROCEDURE = codes.SCT.ImagingProcedure  # 363679005, CID 100
+"""CID 100 (the context group of TID 1500 "Procedure reported") has no plain-radiography code;
+"Imaging procedure" is its generic member."""
+FINDING = codes.DCM.Finding  # (121071, DCM, "Finding")
+COMMENT = codes.DCM.Comment  # (121106, DCM, "Comment")
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+"""TID 1500 row 12."""
+UNIT_PERCENT = hd.sr.CodedConcept("%", "UCUM", "%")
 UNIT_IMAGES = hd.sr.CodedConcept("{images}", "UCUM", "images")
-SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
 
 LOCAL_SCHEME = "99FRNODE"
 """Private coding scheme (PS3.3 8.2: designators starting with "99" are private)."""
@@ -67,9 +84,10 @@ IMAGES_PROCESSED = hd.sr.CodedConcept("IMGPROC", LOCAL_SCHEME, "Number of images
 IMAGES_NOT_PROCESSED = hd.sr.CodedConcept(
     "IMGNOTPROC", LOCAL_SCHEME, "Number of images not processed"
 )
-IMAGE_NOT_PROCESSED = hd.sr.CodedConcept("NOTPROC", LOCAL_SCHEME, "Image not processed")
-SALIENCY_PEAK = hd.sr.CodedConcept("SALPEAK", LOCAL_SCHEME, "Peak saliency")
-"""Maximum of the saliency map in the region, relative to the map's maximum over the image."""
+IMAGE_NOT_PROCESSED = hd.sr.CodedConcept("NOTPROC", LOCAL_SCHEME, "Image not assessed")
+SALIENCY_PEAK = hd.sr.CodedConcept("SALPEAK", LOCAL_SCHEME, "Relative saliency")
+"""Maximum of the saliency map in the region over the map's maximum on the image (not a
+probability: the hottest region of every image has 1)."""
 UNIT_NONE = hd.sr.CodedConcept("1", "UCUM", "no units")
 SALIENCY_METHODS = {
     "gradcam": hd.sr.CodedConcept("GRADCAM", LOCAL_SCHEME, "Grad-CAM saliency"),
@@ -83,12 +101,40 @@ LOCAL_SCHEME_ITEM = CodingSchemeIdentificationItem(
     name="fracture-node local codes",
     responsible_organization="fracture-node",
 )
-
-_TYPE2_FROM_SOURCE = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-    "StudyDate", "StudyTime", "ReferringPhysicianName",
+IHE_SCHEME_ITEM = CodingSchemeIdentificationItem(
+    designator="99IHE",
+    name="IHE temporary codes",
+    responsible_organization="IHE",
 )
-"""Type 2 Patient/General Study attributes that highdicom reads from the first source."""
+PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
+"""IHE AIR: Purpose of Reference of the algorithm's Contributing Equipment item."""
+
+NOT_FOR_DIAGNOSIS = "AI result, not verified, not for diagnosis."
+"""The first sentence a viewer renders (a TEXT in the Qualitative Evaluations container)."""
+
+REASONS = {
+    "out_of_scope_modality": "not a projection radiograph (the model reads CR and DX only)",
+    "out_of_scope_body_part": "body part outside what the model was trained on",
+    "too_small": "image too small to be a radiograph the model was trained on",
+    "multi_frame": "a multi-frame object (the model reads single images)",
+    "colour": "a colour image (the model reads grey-level radiographs)",
+    "no_pixel_data": "the object carries no image",
+    "bad_dimensions": "image size or shape implausible for a radiograph",
+    "bad_pixel_format": "pixel encoding not supported",
+    "bad_header": "the header could not be read",
+    "unsupported_transfer_syntax": "compression that this node cannot decode",
+    "undecodable": "the pixel data could not be decoded",
+    "not_dicom": "the file is not readable DICOM",
+    "spool_file_missing": "the received file is missing on this node",
+    "failed": "processing failed repeatedly",
+}
+"""Reason codes (``NotProcessable.reason`` and SQL states) in words for the report."""
+
+OPERATING_POINTS = {
+    "balanced": "balanced operating point",
+    "high_sensitivity": "high-sensitivity operating point",
+    "high_specificity": "high-specificity operating point",
+}
 
 
 @dataclass(frozen=True)
@@ -164,7 +210,7 @@ def build_report(
     version: int,
     series_instance_uid: str,
     predecessor: pydicom.Dataset | None = None,
-    device_observer_uid: str,
+    device_observer_uid: str | None = None,
     station_ae_title: str,
     manufacturer: str = "fracture-node",
     software_version: str,
@@ -177,11 +223,12 @@ def build_report(
     sources:
         Headers of the study's received instances (``stop_before_pixels=True`` is enough). All
         must share one Study Instance UID; they may come from several series. Every image named
-        in ``findings`` and ``unprocessed`` must be among them.
+        in ``findings`` and ``unprocessed`` must be among them. They are not changed: the values
+        copied into the SR are checked and cleaned on copies (:mod:`fracture_node.dicom.header`).
     findings:
         One item per processed image.
     unprocessed:
-        Images of the study that could not be read, with the reason.
+        Images of the study that were not assessed, with the reason.
     algorithm:
         Model name, version, file SHA-256, threshold and operating point.
     version:
@@ -190,7 +237,9 @@ def build_report(
         The SR series of this study (the same for every version).
     predecessor:
         Header of the report this one replaces (required when ``version > 1``).
-    device_observer_uid, station_ae_title, manufacturer, software_version:
+    device_observer_uid:
+        Device Observer UID (TID 1004); default :func:`algorithm_device_uid` of the model.
+    station_ae_title, manufacturer, software_version:
         Identify this node as the device observer (TID 1004) and in the equipment module.
     regions_of_negatives:
         Also write the saliency regions of images scored negative (default: positive only).
@@ -207,8 +256,10 @@ def build_report(
     """
     study_uid = _study_uid(sources)
     _check_inputs(study_uid, findings, unprocessed, version, series_instance_uid, predecessor)
+    device_uid = algorithm_device_uid(algorithm.sha256)
     try:
-        evidence = _evidence(sources)
+        evidence, charset = clean_sources(sources)
+        by_uid = {str(s.get("SOPInstanceUID", "")): s for s in evidence}
         algorithm_id = hd.sr.AlgorithmIdentification(
             name=algorithm.name,
             version=algorithm.version,
@@ -228,7 +279,7 @@ def build_report(
         observer = hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=device_observer_uid,
+                uid=device_observer_uid or device_uid,
                 name=station_ae_title,
                 manufacturer_name=manufacturer,
                 model_name=algorithm.name,
@@ -239,9 +290,24 @@ def build_report(
             procedure_reported=PROCEDURE,
             imaging_measurements=groups,
         )
+        root = content[0]
+        root.ContentSequence.append(
+            _qualitative_evaluations(findings, unprocessed, algorithm, by_uid))
+        equipment = hd.ContributingEquipment(
+            manufacturer=manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=algorithm.name,
+            software_versions=[algorithm.version or "unknown", software_version],
+            station_name=station_ae_title,
+            contribution_description="Fracture detection on projection radiographs; "
+                                     "unverified AI result",
+        )
+        # IHE AIR's purpose code is not among highdicom's choices: set after construction.
+        equipment.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
+        equipment.DeviceUID = device_uid
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
-            content=content[0],
+            content=root,
             series_instance_uid=series_instance_uid,
             series_number=SERIES_NUMBER,
             sop_instance_uid=hd.UID(),
@@ -254,11 +320,16 @@ def build_report(
             series_description=SERIES_DESCRIPTION,
             manufacturer_model_name=algorithm.name,
             software_versions=software_version,
-            coding_schemes=[LOCAL_SCHEME_ITEM],
+            coding_schemes=[LOCAL_SCHEME_ITEM, IHE_SCHEME_ITEM],
+            contributing_equipment=[equipment],
         )
+        if charset:
+            sr.SpecificCharacterSet = charset
+        elif "SpecificCharacterSet" in sr:
+            del sr.SpecificCharacterSet
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise ReportError(
-            f"the SR for study {study_uid} could not be built: {exc}; "
+            f"the SR for study {study_uid} could not be built ({type(exc).__name__}); "
             "fix: check that every image in the findings was received for this study"
         ) from exc
     if predecessor is not None:
@@ -298,6 +369,103 @@ def write_report(ds: pydicom.Dataset, path: str | os.PathLike[str]) -> None:
 
 
 # Building blocks ---------------------------------------------------------------------------
+
+
+def algorithm_device_uid(sha256: str) -> str:
+    """The Device UID of the algorithm: derived from its model file, so it changes with it."""
+    return str(generate_uid(entropy_srcs=["fracture-node algorithm", sha256.lower()]))
+
+
+def percent(probability: float) -> float:
+    """A probability as a percentage to two significant digits (three from 99.5%).
+
+    ``0.37431`` -> 37.0, ``0.0772`` -> 7.7, ``0.00521`` -> 0.52, ``0.9971`` -> 99.7; never 100
+    or 0 unless the probability is exactly 1 or 0.
+    """
+    value = 100.0 * float(probability)
+    if value <= 0.0 or value >= 100.0:
+        return round(value)
+    digits = 3 if value >= 99.5 else 2
+    rounded = round(value, digits - 1 - math.floor(math.log10(value)))
+    if rounded >= 100.0:  # 99.96 -> 99.96, not 100
+        rounded = math.floor(value * 100) / 100
+    return float(rounded)
+
+
+def percent_text(probability: float) -> str:
+    """:func:`percent` as text: ``37%``, ``7.7%``, ``0.52%``."""
+    return f"{percent(probability):g}%"
+
+
+def operating_point_text(operating_point: str) -> str:
+    """The operating point in words (a number or an unknown name: "configured")."""
+    return OPERATING_POINTS.get(operating_point, "configured operating point")
+
+
+def decision_text(probability: float, positive: bool, algorithm: AlgorithmInfo) -> str:
+    """``suspected fracture: 37%, above the 22% decision threshold of the balanced ...``."""
+    where = "at or above" if positive else "below"
+    verdict = "suspected fracture" if positive else "no fracture suspected"
+    return (f"{verdict}: {percent_text(probability)}, {where} the "
+            f"{percent_text(algorithm.threshold)} decision threshold of the "
+            f"{operating_point_text(algorithm.operating_point)}")
+
+
+def reason_text(reason: str) -> str:
+    """A reason code in words (an unknown code is shown as it is)."""
+    return REASONS.get(reason, reason.replace("_", " "))
+
+
+def _describe(header: pydicom.Dataset | None) -> str:
+    """``CR, series 3, image 2`` from the (cleaned) header; numbers only, no patient data."""
+    if header is None:
+        return "image"
+    parts = [str(header.get("Modality", "") or "").strip() or "image"]
+    for keyword, label in (("SeriesNumber", "series"), ("InstanceNumber", "image")):
+        value = header.get(keyword)
+        if value not in (None, ""):
+            parts.append(f"{label} {value}")
+    return ", ".join(parts)
+
+
+def _text(name: Any, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name=name, value=value[:_MAX_UT],
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+_MAX_UT = 1024
+
+
+def _qualitative_evaluations(
+    findings: Sequence[ImageFinding],
+    unprocessed: Sequence[Unprocessed],
+    algorithm: AlgorithmInfo,
+    headers: dict[str, pydicom.Dataset],
+) -> hd.sr.ContainerContentItem:
+    """TID 1500 rows 12-14: the statement, the study decision and one sentence per image."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    items: list[Any] = [_text(COMMENT, f"{NOT_FOR_DIAGNOSIS} {algorithm.name} "
+                                       f"{algorithm.version}, fracture detection on projection "
+                                       "radiographs; a radiologist must read the images.")]
+    if findings:
+        any_positive = any(f.positive for f in findings)
+        items.append(hd.sr.CodeContentItem(
+            name=FRACTURE, value=PRESENT if any_positive else ABSENT,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    for i, f in enumerate(findings, start=1):
+        where = _describe(headers.get(f.sop_instance_uid))
+        items.append(_text(FINDING, f"Image {i} ({where}): "
+                                    f"{decision_text(f.probability, f.positive, algorithm)}."))
+    for u in unprocessed:
+        where = _describe(headers.get(u.sop_instance_uid))
+        items.append(_text(IMAGE_NOT_PROCESSED,
+                           f"Not assessed ({where}): {reason_text(u.reason)}. "
+                           f"SOP Instance UID {u.sop_instance_uid}"))
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
 
 
 def _study_uid(sources: Sequence[pydicom.Dataset]) -> str:
@@ -356,46 +524,55 @@ def _check_inputs(
             )
 
 
-def _evidence(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    """The sources, with absent Type 2 patient/study attributes of the first one added empty.
-
-    highdicom copies these from the first source; real headers sometimes leave them out
-    although PS3.3 makes them Type 2 (present, possibly empty).
-    """
-    first = sources[0]
-    missing = [k for k in _TYPE2_FROM_SOURCE if k not in first]
-    if missing:
-        first = copy.deepcopy(first)
-        for keyword in missing:
-            setattr(first, keyword, None)
-    return [first, *sources[1:]]
-
-
 def _tracking(key: str, label: str) -> hd.sr.TrackingIdentifier:
     """A tracking identifier whose UID is stable across versions of the report."""
     uid = generate_uid(entropy_srcs=["fracture-node tracking", key])
     return hd.sr.TrackingIdentifier(uid=uid, identifier=label)
 
 
+def _measurement(name: Any, value: float, unit: Any, derivation: Any = None
+                 ) -> hd.sr.Measurement:
+    """A NUM whose Numeric Value reads as the rounded value: ``37``, ``7.7`` (not ``37.0``)."""
+    item = hd.sr.Measurement(name=name, value=value, unit=unit, derivation=derivation)
+    item[0].MeasuredValueSequence[0].NumericValue = f"{value:g}"
+    return item
+
+
+def _count(name: Any, value: int) -> hd.sr.Measurement:
+    """A NUM holding a whole number, written ``2`` (highdicom writes ``2.0``)."""
+    item = hd.sr.Measurement(name=name, value=float(value), unit=UNIT_IMAGES)
+    measured = item[0].MeasuredValueSequence[0]
+    measured.NumericValue = str(int(value))
+    if "FloatingPointValue" in measured:
+        del measured.FloatingPointValue
+    return item
+
+
+def _method_is_a_modifier(group: Any) -> Any:
+    """TID 1501 row 5 and TID 1419 row 1: Measurement Method is HAS CONCEPT MOD.
+
+    highdicom 0.28 writes CONTAINS; PixelMed's validator (rightly) calls that an error.
+    """
+    for item in group[0].ContentSequence:
+        if (item.ValueType == "CODE"
+                and item.ConceptNameCodeSequence[0].CodeValue == "370129005"):
+            item.RelationshipType = "HAS CONCEPT MOD"
+    return group
+
+
 def _image_group(
     finding: ImageFinding, index: int, algorithm_id: hd.sr.AlgorithmIdentification
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 for one image: finding, probability, present/absent, source image."""
+    """TID 1501 for one image: finding, algorithm, probability (%), source image.
+
+    The decision in words and the Present/Absent code of the study are in the Qualitative
+    Evaluations container (:func:`_qualitative_evaluations`).
+    """
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(finding.sop_instance_uid, f"Fracture, image {index}"),
-        finding_category=FINDING_CATEGORY,
         finding_type=FRACTURE,
         algorithm_id=algorithm_id,
-        measurements=[
-            hd.sr.Measurement(
-                name=PROBABILITY, value=float(finding.probability), unit=UNIT_PROBABILITY
-            )
-        ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=FRACTURE, value=PRESENT if finding.positive else ABSENT
-            )
-        ],
+        measurements=[_measurement(PROBABILITY, percent(finding.probability), UNIT_PERCENT)],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=finding.sop_class_uid,
@@ -429,8 +606,8 @@ def _region_group(
     finding: ImageFinding, index: int, number: int, region: SaliencyRegion,
     algorithm_id: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 for one saliency region: the polygon on the image and its peak saliency."""
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    """TID 1410 for one saliency region: the polygon on the image and its relative saliency."""
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(f"{finding.sop_instance_uid}/region/{number}",
                                       f"Fracture saliency region {number}, image {index}"),
         referenced_region=hd.sr.ImageRegion(
@@ -441,15 +618,13 @@ def _region_group(
                 referenced_sop_instance_uid=finding.sop_instance_uid,
             ),
         ),
-        finding_category=FINDING_CATEGORY,
         finding_type=FRACTURE,
         method=SALIENCY_METHODS[region.method],
         algorithm_id=algorithm_id,
-        measurements=[
-            hd.sr.Measurement(name=SALIENCY_PEAK, value=float(region.peak), unit=UNIT_NONE,
-                              derivation=MAXIMUM)
-        ],
+        measurements=[_measurement(SALIENCY_PEAK, round(float(region.peak), 2), UNIT_NONE,
+                                   MAXIMUM)],
     )
+    return _method_is_a_modifier(group)
 
 
 def _summary_group(
@@ -458,51 +633,23 @@ def _summary_group(
     unprocessed: Sequence[Unprocessed],
     algorithm_id: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 for the study: any fracture, maximum probability, counts, unread images.
+    """TID 1501 for the study: the highest probability and the counts.
 
     It names no source image: it is about every image of the document (highdicom's reading).
     """
     measurements = [
-        hd.sr.Measurement(name=IMAGES_PROCESSED, value=len(findings), unit=UNIT_IMAGES),
-        hd.sr.Measurement(name=IMAGES_NOT_PROCESSED, value=len(unprocessed), unit=UNIT_IMAGES),
+        _count(IMAGES_PROCESSED, len(findings)),
+        _count(IMAGES_NOT_PROCESSED, len(unprocessed)),
     ]
-    evaluations = []
     if findings:
-        measurements.insert(0, hd.sr.Measurement(
-            name=PROBABILITY,
-            value=float(max(f.probability for f in findings)),
-            unit=UNIT_PROBABILITY,
-            derivation=MAXIMUM,
-        ))
-        any_positive = any(f.positive for f in findings)
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(name=FRACTURE, value=PRESENT if any_positive else ABSENT)
-        )
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        measurements.insert(0, _measurement(
+            PROBABILITY, percent(max(f.probability for f in findings)), UNIT_PERCENT, MAXIMUM))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(study_uid, "Fracture, study summary"),
-        finding_category=FINDING_CATEGORY,
         finding_type=FRACTURE,
         algorithm_id=algorithm_id,
         measurements=measurements,
-        qualitative_evaluations=evaluations or None,
     )
-    container = group[0]
-    for item in unprocessed:
-        text = hd.sr.TextContentItem(
-            name=IMAGE_NOT_PROCESSED,
-            value=item.reason,
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-        text.ContentSequence = hd.sr.ContentSequence([
-            hd.sr.ImageContentItem(
-                name=SOURCE,
-                referenced_sop_class_uid=item.sop_class_uid,
-                referenced_sop_instance_uid=item.sop_instance_uid,
-                relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
-            )
-        ])
-        container.ContentSequence.append(text)
-    return group
 
 
 def _check_predecessor_reference(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.uid import generate_uid
 
 from fracture_node.dicom.overlay import (
     GSPS_LAYER,
@@ -16,6 +18,7 @@ from fracture_node.dicom.overlay import (
     SC_SERIES_DESCRIPTION,
     build_presentation_state,
     build_secondary_capture,
+    caption_text,
     overlay_series_uid,
     render_overlay,
 )
@@ -146,7 +149,7 @@ def test_presentation_state_outlines_the_regions_on_the_source_image(
     assert [g.GraphicType for g in graphics] == ["POLYLINE", "POLYLINE"]
     assert all(g.GraphicAnnotationUnits == "PIXEL" for g in graphics)
     np.testing.assert_allclose(np.reshape(graphics[0].GraphicData, (-1, 2)), REGION.polygon)
-    assert "p=0.81" in annotation.TextObjectSequence[0].UnformattedTextValue
+    assert "AI fracture 81% (unverified), R1" == annotation.TextObjectSequence[0].UnformattedTextValue
 
 
 def test_presentation_state_without_a_region_is_refused(
@@ -189,3 +192,19 @@ def test_a_region_from_a_box_is_a_closed_rectangle() -> None:
     region = SaliencyRegion.from_box(1, 2, 3, 4, 0.5)
     assert region.polygon == ((1.0, 2.0), (3.0, 2.0), (3.0, 4.0), (1.0, 4.0), (1.0, 2.0))
     assert region.peak == 0.5 and region.method == "hirescam"
+
+
+def test_region_labels_cannot_be_read_as_probabilities(
+    hip: tuple[pydicom.Dataset, np.ndarray],
+) -> None:
+    """Regions are labelled R1, R2 (rank), never with their relative saliency (1.00, 0.94)."""
+    regions = [SaliencyRegion.from_box(10, 10, 50, 50, 1.0),
+               SaliencyRegion.from_box(60, 60, 90, 90, 0.94)]
+    gsps = build_presentation_state(hip[0], regions, probability=0.37,
+                                    series_instance_uid=generate_uid(), model_name="m",
+                                    software_version="0.1.0")
+    labels = [t.UnformattedTextValue for a in gsps.GraphicAnnotationSequence
+              for t in a.TextObjectSequence]
+    assert labels == ["AI fracture 37% (unverified), R1", "R2"]
+    assert not any(re.search(r"\b[01]\.\d\d\b", label) for label in labels)
+    assert "0.37" not in caption_text(0.37) and "37%" in caption_text(0.37)

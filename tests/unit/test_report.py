@@ -14,8 +14,10 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from fracture_node.dicom.report import (
+    FINDING,
     FRACTURE,
     IMAGE_NOT_PROCESSED,
+    NOT_FOR_DIAGNOSIS,
     PROBABILITY,
     SALIENCY_PEAK,
     SERIES_DESCRIPTION,
@@ -23,7 +25,9 @@ from fracture_node.dicom.report import (
     ImageFinding,
     SaliencyRegion,
     Unprocessed,
+    algorithm_device_uid,
     build_report,
+    percent,
     write_report,
 )
 from fracture_node.errors import ReportError
@@ -84,6 +88,17 @@ def summary(sr: pydicom.Dataset) -> Any:
     return next(g for g in groups(sr) if (g.tracking_identifier or "").endswith("study summary"))
 
 
+def qualitative(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """The items of the TID 1500 Qualitative Evaluations container (rows 12-14)."""
+    (container,) = [i for i in sr.ContentSequence
+                    if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    return list(container.ContentSequence)
+
+
+def named(items: list[pydicom.Dataset], name: Any) -> list[pydicom.Dataset]:
+    return [i for i in items if i.ConceptNameCodeSequence[0].CodeValue == name.value]
+
+
 def test_study_and_patient_attributes_are_copied(study: list[pydicom.Dataset]) -> None:
     """The SR carries the source's Study Instance UID and patient/study attributes."""
     sr = build(study, [finding(study[0], 0.9)])
@@ -128,66 +143,100 @@ def test_one_measurement_group_per_finding_plus_a_summary(study: list[pydicom.Da
     )
 
 
-def test_each_group_has_its_probability_and_presence(study: list[pydicom.Dataset]) -> None:
-    """A group's NUM is the image's probability and its CODE says present or absent."""
-    probabilities = {study[0].SOPInstanceUID: 0.93, study[1].SOPInstanceUID: 0.07}
-    sr = build(study[:2], [finding(study[0], 0.93), finding(study[1], 0.07)])
+def test_each_group_has_its_probability_as_a_percentage(study: list[pydicom.Dataset]) -> None:
+    """A group's NUM is the image's probability in %, to two significant digits."""
+    probabilities = {study[0].SOPInstanceUID: 0.93412, study[1].SOPInstanceUID: 0.0772}
+    sr = build(study[:2], [finding(study[0], 0.93412), finding(study[1], 0.0772)])
     for group in groups(sr):
         if not group.source_images:
             continue
         uid = group.source_images[0].referenced_sop_instance_uid
         assert group.finding_type == FRACTURE
         (num,) = items_named(group, PROBABILITY)
-        assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(probabilities[uid])
-        (evaluation,) = items_named(group, FRACTURE)
-        expected = codes.SCT.Present if probabilities[uid] >= 0.42 else codes.SCT.Absent
-        assert evaluation.ConceptCodeSequence[0].CodeValue == expected.value
+        value = num.MeasuredValueSequence[0]
+        assert value.MeasurementUnitsCodeSequence[0].CodeValue == "%"
+        assert str(value.NumericValue) == {0.93412: "93", 0.0772: "7.7"}[probabilities[uid]]
+        assert items_named(group, FRACTURE) == []  # the decision is in words, see below
+
+
+@pytest.mark.parametrize(("p", "expected"), [
+    (0.37431461579215, 37.0), (0.0772, 7.7), (0.00521, 0.52), (0.9971, 99.7), (0.99996, 99.99),
+    (1.0, 100), (0.0, 0), (0.22, 22.0),
+])
+def test_percent_keeps_two_significant_digits(p: float, expected: float) -> None:
+    """Probabilities read as 37%, 7.7%, 0.52%; near 100% a third digit, never a false 100%."""
+    assert percent(p) == expected
+
+
+def test_each_image_has_its_decision_in_words(study: list[pydicom.Dataset]) -> None:
+    """A sentence per image states the result, the threshold and the operating point."""
+    sr = build(study[:2], [finding(study[0], 0.37431461579215), finding(study[1], 0.0772)])
+    texts = [i.TextValue for i in named(qualitative(sr), FINDING)]
+    assert texts == [
+        "Image 1 (CR, series 1, image 1): no fracture suspected: 37%, below the 42% decision "
+        "threshold of the balanced operating point.",
+        "Image 2 (CR, series 1, image 2): no fracture suspected: 7.7%, below the 42% decision "
+        "threshold of the balanced operating point.",
+    ]
+    positive = build(study[:1], [finding(study[0], 0.84)])
+    (text,) = named(qualitative(positive), FINDING)
+    assert text.TextValue.endswith("suspected fracture: 84%, at or above the 42% decision "
+                                   "threshold of the balanced operating point.")
+
+
+def test_the_not_for_diagnosis_statement_is_rendered_content(
+    study: list[pydicom.Dataset],
+) -> None:
+    """The first item of the Qualitative Evaluations says: AI result, not verified."""
+    sr = build(study, [finding(study[0], 0.9)])
+    first = qualitative(sr)[0]
+    assert first.ValueType == "TEXT"
+    assert first.TextValue.startswith(NOT_FOR_DIAGNOSIS)
 
 
 def test_summary_says_any_fracture_and_the_maximum_probability(
     study: list[pydicom.Dataset],
 ) -> None:
-    """The summary group is Present when any image is positive and holds the maximum."""
+    """The study is Present when any image is positive; the summary holds the maximum."""
     sr = build(study, [finding(study[0], 0.2), finding(study[1], 0.81), finding(study[2], 0.3)])
-    group = summary(sr)
-    (evaluation,) = items_named(group, FRACTURE)
+    (evaluation,) = named(qualitative(sr), FRACTURE)
     assert evaluation.ConceptCodeSequence[0].CodeValue == codes.SCT.Present.value
-    (num,) = items_named(group, PROBABILITY)
-    assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.81)
+    (num,) = items_named(summary(sr), PROBABILITY)
+    assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(81)
     assert num.ContentSequence[0].ConceptCodeSequence[0].CodeMeaning == "Maximum"
 
 
 def test_summary_is_absent_when_no_image_is_positive(study: list[pydicom.Dataset]) -> None:
     """No positive image gives a study-level Absent."""
     sr = build(study[:2], [finding(study[0], 0.2), finding(study[1], 0.1)])
-    (evaluation,) = items_named(summary(sr), FRACTURE)
+    (evaluation,) = named(qualitative(sr), FRACTURE)
     assert evaluation.ConceptCodeSequence[0].CodeValue == codes.SCT.Absent.value
 
 
-def test_unprocessed_images_are_listed_with_their_reason(study: list[pydicom.Dataset]) -> None:
-    """An image that could not be read appears in the summary with its reason and reference."""
+def test_unprocessed_images_are_listed_with_their_reason_in_words(
+    study: list[pydicom.Dataset],
+) -> None:
+    """An image that could not be read has a sentence with its reason; counts are integers."""
     bad = study[3]
     sr = build(study, [finding(study[0], 0.6)],
                [Unprocessed(bad.SOPInstanceUID, bad.SOPClassUID, "undecodable")])
-    (text,) = items_named(summary(sr), IMAGE_NOT_PROCESSED)
-    assert text.TextValue == "undecodable"
-    (image,) = text.ContentSequence
-    assert image.RelationshipType == "INFERRED FROM"
-    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == bad.SOPInstanceUID
-    counts = {i.ConceptNameCodeSequence[0].CodeValue: float(i.MeasuredValueSequence[0].NumericValue)
+    (text,) = named(qualitative(sr), IMAGE_NOT_PROCESSED)
+    assert text.TextValue.startswith("Not assessed (CR")
+    assert "the pixel data could not be decoded" in text.TextValue
+    assert bad.SOPInstanceUID in text.TextValue
+    counts = {i.ConceptNameCodeSequence[0].CodeValue: str(i.MeasuredValueSequence[0].NumericValue)
               for i in summary(sr)[0].ContentSequence if i.ValueType == "NUM"}
-    assert counts["IMGPROC"] == 1 and counts["IMGNOTPROC"] == 1
+    assert counts["IMGPROC"] == "1" and counts["IMGNOTPROC"] == "1"
 
 
-def test_a_study_with_no_readable_image_still_gets_a_report(
-    study: list[pydicom.Dataset],
-) -> None:
-    """Only unprocessed images: a report with the summary and no present/absent claim."""
+def test_a_study_with_no_readable_image_makes_no_claim(study: list[pydicom.Dataset]) -> None:
+    """Only unprocessed images: the summary and the reasons, no present/absent, no probability."""
     bad = study[0]
     sr = build(study[:1], [], [Unprocessed(bad.SOPInstanceUID, bad.SOPClassUID, "colour")])
     (group,) = groups(sr)
-    assert items_named(group, FRACTURE) == []
-    assert items_named(group, IMAGE_NOT_PROCESSED)[0].TextValue == "colour"
+    assert items_named(group, PROBABILITY) == []
+    assert named(qualitative(sr), FRACTURE) == []
+    assert "a colour image" in named(qualitative(sr), IMAGE_NOT_PROCESSED)[0].TextValue
 
 
 def test_algorithm_identification_names_model_and_parameters(
@@ -217,6 +266,29 @@ def test_device_observer_identifies_this_node(study: list[pydicom.Dataset]) -> N
     assert isinstance(attributes, hd.sr.DeviceObserverIdentifyingAttributes)
     assert attributes.uid == "1.2.3.4.5.7"
     assert attributes.name == "FRACTURE_NODE"
+
+
+def test_the_algorithm_is_contributing_equipment_as_ihe_air_asks(
+    study: list[pydicom.Dataset],
+) -> None:
+    """A Contributing Equipment item (Newcode1, 99IHE) names the model and its device UID."""
+    sr = build(study, [finding(study[0], 0.9)])
+    (item,) = [e for e in sr.ContributingEquipmentSequence
+               if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+    purpose = item.PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
+        "99IHE", "Processing Algorithm")
+    assert item.Manufacturer == "fracture-node"
+    assert item.ManufacturerModelName == "fracture-densenet"
+    assert list(item.SoftwareVersions) == ["1.4.0", "0.1.0"]
+    assert item.DeviceUID == algorithm_device_uid("0f" * 32)
+    assert "99IHE" in {s.CodingSchemeDesignator for s in sr.CodingSchemeIdentificationSequence}
+
+
+def test_the_device_uid_changes_with_the_model_file() -> None:
+    """Another model file gives another Device UID; the same file the same one."""
+    assert algorithm_device_uid("0f" * 32) == algorithm_device_uid("0F" * 32)
+    assert algorithm_device_uid("0f" * 32) != algorithm_device_uid("1f" * 32)
 
 
 def test_sources_of_several_series_are_all_evidence(study: list[pydicom.Dataset]) -> None:
@@ -353,6 +425,7 @@ def test_a_region_carries_its_peak_saliency_and_method(study: list[pydicom.Datas
         assert num.ContentSequence[0].ConceptCodeSequence[0].CodeMeaning == "Maximum"
         (method,) = [i for i in group[0].ContentSequence
                      if i.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Method"]
+        assert method.RelationshipType == "HAS CONCEPT MOD"  # TID 1419 row 1
         methods.append(method.ConceptCodeSequence[0].CodeValue)
     assert peaks == pytest.approx([1.0, 0.63])
     assert methods == ["HIRESCAM", "GRADCAM"]
