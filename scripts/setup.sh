@@ -2,8 +2,8 @@
 # Set up a development/runtime environment in ./.venv (idempotent).
 #   scripts/setup.sh          Python environment only (enough to run the daemon)
 #   scripts/setup.sh --test   also the test peers: DCMTK, dicom3tools, Orthanc, systemd tools, jemalloc,
-#                             PixelMed's SR validator (Java), and a running PostgreSQL (apt; needs
-#                             root or sudo)
+#                             PixelMed's SR validator (Java), Chromium (headless, renders the SR),
+#                             and a running PostgreSQL (apt; needs root or sudo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,8 @@ if [[ "${1:-}" == "--test" ]]; then
   [[ -f /usr/share/java/pixelmed.jar ]] || need+=(libpixelmed-java)
   [[ -f /usr/share/java/commons-codec.jar ]] || need+=(libcommons-codec-java)
   command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
+  # Headless Chromium shows dsr2html's rendering of our SR (tests/integration/test_report_rendering.py).
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
   if ((${#need[@]})); then
     echo "installing ${need[*]} (apt)"
     $SUDO apt-get update -qq

@@ -291,6 +291,12 @@ def build_report(
             imaging_measurements=groups,
         )
         root = content[0]
+        for item in root.ContentSequence:  # the Imaging Measurements and their groups
+            if item.ValueType == "CONTAINER":
+                item.ContinuityOfContent = "SEPARATE"
+                for group in item.get("ContentSequence", []):
+                    if group.ValueType == "CONTAINER":
+                        group.ContinuityOfContent = "SEPARATE"
         root.ContentSequence.append(
             _qualitative_evaluations(findings, unprocessed, algorithm, by_uid))
         equipment = hd.ContributingEquipment(
@@ -445,6 +451,7 @@ def _qualitative_evaluations(
     """TID 1500 rows 12-14: the statement, the study decision and one sentence per image."""
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS,
+        is_content_continuous=False,  # one paragraph per item in a viewer
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     items: list[Any] = [_text(COMMENT, f"{NOT_FOR_DIAGNOSIS} {algorithm.name} "
