@@ -56,7 +56,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import pydicom
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import StoragePresentationContexts
@@ -137,6 +138,46 @@ def server_tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
+LOSSLESS_COMPRESSED = (
+    UID("1.2.840.10008.1.2.4.80"),  # JPEG-LS Lossless
+    UID("1.2.840.10008.1.2.4.90"),  # JPEG 2000 Lossless Only
+    UID("1.2.840.10008.1.2.4.201"),  # HTJ2K Lossless
+    UID("1.2.840.10008.1.2.4.202"),  # HTJ2K Lossless RPCL
+    UID("1.2.840.10008.1.2.4.70"),  # JPEG Lossless SV1 (Process 14, first-order prediction)
+    UID("1.2.840.10008.1.2.4.57"),  # JPEG Lossless (Process 14)
+    UID("1.2.840.10008.1.2.5"),  # RLE Lossless
+)
+"""Lossless compressed syntaxes, preferred in this order when the node can decode them."""
+UNCOMPRESSED = (
+    UID("1.2.840.10008.1.2.1"),  # Explicit VR Little Endian
+    UID("1.2.840.10008.1.2"),  # Implicit VR Little Endian
+    UID("1.2.840.10008.1.2.1.99"),  # Deflated Explicit VR Little Endian
+    UID("1.2.840.10008.1.2.2"),  # Explicit VR Big Endian (retired)
+)
+
+
+def _decodable(ts: UID) -> bool:
+    try:
+        return bool(get_decoder(ts).is_available)
+    except NotImplementedError:
+        return False
+
+
+def preferred_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax, in the order the SCP prefers them (pynetdicom accepts, for each
+    proposed presentation context, the first of these that the requestor also proposed).
+
+    Store what the PACS sends as it sends it: a lossless compressed syntax the node can decode
+    comes first (the sender then need not decompress: the spool keeps the smaller file), then
+    the uncompressed ones, then the rest (lossy compressed, video, undecodable lossless): a
+    lossy syntax is accepted only when nothing else is proposed with it.
+    """
+    first = [ts for ts in LOSSLESS_COMPRESSED if _decodable(ts)]
+    chosen = [*first, *UNCOMPRESSED]
+    rest = [ts for ts in AllTransferSyntaxes if ts not in chosen]
+    return [str(ts) for ts in (*chosen, *rest)]
+
+
 class _Connection:
     """What the receiver tracks for one connection, from open to close."""
 
@@ -202,7 +243,7 @@ class Receiver:
         ae.network_timeout = node.network_timeout_s
         ae.require_called_aet = node.require_called_ae_title
         # Calling AE titles and peer addresses are checked in _on_requested (to record why).
-        transfer_syntaxes = list(AllTransferSyntaxes)
+        transfer_syntaxes = preferred_transfer_syntaxes()
         for context in StoragePresentationContexts:
             ae.add_supported_context(str(context.abstract_syntax), transfer_syntaxes)
         ae.add_supported_context(Verification)

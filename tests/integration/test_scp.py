@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -14,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from fracture_node.db import schema as s
-from tests.integration.conftest import RunningReceiver
+from tests.integration.conftest import RunningReceiver, node_config
 
 SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "dicom-samples"
 ALL_SAMPLES = sorted(SAMPLES.rglob("*.dcm"))
@@ -191,3 +192,76 @@ def test_dcmtk_storescu_and_dcmsend(receiver: RunningReceiver) -> None:
                if r.state != s.SUPERSEDED}
     assert current == sop_uids
     assert receiver.store.rows(s.StoreFailure) == []
+
+
+# Transfer syntax preference: store what the PACS sends, as it sends it -------------------------
+
+LOSSLESS_SAMPLES = {
+    "CR_hip_RG2_JLSL.dcm": ("1.2.840.10008.1.2.4.80", "-xt"),
+    "CR_hip_RG2_JPLL.dcm": ("1.2.840.10008.1.2.4.70", "-xs"),
+    "derived/CR_hip_RG2_RLE.dcm": ("1.2.840.10008.1.2.5", "-xr"),
+    "CR_extremity_RG3_J2KR.dcm": ("1.2.840.10008.1.2.4.90", "-xv"),
+}
+
+
+@pytest.fixture
+def sqlite_receiver(tmp_path: Path, sqlite_url: str) -> Iterator[RunningReceiver]:
+    running = RunningReceiver(node_config(tmp_path, sqlite_url))
+    yield running
+    running.stop()
+
+
+def _stored_syntax(receiver: RunningReceiver, sample: Path) -> tuple[str, int]:
+    uid = pydicom.dcmread(sample, stop_before_pixels=True).SOPInstanceUID
+    (row,) = [r for r in receiver.store.rows(s.Instance) if r.sop_instance_uid == uid]
+    path = receiver.spool.path(row.spool_path)
+    return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID), \
+        path.stat().st_size
+
+
+def test_lossless_compressed_is_preferred_over_uncompressed() -> None:
+    """Offered JPEG-LS lossless with both uncompressed syntaxes, the SCP accepts JPEG-LS."""
+    from pynetdicom.presentation import build_context, negotiate_as_acceptor
+
+    from fracture_node.dicom.scp import preferred_transfer_syntaxes
+
+    ours = [build_context("1.2.840.10008.5.1.4.1.1.1", preferred_transfer_syntaxes())]
+    for offered, expected in [
+        (["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.80"],
+         "1.2.840.10008.1.2.4.80"),
+        (["1.2.840.10008.1.2", "1.2.840.10008.1.2.5"], "1.2.840.10008.1.2.5"),
+        (["1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.1"], "1.2.840.10008.1.2.1"),
+    ]:
+        proposed = build_context("1.2.840.10008.5.1.4.1.1.1", offered)
+        proposed.context_id = 1
+        (accepted,), _ = negotiate_as_acceptor([proposed], ours)
+        assert accepted.transfer_syntax[0] == expected
+
+
+@pytest.mark.parametrize("name", sorted(LOSSLESS_SAMPLES))
+def test_storescu_offering_lossless_and_uncompressed_stores_the_compressed_file(
+    sqlite_receiver: RunningReceiver, name: str,
+) -> None:
+    """storescu -xs/-xt/-xr/-xv (lossless plus uncompressed): the spool keeps the sent file."""
+    syntax, option = LOSSLESS_SAMPLES[name]
+    sample = SAMPLES / name
+    proc = subprocess.run(["storescu", option, "-aec", "FRACTURE_NODE", "127.0.0.1",
+                           str(sqlite_receiver.port), str(sample)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    stored, size = _stored_syntax(sqlite_receiver, sample)
+    assert stored == syntax
+    assert size <= sample.stat().st_size + 4096
+
+
+def test_dcmsend_no_longer_decompresses(sqlite_receiver: RunningReceiver) -> None:
+    """dcmsend offers the file's syntax with the uncompressed ones; nothing is decompressed."""
+    samples = [SAMPLES / n for n in sorted(LOSSLESS_SAMPLES)]
+    proc = subprocess.run(["dcmsend", "-aec", "FRACTURE_NODE", "127.0.0.1",
+                           str(sqlite_receiver.port), *map(str, samples)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for sample in samples:
+        stored, size = _stored_syntax(sqlite_receiver, sample)
+        assert stored == LOSSLESS_SAMPLES[str(sample.relative_to(SAMPLES))][0]
+        assert size < 1.01 * sample.stat().st_size + 4096
