@@ -46,7 +46,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from fracture_node.config import Config, ModelConfig, NodeConfig, SaliencyConfig  # noqa: E402
+from fracture_node.config import (  # noqa: E402
+    TRAINED_BODY_PARTS,
+    Config,
+    ModelConfig,
+    NodeConfig,
+    SaliencyConfig,
+    ScopeConfig,
+)
 from fracture_node.db import migrate  # noqa: E402
 from fracture_node.db.store import NewInstance, Store, utcnow  # noqa: E402
 from fracture_node.launcher import allocator_name  # noqa: E402
@@ -152,7 +159,10 @@ def main() -> int:
                     model=ModelConfig(path=args.model, device=args.device,
                                       max_batch=args.batch, max_wait_ms=50,
                                       decode_threads=args.decode_threads),
-                    saliency=SaliencyConfig(enabled=args.saliency == "on")).validate()
+                    saliency=SaliencyConfig(enabled=args.saliency == "on"),
+                    # the backlog uses the 16 x 16 C-spine CR sample: admit it
+                    scope=ScopeConfig(body_parts=(*TRAINED_BODY_PARTS, "CSPINE"),
+                                      min_side=8)).validate()
     store, spool = Store(url), Spool(config.spool_dir, fsync=False)
     saliency = SaliencyConfig(enabled=args.saliency == "on")
     classifier = Classifier.load(

@@ -223,6 +223,48 @@ class StudyConfig:
             _check_positive(f"[study] {key}", getattr(self, key))
 
 
+TRAINED_BODY_PARTS = (
+    "EXTREMITY", "UPPER LIMB", "LOWER LIMB", "UPR EXTREMITY", "LWR EXTREMITY",
+    "HAND", "FINGER", "THUMB", "WRIST", "FOREARM", "ELBOW", "ARM", "HUMERUS", "RADIUS", "ULNA",
+    "SHOULDER", "CLAVICLE", "SCAPULA",
+    "HIP", "PELVIS", "FEMUR", "THIGH", "KNEE", "PATELLA", "LEG", "LOWER LEG", "TIBIA", "FIBULA",
+    "ANKLE", "FOOT", "TOE", "HEEL", "CALCANEUS",
+)
+"""Body Part Examined terms (PS3.16 Annex L and their usual variants) of the regions in the
+training data: hand, leg, hip, shoulder and other limb radiographs."""
+UNKNOWN_BODY_PART_CHOICES = ("assess", "not_assessed")
+
+
+@dataclass(frozen=True)
+class ScopeConfig:
+    """What the model is allowed to speak about (``fracture_node.dicom.scope``)."""
+
+    body_parts: tuple[str, ...] = TRAINED_BODY_PARTS
+    """Body Part Examined values (upper case) that are scored; others are not assessed."""
+    unknown_body_part: str = "assess"
+    """No body part in Body Part Examined, nor in the study/series description or protocol
+    name: ``assess`` (score it; many senders leave it out) or ``not_assessed``."""
+    min_side: int = 64
+    """An image with a side shorter than this (pixels) is not a radiograph of the trained kind."""
+    report_when_nothing_assessed: bool = False
+    """Send an SR for a study in which no image was scored (default: none; the study is closed
+    and the reasons stay in SQL, ``status`` and ``audit``)."""
+
+    def validate(self) -> None:
+        if self.unknown_body_part not in UNKNOWN_BODY_PART_CHOICES:
+            raise ConfigError(
+                f"config: [scope] unknown_body_part = {self.unknown_body_part!r} is unknown; "
+                "fix: use 'assess' or 'not_assessed'")
+        if not 8 <= self.min_side <= 4096:
+            raise ConfigError(
+                f"config: [scope] min_side = {self.min_side} is out of range; "
+                "fix: use a number of pixels 8..4096, e.g. 64")
+        if not self.body_parts or any(not p.strip() for p in self.body_parts):
+            raise ConfigError(
+                "config: [scope] body_parts is empty or holds an empty term; fix: list Body "
+                "Part Examined terms, e.g. [\"HAND\", \"WRIST\"]")
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
     """How reports are sent to the destinations."""
@@ -416,6 +458,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     destinations: tuple[Destination, ...] = ()
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    scope: ScopeConfig = field(default_factory=ScopeConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -436,7 +479,7 @@ class Config:
 
     def validate(self) -> Config:
         for section in (self.node, self.storage, self.database, self.model, self.study,
-                        self.delivery, self.saliency, self.logging, self.metrics):
+                        self.delivery, self.saliency, self.scope, self.logging, self.metrics):
             section.validate()
         names = [d.name for d in self.destinations]
         for i, dest in enumerate(self.destinations):
@@ -493,6 +536,7 @@ _SECTIONS: dict[str, type] = {
     "study": StudyConfig,
     "delivery": DeliveryConfig,
     "saliency": SaliencyConfig,
+    "scope": ScopeConfig,
     "logging": LoggingConfig,
     "metrics": MetricsConfig,
     "tls": TlsConfig,

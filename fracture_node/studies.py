@@ -109,6 +109,8 @@ class Reporter:
         snapshot = self.store.study_snapshot(study_uid)
         if snapshot is None:
             return 0
+        if self._nothing_assessed(snapshot):
+            return 0
         try:
             return self._report(snapshot)
         except DatabaseError:
@@ -164,6 +166,19 @@ class Reporter:
                  overlays=len(objects), ms=round((time.perf_counter() - started) * 1000, 1))
         self.on_report()
         return 1
+
+    def _nothing_assessed(self, snap: StudySnapshot) -> bool:
+        """A first report of a study in which no image was scored is not made (``[scope]
+        report_when_nothing_assessed``): the study is closed, the reasons stay in SQL."""
+        if (self.config.scope.report_when_nothing_assessed or snap.reported_version
+                or any(i.state == s.PROCESSED for i in snap.instances)):
+            return False
+        reasons = sorted({i.reason or i.state for i in snap.instances})
+        if self.store.close_without_report(snap):
+            log.info("study_not_reported", study_instance_uid=snap.study_instance_uid,
+                     images=len(snap.instances), reasons=",".join(reasons),
+                     detail="no image of the study was assessed; no SR is sent")
+        return True
 
     def _discard_files(self, sr_path: Path, sr_uid: str, objects: list[NewObject]) -> None:
         """Remove the files of a report no row refers to: the SR, its overlays and their

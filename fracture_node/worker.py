@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from fracture_node.config import Config
+from fracture_node.config import Config, ScopeConfig
 from fracture_node.db import schema as s
 from fracture_node.db.store import ClaimedInstance, ResultRecord, Store
 from fracture_node.dicom.pixels import check_scope, read_pixels
+from fracture_node.dicom.scope import check_anatomy
 from fracture_node.errors import DatabaseError, NotProcessable
 from fracture_node.logs import get_logger
 from fracture_node.saliency import SaliencyRecord
@@ -66,12 +67,18 @@ class Failed:
 
 
 def decode_instance(spool: Spool, claimed: ClaimedInstance,
-                    prepare: Callable[[Any], Any]) -> Decoded | Failed:
-    """Read one spooled instance and turn it into model input; never raises."""
+                    prepare: Callable[[Any], Any],
+                    scope: ScopeConfig | None = None) -> Decoded | Failed:
+    """Read one spooled instance and turn it into model input; never raises.
+
+    ``scope`` (default: ``ScopeConfig()``) says what the model was trained on: a radiograph
+    outside it is ``not_processed`` (``too_small``, ``out_of_scope_body_part``) and never scored.
+    """
     started = time.perf_counter()
     try:
         ds = pydicom.dcmread(spool.path(claimed.spool_path))
         check_scope(ds)
+        check_anatomy(ds, scope or ScopeConfig())
         image = read_pixels(ds)
         array = prepare(image)
     except NotProcessable as exc:
@@ -205,7 +212,8 @@ class Worker:
         with self._held_lock:
             self._held.update(item.id for item in claimed)
         for item in claimed:
-            future = self._pool.submit(decode_instance, self.spool, item, self.classifier.prepare)
+            future = self._pool.submit(decode_instance, self.spool, item, self.classifier.prepare,
+                                       self.config.scope)
             self._pending.append((item, future))
         return len(claimed)
 

@@ -361,6 +361,25 @@ class ReportingQueries:
 
         return self._run(fn)
 
+    def close_without_report(self, snapshot: StudySnapshot) -> bool:
+        """Mark a study in which no image was assessed as handled, with no report.
+
+        The reasons stay where the worker recorded them (``instances.state`` ``not_processed``
+        and ``instances.reason``); ``reported_version`` stays 0, so ``status`` and ``audit``
+        show the study as closed without an SR. New instances make it due again. Guarded like
+        :meth:`add_report`: False when the study changed or another process handled it first.
+        """
+        def fn(ses: Session) -> bool:
+            return bool(rowcount(ses.execute(
+                update(s.Study).where(
+                    s.Study.study_instance_uid == snapshot.study_instance_uid,
+                    s.Study.report_due.is_(True),
+                    s.Study.instances_received == snapshot.instances_received,
+                    s.Study.reported_version == snapshot.reported_version)
+                .values(report_due=False, last_reported_at=_now()))))
+
+        return bool(self._run(fn))
+
     def oldest_unreported_study(self) -> dt.datetime | None:
         return self._run(lambda ses: ses.execute(
             select(func.min(s.Study.first_received_at)).where(s.Study.report_due.is_(True))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
+from fracture_node.config import TRAINED_BODY_PARTS
 from tests.support import free_port, wait_for_port
 
 BIN = Path(sys.executable).with_name("fracture-node")
@@ -31,6 +32,11 @@ class ServeProcess:
             "[metrics]", f"port = {self.metrics_port}",
             "[model]", "max_wait_ms = 50",
         ]
+        if "[scope]" not in extra:
+            # The 16 x 16 C-spine CR is the suites' fast stand-in radiograph (see
+            # tests/integration/conftest.py TEST_SCOPE): admit it.
+            parts = ", ".join(f'"{p}"' for p in (*TRAINED_BODY_PARTS, "CSPINE", "CHEST"))
+            lines += ["[scope]", "min_side = 8", f"body_parts = [{parts}]"]
         if model is not None:
             lines.append(f'path = "{model}"')
         for name, aet, port in destinations:

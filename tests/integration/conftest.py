@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fracture_node.config import Config, NodeConfig
+from fracture_node.config import TRAINED_BODY_PARTS, Config, NodeConfig, ScopeConfig
 from fracture_node.db import migrate
 from fracture_node.db.store import Store
 from fracture_node.dicom.scp import Receiver
@@ -34,9 +34,16 @@ def sqlite_url(tmp_path: Path) -> str:
     return url
 
 
+TEST_SCOPE = ScopeConfig(body_parts=(*TRAINED_BODY_PARTS, "CSPINE", "CHEST"), min_side=8)
+"""The suites' fast stand-in radiograph is the 16 x 16 C-spine CR sample, and several decoding
+tests use the chest samples; the default ``[scope]`` (min_side 64, limbs only) assesses neither.
+Tests of the scope itself use the default (tests/unit/test_scope.py, test_pipeline.py)."""
+
+
 def node_config(tmp_path: Path, url: str, **node: object) -> Config:
-    """A configuration for an in-process node on a free port with its state under tmp_path."""
-    base = Config(node=NodeConfig(state_dir=tmp_path / "state", port=0))
+    """A configuration for an in-process node on a free port with its state under tmp_path
+    (scope: :data:`TEST_SCOPE`)."""
+    base = Config(node=NodeConfig(state_dir=tmp_path / "state", port=0), scope=TEST_SCOPE)
     base = dataclasses.replace(
         base, node=dataclasses.replace(base.node, **node),  # type: ignore[arg-type]
         database=dataclasses.replace(base.database, url=url),

@@ -37,7 +37,7 @@ from fracture_node.db import schema as s
 from fracture_node.db.store import ClaimedInstance
 from fracture_node.images import letterbox
 from fracture_node.worker import Decoded, Failed, decode_instance
-from tests.integration.conftest import RunningReceiver, node_config
+from tests.integration.conftest import TEST_SCOPE, RunningReceiver, node_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -287,7 +287,7 @@ def test_fuzz_corpus_through_scp_and_worker(fuzz_receiver: RunningReceiver, samp
     for row in instances.values():
         claimed = ClaimedInstance(row.id, row.sop_instance_uid, row.sop_class_uid,
                                   row.study_instance_uid, row.spool_path, 1)
-        result = decode_instance(fuzz_receiver.spool, claimed, prepare)
+        result = decode_instance(fuzz_receiver.spool, claimed, prepare, TEST_SCOPE)
         if isinstance(result, Decoded):
             decoded["processed"] += 1
         else:

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from fracture_node.config import Config, Destination
+from fracture_node.config import Config, Destination, ScopeConfig
 from fracture_node.db import schema as s
 from fracture_node.db.store import NewInstance, Store, utcnow
 from fracture_node.delivery import Deliverer
@@ -341,3 +341,62 @@ def _walk(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
     for item in ds.get("ContentSequence", []):
         yield item
         yield from _walk(item)
+
+
+def _same_study(samples_dir: Path, names: list[str]) -> list[pydicom.Dataset]:
+    study_uid = generate_uid()
+    out = []
+    for name in names:
+        ds = pydicom.dcmread(samples_dir / name)
+        ds.StudyInstanceUID = study_uid
+        out.append(ds)
+    return out
+
+
+def test_study_with_nothing_assessed_gets_no_sr(node: Node, samples_dir: Path) -> None:
+    """A CT + MR study is closed without an SR; the reasons stay on the instances in SQL."""
+    for ds in _same_study(samples_dir, ["negative_controls/CT_small.dcm",
+                                        "negative_controls/MR_small_RLE.dcm"]):
+        node.add(ds)
+    node.drain()
+    assert node.reporter.run_once() == 0
+    assert node.store.rows(s.Report) == []
+    [study] = node.store.rows(s.Study)
+    assert (study.report_due, study.reported_version) == (False, 0)
+    assert study.last_reported_at is not None
+    assert {(i.state, i.reason) for i in node.store.rows(s.Instance)} == {
+        (s.NOT_PROCESSED, "out_of_scope_modality")}
+    assert node.reporter.run_once() == 0  # not picked up again
+
+
+def test_nothing_assessed_can_still_be_reported_when_configured(
+        tmp_path: Path, sqlite_url: str, tiny_model: Path, samples_dir: Path) -> None:
+    """[scope] report_when_nothing_assessed = true sends the SR listing the reasons."""
+    n = _node(tmp_path, sqlite_url, tiny_model)
+    n.reporter.config = dataclasses.replace(
+        n.config, scope=dataclasses.replace(n.config.scope, report_when_nothing_assessed=True))
+    try:
+        for ds in _same_study(samples_dir, ["negative_controls/CT_small.dcm"]):
+            n.add(ds)
+        n.drain()
+        assert n.reporter.run_once() == 1
+        [report] = n.store.rows(s.Report)
+        assert (report.instances_total, report.instances_unprocessed) == (1, 1)
+    finally:
+        n.close()
+
+
+def test_default_scope_does_not_score_the_16_pixel_image(
+        tmp_path: Path, sqlite_url: str, tiny_model: Path, samples_dir: Path) -> None:
+    """With the shipped [scope], the 16 x 16 CR is not_processed (too_small), never scored."""
+    n = _node(tmp_path, sqlite_url, tiny_model)
+    n.worker.config = dataclasses.replace(n.config, scope=ScopeConfig())
+    try:
+        for ds in _study(samples_dir, 1):
+            n.add(ds)
+        n.drain()
+        [row] = n.store.rows(s.Instance)
+        assert (row.state, row.reason) == (s.NOT_PROCESSED, "too_small")
+        assert n.store.rows(s.Result) == []
+    finally:
+        n.close()
