@@ -34,7 +34,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from fracture_node.dicom.header import clean_sources
-from fracture_node.dicom.report import SaliencyRegion, percent_text
+from fracture_node.dicom.report import SaliencyRegion
+from fracture_node.dicom.wording import percent_text
 from fracture_node.errors import ReportError
 from fracture_node.images import FloatImage
 from fracture_node.logs import get_logger

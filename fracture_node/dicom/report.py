@@ -33,7 +33,6 @@ derivation Maximum. By default only images scored positive carry regions
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -49,6 +48,13 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from fracture_node.dicom.header import clean_sources
+from fracture_node.dicom.wording import (
+    NOT_FOR_DIAGNOSIS,
+    decision_text,
+    describe_image,
+    percent,
+    reason_text,
+)
 from fracture_node.errors import ReportError
 from fracture_node.logs import get_logger
 
@@ -108,33 +114,6 @@ IHE_SCHEME_ITEM = CodingSchemeIdentificationItem(
 )
 PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
 """IHE AIR: Purpose of Reference of the algorithm's Contributing Equipment item."""
-
-NOT_FOR_DIAGNOSIS = "AI result, not verified, not for diagnosis."
-"""The first sentence a viewer renders (a TEXT in the Qualitative Evaluations container)."""
-
-REASONS = {
-    "out_of_scope_modality": "not a projection radiograph (the model reads CR and DX only)",
-    "out_of_scope_body_part": "body part outside what the model was trained on",
-    "too_small": "image too small to be a radiograph the model was trained on",
-    "multi_frame": "a multi-frame object (the model reads single images)",
-    "colour": "a colour image (the model reads grey-level radiographs)",
-    "no_pixel_data": "the object carries no image",
-    "bad_dimensions": "image size or shape implausible for a radiograph",
-    "bad_pixel_format": "pixel encoding not supported",
-    "bad_header": "the header could not be read",
-    "unsupported_transfer_syntax": "compression that this node cannot decode",
-    "undecodable": "the pixel data could not be decoded",
-    "not_dicom": "the file is not readable DICOM",
-    "spool_file_missing": "the received file is missing on this node",
-    "failed": "processing failed repeatedly",
-}
-"""Reason codes (``NotProcessable.reason`` and SQL states) in words for the report."""
-
-OPERATING_POINTS = {
-    "balanced": "balanced operating point",
-    "high_sensitivity": "high-sensitivity operating point",
-    "high_specificity": "high-specificity operating point",
-}
 
 
 @dataclass(frozen=True)
@@ -382,58 +361,6 @@ def algorithm_device_uid(sha256: str) -> str:
     return str(generate_uid(entropy_srcs=["fracture-node algorithm", sha256.lower()]))
 
 
-def percent(probability: float) -> float:
-    """A probability as a percentage to two significant digits (three from 99.5%).
-
-    ``0.37431`` -> 37.0, ``0.0772`` -> 7.7, ``0.00521`` -> 0.52, ``0.9971`` -> 99.7; never 100
-    or 0 unless the probability is exactly 1 or 0.
-    """
-    value = 100.0 * float(probability)
-    if value <= 0.0 or value >= 100.0:
-        return round(value)
-    digits = 3 if value >= 99.5 else 2
-    rounded = round(value, digits - 1 - math.floor(math.log10(value)))
-    if rounded >= 100.0:  # 99.96 -> 99.96, not 100
-        rounded = math.floor(value * 100) / 100
-    return float(rounded)
-
-
-def percent_text(probability: float) -> str:
-    """:func:`percent` as text: ``37%``, ``7.7%``, ``0.52%``."""
-    return f"{percent(probability):g}%"
-
-
-def operating_point_text(operating_point: str) -> str:
-    """The operating point in words (a number or an unknown name: "configured")."""
-    return OPERATING_POINTS.get(operating_point, "configured operating point")
-
-
-def decision_text(probability: float, positive: bool, algorithm: AlgorithmInfo) -> str:
-    """``suspected fracture: 37%, above the 22% decision threshold of the balanced ...``."""
-    where = "at or above" if positive else "below"
-    verdict = "suspected fracture" if positive else "no fracture suspected"
-    return (f"{verdict}: {percent_text(probability)}, {where} the "
-            f"{percent_text(algorithm.threshold)} decision threshold of the "
-            f"{operating_point_text(algorithm.operating_point)}")
-
-
-def reason_text(reason: str) -> str:
-    """A reason code in words (an unknown code is shown as it is)."""
-    return REASONS.get(reason, reason.replace("_", " "))
-
-
-def _describe(header: pydicom.Dataset | None) -> str:
-    """``CR, series 3, image 2`` from the (cleaned) header; numbers only, no patient data."""
-    if header is None:
-        return "image"
-    parts = [str(header.get("Modality", "") or "").strip() or "image"]
-    for keyword, label in (("SeriesNumber", "series"), ("InstanceNumber", "image")):
-        value = header.get(keyword)
-        if value not in (None, ""):
-            parts.append(f"{label} {value}")
-    return ", ".join(parts)
-
-
 def _text(name: Any, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(name=name, value=value[:_MAX_UT],
                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
@@ -463,11 +390,12 @@ def _qualitative_evaluations(
             name=FRACTURE, value=PRESENT if any_positive else ABSENT,
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     for i, f in enumerate(findings, start=1):
-        where = _describe(headers.get(f.sop_instance_uid))
-        items.append(_text(FINDING, f"Image {i} ({where}): "
-                                    f"{decision_text(f.probability, f.positive, algorithm)}."))
+        where = describe_image(headers.get(f.sop_instance_uid))
+        decision = decision_text(f.probability, f.positive, algorithm.threshold,
+                                 algorithm.operating_point)
+        items.append(_text(FINDING, f"Image {i} ({where}): {decision}."))
     for u in unprocessed:
-        where = _describe(headers.get(u.sop_instance_uid))
+        where = describe_image(headers.get(u.sop_instance_uid))
         items.append(_text(IMAGE_NOT_PROCESSED,
                            f"Not assessed ({where}): {reason_text(u.reason)}. "
                            f"SOP Instance UID {u.sop_instance_uid}"))

@@ -27,9 +27,9 @@ from fracture_node.dicom.report import (
     Unprocessed,
     algorithm_device_uid,
     build_report,
-    percent,
     write_report,
 )
+from fracture_node.dicom.wording import percent
 from fracture_node.errors import ReportError
 
 ALGORITHM = AlgorithmInfo(
