@@ -265,3 +265,36 @@ def test_dcmsend_no_longer_decompresses(sqlite_receiver: RunningReceiver) -> Non
         stored, size = _stored_syntax(sqlite_receiver, sample)
         assert stored == LOSSLESS_SAMPLES[str(sample.relative_to(SAMPLES))][0]
         assert size < 1.01 * sample.stat().st_size + 4096
+
+
+def test_orthanc_push_keeps_the_lossless_compressed_syntax(
+        sqlite_receiver: RunningReceiver, tmp_path: Path) -> None:
+    """Orthanc, holding JPEG-LS, JPEG lossless and RLE files, pushes them; none is decompressed."""
+    import json
+
+    from tests.e2e.test_orthanc import _start_orthanc
+    from tests.support import free_port
+
+    orthanc = _start_orthanc(tmp_path / "orthanc", sqlite_receiver.port, free_port())
+    try:
+        names = ["CR_hip_RG2_JLSL.dcm", "CR_hip_RG2_JPLL.dcm", "derived/CR_hip_RG2_RLE.dcm"]
+        ids = []
+        for name in names:
+            sample = SAMPLES / name
+            ds = pydicom.dcmread(sample)
+            ds.SOPInstanceUID = generate_uid()  # the three share one SOP Instance UID
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            path = tmp_path / f"{Path(name).stem}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            ids.append(orthanc.request("POST", "/instances", path.read_bytes())["ID"])  # type: ignore[index]
+        result = orthanc.request("POST", "/modalities/fracture/store",
+                                 json.dumps({"Resources": ids, "Synchronous": True}).encode())
+        assert result["InstancesCount"] == 3  # type: ignore[index]
+        assert result["FailedInstancesCount"] == 0  # type: ignore[index]
+        for name in names:
+            path = tmp_path / f"{Path(name).stem}.dcm"
+            stored, size = _stored_syntax(sqlite_receiver, path)
+            assert stored == LOSSLESS_SAMPLES[name][0]
+            assert size < 1.01 * path.stat().st_size + 4096
+    finally:
+        orthanc.stop()
