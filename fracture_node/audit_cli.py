@@ -117,6 +117,7 @@ def _status(args: argparse.Namespace) -> int:
         f"claimed                     {state['claimed']}",
         "instance states             " + _pairs(state["instance_states"]),
         f"unreported studies          {state['unreported_studies']}",
+        f"studies not assessed, no SR {state['studies_not_assessed']}",
         f"oldest unreported study     {_duration(age) if age else '-'}",
         f"studies retrying a report   {state['retrying_studies']}",
         f"parked studies              {state['parked_studies']}"

@@ -456,6 +456,12 @@ class Audit:
                            s.Study.report_attempts, s.Study.report_error)
                     .where(s.Study.report_parked_at.is_not(None))
                     .order_by(s.Study.report_parked_at.desc()).limit(last_reports)).all()
+                # closed without an SR: no image of the study was assessed ([scope])
+                not_assessed = int(ses.execute(
+                    select(func.count()).select_from(s.Study).where(
+                        s.Study.report_due.is_(False), s.Study.reported_version == 0,
+                        s.Study.report_parked_at.is_(None))
+                ).scalar_one())
         except SQLAlchemyError as exc:
             raise DatabaseError(f"status failed: {type(exc).__name__}: "
                                 f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}") from exc
@@ -468,6 +474,7 @@ class Audit:
             "pending_deliveries": g.pending_deliveries,
             "delivery_states": dict(sorted(deliveries.items())),
             "unreported_studies": g.unreported_studies,
+            "studies_not_assessed": not_assessed,
             "oldest_unreported_study_seconds": round(g.oldest_unreported_study_seconds, 1),
             "retrying_studies": g.retrying_studies,
             "parked_studies": g.parked_studies,

@@ -14,6 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from fracture_node.config import Config, Destination, ScopeConfig
+from fracture_node.db import audit
 from fracture_node.db import schema as s
 from fracture_node.db.store import NewInstance, Store, utcnow
 from fracture_node.delivery import Deliverer
@@ -367,6 +368,12 @@ def test_study_with_nothing_assessed_gets_no_sr(node: Node, samples_dir: Path) -
     assert {(i.state, i.reason) for i in node.store.rows(s.Instance)} == {
         (s.NOT_PROCESSED, "out_of_scope_modality")}
     assert node.reporter.run_once() == 0  # not picked up again
+    with audit.Audit(node.config.database_url) as auditor:
+        assert auditor.status(dt.datetime.now(dt.UTC))["studies_not_assessed"] == 1
+        unprocessed = auditor.ask("unprocessed", dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
+                                  dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+        assert {(r["reason"], r["instances"]) for r in unprocessed} == {
+            ("out_of_scope_modality", 2)}
 
 
 def test_nothing_assessed_can_still_be_reported_when_configured(
