@@ -82,10 +82,13 @@ def reason_text(reason: str) -> str:
 
 
 def describe_image(header: pydicom.Dataset | None) -> str:
-    """``CR, series 3, image 2`` from the (cleaned) header; numbers only, no patient data."""
+    """``CR HIP, series 3, image 2`` from the (cleaned) header: modality, Body Part Examined
+    (``body part not stated`` when empty), series and instance number; no patient data."""
     if header is None:
         return "image"
-    parts = [str(header.get("Modality", "") or "").strip() or "image"]
+    modality = str(header.get("Modality", "") or "").strip() or "image"
+    part = str(header.get("BodyPartExamined", "") or "").strip()
+    parts = [f"{modality} {part}" if part else f"{modality}, body part not stated"]
     for keyword, label in (("SeriesNumber", "series"), ("InstanceNumber", "image")):
         value = header.get(keyword)
         if value not in (None, ""):

@@ -173,10 +173,10 @@ def test_each_image_has_its_decision_in_words(study: list[pydicom.Dataset]) -> N
     sr = build(study[:2], [finding(study[0], 0.37431461579215), finding(study[1], 0.0772)])
     texts = [i.TextValue for i in named(qualitative(sr), FINDING)]
     assert texts == [
-        "Image 1 (CR, series 1, image 1): no fracture suspected: 37%, below the 42% decision "
-        "threshold of the balanced operating point.",
-        "Image 2 (CR, series 1, image 2): no fracture suspected: 7.7%, below the 42% decision "
-        "threshold of the balanced operating point.",
+        "Image 1 (CR HIP, series 1, image 1): no fracture suspected: 37%, below the 42% "
+        "decision threshold of the balanced operating point.",
+        "Image 2 (CR HIP, series 1, image 2): no fracture suspected: 7.7%, below the 42% "
+        "decision threshold of the balanced operating point.",
     ]
     positive = build(study[:1], [finding(study[0], 0.84)])
     (text,) = named(qualitative(positive), FINDING)
@@ -221,7 +221,7 @@ def test_unprocessed_images_are_listed_with_their_reason_in_words(
     sr = build(study, [finding(study[0], 0.6)],
                [Unprocessed(bad.SOPInstanceUID, bad.SOPClassUID, "undecodable")])
     (text,) = named(qualitative(sr), IMAGE_NOT_PROCESSED)
-    assert text.TextValue.startswith("Not assessed (CR")
+    assert text.TextValue.startswith("Not assessed (CR HAND, series")
     assert "the pixel data could not be decoded" in text.TextValue
     assert bad.SOPInstanceUID in text.TextValue
     counts = {i.ConceptNameCodeSequence[0].CodeValue: str(i.MeasuredValueSequence[0].NumericValue)
