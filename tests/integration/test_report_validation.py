@@ -328,3 +328,20 @@ def test_presentation_state_passes_dciodvfy(hip_with_pixels: tuple[pydicom.Datas
     assert back.StudyInstanceUID == source.StudyInstanceUID
     ref = back.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
     assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_presentation_state_of_an_undeclared_cyrillic_header_passes_dciodvfy(
+        samples_dir: Path, tmp_path: Path) -> None:
+    """The DX sample's cp1251 text without a character set is cleaned in the GSPS as well."""
+    dx = pydicom.dcmread(samples_dir / "DX_J2KR_1416x1420_u16.dcm", stop_before_pixels=True)
+    dx.PatientBirthDate = "1984-03-12"
+    gsps = build_presentation_state(dx, list(REGIONS), probability=0.37,
+                                    series_instance_uid=generate_uid(),
+                                    model_name="fracture-model", software_version="0.1.0")
+    path = tmp_path / "gsps.dcm"
+    write_report(gsps, path)
+    errors, _ = dciodvfy(path)
+    assert errors == []
+    back = pydicom.dcmread(path)
+    assert back.PatientBirthDate == "19840312"
+    assert "SpecificCharacterSet" not in back
