@@ -32,13 +32,13 @@ class ServeProcess:
             "[metrics]", f"port = {self.metrics_port}",
             "[model]", "max_wait_ms = 50",
         ]
+        if model is not None:
+            lines.append(f'path = "{model}"')
         if "[scope]" not in extra:
             # The 16 x 16 C-spine CR is the suites' fast stand-in radiograph (see
             # tests/integration/conftest.py TEST_SCOPE): admit it.
             parts = ", ".join(f'"{p}"' for p in (*TRAINED_BODY_PARTS, "CSPINE", "CHEST"))
             lines += ["[scope]", "min_side = 8", f"body_parts = [{parts}]"]
-        if model is not None:
-            lines.append(f'path = "{model}"')
         for name, aet, port in destinations:
             lines += ["[[destinations]]", f'name = "{name}"', f'ae_title = "{aet}"',
                       'host = "127.0.0.1"', f"port = {port}"]
