@@ -17,6 +17,7 @@ from PIL import Image
 
 from fracture_node.dicom.overlay import render_overlay
 from fracture_node.dicom.report import SaliencyRegion
+from fracture_node.dicom.wording import percent_text
 from fracture_node.errors import NotProcessable
 from fracture_node.images import FloatImage
 from fracture_node.logs import get_logger
@@ -116,6 +117,13 @@ def write_overlays(paths: Iterable[Path], classifier: Any, out_dir: Path, *,
     return written
 
 
+def overlay_caption(probability: float, cut: float, operating_point: str) -> str:
+    """The PNG's caption: the probability as the SR states it, the decision and its threshold."""
+    label = "fractured" if probability >= cut else "normal"
+    return (f"AI fracture {percent_text(probability)}: {label} ({operating_point} threshold "
+            f"{percent_text(cut)}) - UNVERIFIED, not for diagnosis")
+
+
 def _write_one(target: Path, image: FloatImage, heat: np.ndarray, probability: float,
                cut: float, operating_point: str, threshold: float, max_regions: int,
                method: str) -> Path:
@@ -123,8 +131,7 @@ def _write_one(target: Path, image: FloatImage, heat: np.ndarray, probability: f
         SaliencyRegion.of(r, method)
         for r in find_regions(heat, image.shape, threshold=threshold, max_regions=max_regions)
     ]
-    label = "fractured" if probability >= cut else "normal"
-    caption = f"p={probability:.3f} {label} ({operating_point} {cut:.3f}) - AI, unverified"
+    caption = overlay_caption(probability, cut, operating_point)
     pixels = render_overlay(image, heatmap_to_source(heat, image.shape), regions, caption)
     tmp = target.with_name(f".{target.name}.tmp")
     Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")

@@ -208,3 +208,13 @@ def test_region_labels_cannot_be_read_as_probabilities(
     assert labels == ["AI fracture 37% (unverified), R1", "R2"]
     assert not any(re.search(r"\b[01]\.\d\d\b", label) for label in labels)
     assert "0.37" not in caption_text(0.37) and "37%" in caption_text(0.37)
+
+
+def test_predict_overlay_caption_states_percentages_and_the_decision() -> None:
+    """The PNG caption reads like the SR (37%, threshold 28%), not a raw 0.374 with 3 decimals."""
+    from fracture_node.predict_saliency import overlay_caption
+
+    text = overlay_caption(0.37431461579215, 0.27996, "balanced")
+    assert "37%" in text and "28%" in text and "fractured" in text and "UNVERIFIED" in text
+    assert "0.374" not in text and "p=" not in text
+    assert "normal" in overlay_caption(0.1, 0.28, "balanced")
