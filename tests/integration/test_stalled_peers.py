@@ -83,6 +83,18 @@ def _stalled_rows(node: Any, count: int, timeout: float = 15.0) -> list[Any]:
     return rows
 
 
+def _ended_rows(node: Any, aet: str, start: float, within: float) -> list[Any]:
+    """The ended associations of ``aet``, polled until one shows or ``within`` s after ``start``."""
+    rows: list[Any] = []
+    while time.monotonic() - start < within:
+        rows = node.store.rows(s.Association, s.Association.calling_ae_title == aet,
+                               s.Association.ended_at.is_not(None))
+        if rows:
+            break
+        time.sleep(0.05)
+    return rows
+
+
 def test_ten_stalled_connections_do_not_lock_out_storescu(make_node: Any,
                                                           samples_dir: Path) -> None:
     """Ten peers sending 3 header bytes or half a request: storescu still stores, at once."""
@@ -152,13 +164,7 @@ def test_partial_p_data_after_association_is_cut(make_node: Any) -> None:
     raw = assoc.dul.socket.socket
     start = time.monotonic()
     raw.sendall(b"\x04\x00" + struct.pack(">L", 1000) + b"\x00" * 100)
-    rows: list[Any] = []
-    while time.monotonic() - start < 15:
-        rows = node.store.rows(s.Association, s.Association.calling_ae_title == "HALF_PDATA",
-                               s.Association.ended_at.is_not(None))
-        if rows:
-            break
-        time.sleep(0.05)
+    rows = _ended_rows(node, "HALF_PDATA", start, 15)
     took = time.monotonic() - start
     [row] = rows
     assert row.outcome == "aborted"
@@ -184,13 +190,7 @@ def test_slow_drip_of_a_pdu_is_cut_at_its_deadline(make_node: Any) -> None:
             raw.sendall(b"\x00")
     except OSError:
         pass  # the node closed the connection
-    rows: list[Any] = []
-    while time.monotonic() - start < 10:
-        rows = node.store.rows(s.Association, s.Association.calling_ae_title == "DRIP",
-                               s.Association.ended_at.is_not(None))
-        if rows:
-            break
-        time.sleep(0.05)
+    rows = _ended_rows(node, "DRIP", start, 10)
     assert rows and rows[0].outcome == "aborted" and rows[0].reason.startswith("stalled")
     cut_after = (rows[0].ended_at - rows[0].started_at).total_seconds()
     assert cut_after < 4.5, cut_after  # the deadline did not move with each byte
@@ -215,13 +215,7 @@ def test_message_trickled_in_whole_pdus_is_cut(make_node: Any) -> None:
             time.sleep(0.5)
     except OSError:
         pass
-    rows: list[Any] = []
-    while time.monotonic() - start < 12:
-        rows = node.store.rows(s.Association, s.Association.calling_ae_title == "TRICKLE",
-                               s.Association.ended_at.is_not(None))
-        if rows:
-            break
-        time.sleep(0.05)
+    rows = _ended_rows(node, "TRICKLE", start, 12)
     assert rows and rows[0].outcome == "aborted"
     assert rows[0].reason.startswith("stalled: a message of") and "8 KiB" in rows[0].reason
     assert (rows[0].ended_at - rows[0].started_at).total_seconds() < 5.0
