@@ -10,6 +10,9 @@ Senders get these wrong in ways that must not break our objects or make them inv
 * a number (IS, DS) that is not one, an age (AS) or a code string (CS) that breaks its VR, a
   Patient's Sex other than M, F or O: emptied;
 * text longer than its VR allows (PS3.5 Table 6.2-1): cut to the maximum;
+* more values than the attribute's Value Multiplicity allows (PS3.6), most often a backslash in
+  a name: the first values are kept; a person name with more than three component groups or
+  five components in a group (PS3.5 6.2): the extra ones are dropped;
 * text with bytes outside the declared character set, most often Cyrillic, Greek or Latin-1 names
   sent without Specific Character Set (0008,0005), which PS3.5 6.1.2.2 then reads as ASCII: bytes
   that are valid UTF-8 are taken as UTF-8 (the usual mistake); other non-ASCII bytes become ``?``.
@@ -122,6 +125,7 @@ def _clean_element(ds: Dataset, elem: DataElement, uid: str, charsets: list[str]
     value = elem.value
     if value is None or value == "" or (isinstance(value, bytes) and not value):
         return False
+    _limit_multiplicity(elem, uid)
     if vr == "DA":
         _set_checked(ds, elem, uid, _fix_date)
     elif vr == "TM":
@@ -140,6 +144,35 @@ def _clean_element(ds: Dataset, elem: DataElement, uid: str, charsets: list[str]
     elif vr in _TEXT_VRS:
         return _clean_text(elem, uid, charsets)
     return False
+
+
+def _max_values(tag: object) -> int | None:
+    """The most values PS3.6 allows for ``tag`` (None: no limit or not in the dictionary)."""
+    try:
+        vm = pydicom.datadict.dictionary_VM(tag)
+    except KeyError:
+        return None
+    top = vm.split("-")[-1]
+    return int(top) if top.isdigit() else None
+
+
+def _limit_multiplicity(elem: DataElement, uid: str) -> None:
+    if not isinstance(elem.value, list | pydicom.multival.MultiValue):
+        return
+    most = _max_values(elem.tag)
+    if most is None or len(elem.value) <= most:
+        return
+    kept = list(elem.value)[:most]
+    elem.value = kept[0] if most == 1 else kept
+    _changed(uid, elem.tag, f"more values than its multiplicity ({most}) allows: first kept")
+
+
+def _person_name(text: str) -> tuple[str, bool]:
+    """``text`` with at most 3 component groups of at most 5 components; True if changed."""
+    groups = text.split("=")[:3]
+    groups = ["^".join(g.split("^")[:5]) for g in groups]
+    fixed = "=".join(groups)
+    return fixed, fixed != text
 
 
 def _set_checked(ds: Dataset, elem: DataElement, uid: str, fix: object) -> None:
@@ -206,6 +239,9 @@ def _clean_text(elem: DataElement, uid: str, charsets: list[str]) -> bool:
             changed.add("control characters removed")
         limit = _MAX_CHARS.get(elem.VR)
         if elem.VR == "PN":
+            text, reshaped = _person_name(text)
+            if reshaped:
+                changed.add("extra name components dropped")
             groups = text.split("=")
             cut = [g[:limit] for g in groups] if limit else groups
             if cut != groups:

@@ -138,6 +138,22 @@ def test_reprocess_command_takes_parked_studies_back(failing_node: Node, samples
 
 # No header value in logs, exception texts or SQL ------------------------------------------------
 
+_OWN_TEXT = "\n".join(p.read_text(encoding="utf-8")
+                      for p in Path(studies.__file__).parent.rglob("*.py"))
+"""Our own source. Hypothesis feeds string constants of the code under test into text
+strategies ("reprocess", "1.2.840.10008.1.1"): such a value in a log line is our wording, not
+a copied header value, so it cannot show a leak."""
+
+
+def _leaked(value: str, seen: str) -> bool:
+    """True when ``value`` (a header value we set) shows up in ``seen``. Values that cannot be
+    told apart from our own text are not checked: too short, found in our source, or only
+    digits and dots (every UID in the log is made of them)."""
+    if len(value) < 6 or value in _OWN_TEXT or not value.strip("0123456789. "):
+        return False
+    return value in seen
+
+
 _PHI_TEXT = st.text(alphabet=st.sampled_from(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyzАБВГДЕЖЗИКЛМНОПРСТабвгдежзиклмн"
     "0123456789^-. '"), min_size=6, max_size=24).filter(lambda v: v.strip() == v and len(
@@ -151,7 +167,7 @@ def _quoting_failure(header: pydicom.Dataset) -> None:
                      f"{header.InstitutionName}")
 
 
-@settings(max_examples=15, deadline=None,
+@settings(max_examples=15, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=_PHI_TEXT, patient_id=_PHI_TEXT, institution=_PHI_TEXT,
        birth=st.one_of(st.from_regex(r"[0-9A-Za-z./-]{6,10}", fullmatch=True),
@@ -190,7 +206,7 @@ def test_header_values_never_reach_logs_errors_or_sql(
     seen = json.dumps(events, default=str) + (row.report_error or "") + described
     assert any(e["event"] == "report_failed" for e in events)
     for value in (name, patient_id, institution, birth):
-        assert value not in seen, value
+        assert not _leaked(value, seen), value
 
 
 _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
@@ -200,7 +216,7 @@ _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Access
 equipment names the issue found copied unchecked)."""
 
 
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(st.one_of(
     _PHI_TEXT, st.from_regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", fullmatch=True),
@@ -225,8 +241,7 @@ def test_real_report_path_leaks_no_invalid_header_value(
     with structlog.testing.capture_logs() as events:
         node.reporter.run_once()
     row = node.store.rows(s.Study, s.Study.study_instance_uid == ds.StudyInstanceUID)[0]
-    assert row.report_due is False or row.report_attempts >= 1  # reported, or failure recorded
+    assert row.report_due is False, row.report_error  # cleaned, so reported
     seen = json.dumps(events, default=str) + (row.report_error or "")
     for value in values:
-        if len(value) >= 6:
-            assert value not in seen, value
+        assert not _leaked(value, seen), value

@@ -103,3 +103,36 @@ def test_absent_type2_attributes_are_added_empty_to_the_first(samples_dir: Path)
     for keyword in ("PatientID", "PatientBirthDate", "StudyDate", "StudyID"):
         assert keyword in clean and not clean[keyword].value
     assert "PatientID" not in ds
+
+
+@pytest.mark.parametrize(("keyword", "value", "expected"), [
+    ("PatientName", "Doe^John\\Roe^Jane", "Doe^John"),
+    ("ReferringPhysicianName", "A^B\\C^D\\E", "A^B"),
+    ("PatientID", "12345\\67890", "12345"),
+    ("AccessionNumber", "A1\\A2", "A1"),
+    ("StudyDate", "20200101\\20200102", "20200101"),
+])
+def test_more_values_than_the_multiplicity_allows_keep_the_first(
+        hip: pydicom.Dataset, keyword: str, value: str, expected: str) -> None:
+    """A backslash in a VM 1 attribute (PS3.6) leaves one value: highdicom refuses a list."""
+    setattr(hip, keyword, value)
+    with capture_logs() as events:
+        (clean,), _ = clean_sources([hip])
+    assert str(clean[keyword].value) == expected
+    assert not isinstance(clean[keyword].value, pydicom.multival.MultiValue)
+    assert any("multiplicity" in e.get("change", "") for e in events)
+
+
+def test_multi_valued_attributes_keep_their_values(hip: pydicom.Dataset) -> None:
+    """Image Type (VM 2-n) and Other Patient IDs (VM 1) with one value are left alone."""
+    hip.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    (clean,), _ = clean_sources([hip])
+    assert list(clean.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+
+
+def test_person_name_with_too_many_groups_or_components_is_trimmed(
+        hip: pydicom.Dataset) -> None:
+    """PS3.5 6.2: at most three component groups of five components each."""
+    hip.PatientName = "A^B^C^D^E^F^G=Alpha=Beta=Gamma=Delta"
+    (clean,), _ = clean_sources([hip])
+    assert str(clean.PatientName) == "A^B^C^D^E=Alpha=Beta"

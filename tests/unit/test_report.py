@@ -468,3 +468,17 @@ def test_a_malformed_region_is_refused(study: list[pydicom.Dataset], polygon: An
                        (SaliencyRegion(polygon, peak),))
     with pytest.raises(ReportError, match=why):
         build(study, [bad])
+
+
+@pytest.mark.parametrize("name", [
+    "Doe^John\\Roe^Jane", "A^B^C^D^E^F=G=H=I=J", "^EDD\\FD=^D=F=EJ^=^FIG\\\\IEHA=FBB",
+])
+def test_a_malformed_person_name_does_not_stop_the_report(
+        study: list[pydicom.Dataset], name: str) -> None:
+    """A name with backslashes or too many groups is trimmed, and the SR is built."""
+    ds = copy.deepcopy(study[0])
+    ds.PatientName = name
+    ds.ReferringPhysicianName = name
+    sr = build([ds], [finding(ds, 0.9)])
+    assert "\\" not in str(sr.PatientName) and str(sr.PatientName).count("=") <= 2
+    assert sr.StudyInstanceUID == ds.StudyInstanceUID
