@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
 from fracture_node.logs import get_logger
@@ -146,7 +147,7 @@ def _clean_element(ds: Dataset, elem: DataElement, uid: str, charsets: list[str]
     return False
 
 
-def _max_values(tag: object) -> int | None:
+def _max_values(tag: BaseTag) -> int | None:
     """The most values PS3.6 allows for ``tag`` (None: no limit or not in the dictionary)."""
     try:
         vm = pydicom.datadict.dictionary_VM(tag)
