@@ -117,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+_TRAINING_MODULES = frozenset({"torch", "torchvision", "timm", "onnx", "tqdm", "matplotlib"})
+"""What the `train` extra adds to a serving install (pyproject.toml)."""
+
+
 def _delegate(command: str, rest: list[str]) -> int:
     try:
         if command == "predict":
@@ -128,6 +132,13 @@ def _delegate(command: str, rest: list[str]) -> int:
         return int(run(rest) or 0)
     except FractureNodeError as exc:
         print(f"fracture-node {command}: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _TRAINING_MODULES:
+            raise
+        print(f"fracture-node {command}: needs the training install ({exc.name} is not "
+              "installed here): scripts/setup.sh --train, or pip install 'fracture-node[train]'",
+              file=sys.stderr)
         return 2
 
 
@@ -185,7 +196,8 @@ def _model(args: argparse.Namespace) -> int:
         from fracture_node.ml.onnx_export import export_onnx
     except ImportError as exc:
         raise ModelError(f"model export needs torch and onnx, which are not installed here "
-                         f"({exc.name}); export on a machine with the training install") from exc
+                         f"({exc.name}): scripts/setup.sh --train, or pip install "
+                         "'fracture-node[torch]'") from exc
     logs.configure(stream=sys.stderr)
     source = Path(args.model) if args.model else bundled_model_path()
     written = export_onnx(source, Path(args.out) if args.out else None)

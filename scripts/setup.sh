@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Set up a development/runtime environment in ./.venv (idempotent).
-#   scripts/setup.sh          Python environment only (enough to run the daemon)
+#   scripts/setup.sh          the serving install: enough to run the daemon on the CPU with
+#                             onnxruntime and the bundled model's graph, without torch (about
+#                             350 MB); with the `torch` extra (the GPU engine) when nvidia-smi
+#                             finds a GPU
+#   scripts/setup.sh --train  also torch and what training and evaluating need (`train` extra)
 #   scripts/setup.sh --test   also the test peers: DCMTK, dicom3tools, Orthanc, systemd tools, jemalloc,
 #                             PixelMed's SR validator (Java), Chromium (headless, renders the SR),
 #                             and a running PostgreSQL (apt; needs root or sudo)
@@ -45,8 +49,13 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-if [[ "${1:-}" == "--test" ]]; then
-  .venv/bin/python -m pip install -q -e '.[test]'
-else
-  .venv/bin/python -m pip install -q -e .
-fi
+case "${1:-}" in
+  --test) extra='[test]' ;;
+  --train) extra='[train]' ;;
+  *) extra=''
+     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+       echo "a GPU is present: installing the torch engine (the torch extra)"
+       extra='[torch]'
+     fi ;;
+esac
+.venv/bin/python -m pip install -q -e ".${extra}"

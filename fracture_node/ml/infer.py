@@ -189,9 +189,13 @@ def obtain_graph(model_file: ModelFile, threads: int = 0, cache_dir: Path | None
 def _without_torch(target: Path, engine: str, saliency: tuple[str, str] | None,
                    cache_dir: Path | None) -> str:
     """Why a model file cannot be served here without torch (graphs of another file logged)."""
-    if engine == "torch" or not oe.available():
-        return (f"[model] engine = {engine} needs torch (or onnxruntime), which is not installed "
-                "here; install torch, or set engine = \"onnxruntime\" with onnxruntime installed")
+    if engine == "torch":
+        return ("[model] engine = torch needs torch, which is not installed here: install the "
+                "torch extra (pip install 'fracture-node[torch]'; scripts/setup.sh does when "
+                "nvidia-smi finds a GPU), or set engine = \"auto\" to serve on onnxruntime")
+    if not oe.available():
+        return (f"[model] engine = {engine} needs onnxruntime or torch, and neither is installed "
+                "here: reinstall fracture-node (scripts/setup.sh)")
     sha256 = oe.file_sha256(target)
     runner = find_graph(target, sha256, cache_dir=cache_dir)  # logs onnx_stale, both hashes
     if runner is not None:

@@ -20,8 +20,9 @@ class ServeProcess:
     """``fracture-node serve`` as a real process with its own configuration and state."""
 
     def __init__(self, workdir: Path, destinations: list[tuple[str, str, int]],
-                 extra: str = "", model: Path | None = None) -> None:
+                 extra: str = "", model: Path | None = None, program: Path = BIN) -> None:
         self.workdir = workdir
+        self.program = program
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.metrics_port = free_port()
@@ -48,7 +49,7 @@ class ServeProcess:
 
     def start(self, env: dict[str, str] | None = None) -> None:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([str(BIN), "serve", "--config", str(self.config)],
+        self.proc = subprocess.Popen([str(self.program), "serve", "--config", str(self.config)],
                                      cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
         try:

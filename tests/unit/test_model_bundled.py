@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fracture_node.images import load_image_file
+from fracture_node.ml import ort_engine as oe
 from fracture_node.ml.data import load_records, split_records
 from fracture_node.ml.infer import Classifier, bundled_model_path
 
@@ -70,3 +71,24 @@ def test_prepare_matches_the_input_size(classifier: Classifier) -> None:
     out = classifier.prepare(np.random.default_rng(0).random((300, 120), dtype=np.float32))
     assert out.shape == (classifier.input_size, classifier.input_size)
     assert out.dtype == np.float32
+
+
+def test_the_shipped_graph_is_the_bundled_model_files(
+    classifier: Classifier, val_sample: tuple[list[Path], np.ndarray]
+) -> None:
+    """fracture-model.onnx ships beside the model file, records its sha256, and scores val
+    radiographs as the model file does on torch (logit-level agreement, identical decisions):
+    a retrained model without a fresh graph fails here, not in a hospital."""
+    graph = oe.onnx_path_for(bundled_model_path())
+    assert graph.is_file()
+    runner = oe.OrtRunner(graph)
+    assert runner.source_sha256 == classifier.sha256
+    served = Classifier.load(device="cpu", engine="onnxruntime")
+    assert served.engine == "onnxruntime" and served.onnx_path == graph
+    paths, _ = val_sample
+    batch = np.stack([classifier.prepare(load_image_file(p)) for p in paths[:16]])
+    torch_p = np.concatenate([classifier.predict_batch(batch[i : i + 8]) for i in (0, 8)])
+    ort_p = np.concatenate([served.predict_batch(batch[i : i + 8]) for i in (0, 8)])
+    np.testing.assert_allclose(ort_p, torch_p, atol=1e-4)
+    threshold = classifier.threshold("balanced")
+    assert ((ort_p >= threshold) == (torch_p >= threshold)).all()
