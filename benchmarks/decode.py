@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from fracture_node import images
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import cpu_name  # noqa: E402
+from fracture_node import images  # noqa: E402
 from fracture_node.dicom import pixels
 from fracture_node.errors import NotProcessable
 from fracture_node.logs import configure
@@ -46,16 +48,6 @@ def _median_ms(fn: Any, repeat: int) -> tuple[float, Any]:
         result = fn()
         times.append((time.perf_counter() - start) * 1000.0)
     return round(statistics.median(times), 2), result
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench_file(path: Path, root: Path, repeat: int, size: int) -> dict[str, Any]:
@@ -137,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench_file(path, args.samples, args.repeat, args.size) for path in files]
     result: dict[str, Any] = {
         "benchmark": "decode",
-        "cpu": _cpu(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "pydicom": pydicom.__version__,

@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from fracture_node.images import load_image_file  # noqa: E402
 from fracture_node.ml.data import load_records, split_records  # noqa: E402
 from fracture_node.ml.explain import Explainer  # noqa: E402
@@ -195,16 +196,6 @@ def main() -> int:
     }
     print(json.dumps(summary))
     return 0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

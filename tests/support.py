@@ -7,12 +7,28 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 60.0, what: str = "condition",
+               interval: float = 0.2) -> T:
+    """The first truthy value of ``predicate()``, polled every ``interval`` s; TimeoutError
+    naming ``what`` when none comes within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not met within {timeout}s")
 
 
 def free_port() -> int:

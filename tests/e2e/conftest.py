@@ -4,14 +4,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
 from pydicom.uid import generate_uid
 
 from fracture_node.config import TRAINED_BODY_PARTS
-from tests.support import free_port, wait_for_port
+from tests.support import free_port, wait_for_port, wait_until
 
 BIN = Path(sys.executable).with_name("fracture-node")
 
@@ -89,16 +88,6 @@ def make_study(samples_dir: Path, out: Path, names: list[str], patient: str = "D
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"condition not met within {timeout}s")
 
 
 __all__ = ["ServeProcess", "make_study", "wait_until", "os"]

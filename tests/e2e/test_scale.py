@@ -15,9 +15,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -31,7 +30,7 @@ from fracture_node.db import migrate
 from fracture_node.db import schema as s
 from fracture_node.db.reporting import NewReport
 from fracture_node.db.store import NewInstance, Store, utcnow
-from tests.support import free_port, postgres_database, wait_for_port
+from tests.support import free_port, postgres_database, wait_for_port, wait_until
 
 BIN = Path(sys.executable).with_name("fracture-node")
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -198,17 +197,6 @@ class Cluster:
         for node in self.nodes:
             node.stop(signal.SIGKILL if node.proc.poll() is None else signal.SIGTERM, 10)
         self.store.dispose()
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def results_count(store: Store) -> int:
