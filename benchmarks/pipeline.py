@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
+from fracture_node.allocator import allocator_name  # noqa: E402
 from fracture_node.config import (  # noqa: E402
     TRAINED_BODY_PARTS,
     Config,
@@ -56,7 +57,6 @@ from fracture_node.config import (  # noqa: E402
 )
 from fracture_node.db import migrate  # noqa: E402
 from fracture_node.db.store import NewInstance, Store, utcnow  # noqa: E402
-from fracture_node.launcher import allocator_name  # noqa: E402
 from fracture_node.ml.infer import Classifier  # noqa: E402
 from fracture_node.spool import Spool  # noqa: E402
 from fracture_node.worker import Worker  # noqa: E402
@@ -208,7 +208,7 @@ def main() -> int:
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "device": str(classifier.device), "engine": classifier.engine,
         # glibc's malloc, as `serve` runs; `LD_PRELOAD=libjemalloc.so.2` compares jemalloc
-        # (fracture_node/launcher.py, docs/benchmarks.md)
+        # (fracture_node/allocator.py, docs/benchmarks.md)
         "allocator": allocator_name(),
         "model": classifier.name, "model_sha256": classifier.sha256[:12],
         "input_size": classifier.input_size, "batch": args.batch,

@@ -18,12 +18,12 @@ from types import FrameType
 from typing import Any
 
 from fracture_node import __version__, logs
+from fracture_node.allocator import allocator_name
 from fracture_node.config import Config
 from fracture_node.db import migrate
 from fracture_node.db.store import Store
 from fracture_node.dicom.scp import Receiver, node_name
 from fracture_node.errors import StartupError, describe
-from fracture_node.launcher import allocator_name
 from fracture_node.metrics import Metrics, MetricsServer
 from fracture_node.spool import Spool
 from fracture_node.systemd import Notifier, WatchdogThread, watchdog_interval

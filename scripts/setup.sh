@@ -24,7 +24,7 @@ if [[ "${1:-}" == "--test" ]]; then
   for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc systemd-analyze:systemd; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [[ -x /usr/sbin/${pair%%:*} ]] || need+=("${pair##*:}")
   done
-  # jemalloc: `train` runs on it when present (fracture_node/launcher.py).
+  # jemalloc: `train` runs on it when present (fracture_node/allocator.py).
   ldconfig -p | grep -q 'libjemalloc\.so\.2' || need+=(libjemalloc2)
   # PixelMed's DicomSRValidator checks our SR templates (tests/integration/test_report_validation.py).
   [[ -f /usr/share/java/pixelmed.jar ]] || need+=(libpixelmed-java)

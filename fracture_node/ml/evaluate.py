@@ -6,7 +6,8 @@ figure), ``predictions.csv`` (file name, label, probability, source, body part) 
 ``reliability.png`` and ``samples.png``. Operating points are the card's thresholds, which were
 chosen on val; use ``--split test`` only for a final model.
 
-Run as ``python -m fracture_node.ml.evaluate --data DIR --out DIR [--model FILE]``.
+Run as ``fracture-node evaluate --data DIR --out DIR [--model FILE]`` (the arguments:
+:mod:`fracture_node.cli.evaluate`).
 """
 
 from __future__ import annotations
@@ -14,36 +15,19 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fracture_node.errors import FractureNodeError
-from fracture_node.logs import configure, get_logger
+from fracture_node.logs import get_logger
 from fracture_node.ml import metrics
 from fracture_node.ml.data import Record, load_records, prepare_exact, split_records
 from fracture_node.ml.infer import OPERATING_POINTS, Classifier
 from fracture_node.ml.model import load_model_file, save_model_file
 
 log = get_logger("ml.evaluate")
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fracture-node evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="fracture-xr folder, folder per label, or CSV")
-    p.add_argument("--model", type=Path, default=None, help="model file (default: the bundled one)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
-    p.add_argument("--limit", type=int, default=0, help="evaluate at most N images (tests)")
-    p.add_argument("--write-card", action="store_true",
-                   help="store the metrics in the model file's card (as <split>_metrics)")
-    return p.parse_args(argv)
 
 
 def _f(x: float) -> float | None:
@@ -231,19 +215,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              ci=result["auroc_ci95_delong"], out=str(args.out))
     return result
 
-
-def main(argv: list[str]) -> int:
-    configure()
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except FractureNodeError as exc:
-        log.error("evaluation_failed", error=str(exc))
-        return 1
-    print(json.dumps({k: result[k] for k in ("split", "n", "auroc", "auroc_ci95_delong",
-                                             "sensitivity_at_specificity_0.90")}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from fracture_node import audit_cli
+from fracture_node.cli import operations as audit_cli
 from fracture_node.db import audit, migrate
 from fracture_node.db import schema as s
 from fracture_node.db.store import Store

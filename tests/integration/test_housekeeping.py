@@ -470,7 +470,7 @@ def test_overlay_purge_never_touches_sr_files_or_spool(tmp_path: Path, store: St
 def test_purge_overlays_command(tmp_path: Path, store: Store, spool: Spool,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     """`fracture-node housekeeping purge_overlays --json` runs the job and records it."""
-    from fracture_node import audit_cli
+    from fracture_node.cli import operations as audit_cli
 
     config = tmp_path / "config.toml"
     state = tmp_path / "state"
@@ -691,7 +691,7 @@ def test_scheduler_runs_jobs_and_stops(tmp_path: Path, store: Store, spool: Spoo
 def test_housekeeping_command_runs_one_job(tmp_path: Path, store: Store, spool: Spool,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """`fracture-node housekeeping refresh_metrics --json` runs the job and records it."""
-    from fracture_node import audit_cli
+    from fracture_node.cli import operations as audit_cli
 
     receive(store, spool, "1.2.3", "1.2.3.1", YOUNG, state=s.QUEUED)
     config = tmp_path / "config.toml"

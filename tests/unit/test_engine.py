@@ -199,7 +199,7 @@ def test_predict_gives_the_same_rows_on_both_engines(exported: Path, samples_dir
     """`predict --locate` writes the same labels, probabilities (1e-5) and peaks on either engine."""
     import csv
 
-    from fracture_node.predict import main as predict
+    from fracture_node.cli.predict import main as predict
 
     inputs = [str(samples_dir / n) for n in ("CR_hip_RG2_JLSL.dcm", "CR_chest_RG1_J2KI.dcm",
                                              "CR_extremity_RG3_J2KR.dcm")]

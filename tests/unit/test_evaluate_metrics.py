@@ -141,7 +141,7 @@ def test_evaluate_writes_figures_and_json(tmp_path: Path, dataset_dir: Path) -> 
 
     import torch
 
-    from fracture_node.ml.evaluate import main
+    from fracture_node.cli.evaluate import main
     from fracture_node.ml.model import build_model, load_model_file, save_model_file
 
     torch.manual_seed(0)

@@ -1,10 +1,10 @@
-"""The console entry's allocator choice (fracture_node/launcher.py)."""
+"""The console entry's allocator choice (fracture_node/allocator.py, run by cli/launcher.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from fracture_node.launcher import MALLOC_CONF, allocator_name, preload_env
+from fracture_node.allocator import MALLOC_CONF, allocator_name, preload_env
 
 LIB = "libjemalloc.so.2"
 

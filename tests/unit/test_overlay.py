@@ -1,4 +1,4 @@
-"""Overlay objects (dicom/overlay.py) and overlay PNGs (predict_saliency.py)."""
+"""Overlay objects (dicom/overlay.py) and overlay PNGs (cli/predict_saliency.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from pydicom.uid import generate_uid
 
+from fracture_node.cli.predict_saliency import write_overlays
 from fracture_node.dicom.overlay import (
     GSPS_LAYER,
     GSPS_SERIES_DESCRIPTION,
@@ -26,7 +27,6 @@ from fracture_node.dicom.pixels import read_pixels
 from fracture_node.dicom.report import SaliencyRegion
 from fracture_node.errors import ReportError
 from fracture_node.ml.infer import Classifier
-from fracture_node.predict_saliency import write_overlays
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
@@ -212,7 +212,7 @@ def test_region_labels_cannot_be_read_as_probabilities(
 
 def test_predict_overlay_caption_states_percentages_and_the_decision() -> None:
     """The PNG caption reads like the SR (37%, threshold 28%), not a raw 0.374 with 3 decimals."""
-    from fracture_node.predict_saliency import overlay_caption
+    from fracture_node.cli.predict_saliency import overlay_caption
 
     text = overlay_caption(0.37431461579215, 0.27996, "balanced")
     assert "37%" in text and "28%" in text and "fractured" in text and "UNVERIFIED" in text

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fracture_node.cli.predict import COLUMNS, main
 from fracture_node.ml.model import build_model, save_model_file
-from fracture_node.predict import COLUMNS, main
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_unknown_operating_point_is_an_error_exit(tmp_path: Path, inputs: Path,
 def test_saliency_folder_gets_an_overlay_per_readable_image(tmp_path: Path, tiny_model: Path,
                                                             dataset_dir: Path) -> None:
     """`predict --saliency DIR` writes one overlay PNG per readable input image."""
-    from fracture_node.predict import main as predict_main
+    from fracture_node.cli.predict import main as predict_main
 
     images = sorted((dataset_dir / "images").iterdir())[:2]
     out = tmp_path / "sal"
@@ -136,7 +136,7 @@ def test_locate_adds_peak_and_regions_inside_the_source_image(tmp_path: Path, in
     """`--locate` gives each scored row a peak and JSON boxes inside the source image's pixels."""
     from PIL import Image
 
-    from fracture_node.predict import LOCATION_COLUMNS
+    from fracture_node.cli.predict import LOCATION_COLUMNS
 
     out = tmp_path / "p.csv"
     assert main([str(inputs), "--output", str(out), "--model", str(tiny_model), "--locate"]) == 0

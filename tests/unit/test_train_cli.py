@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fracture_node.cli.train import main
 from fracture_node.ml.data import (
     DatasetError,
     cache_split,
@@ -16,7 +17,6 @@ from fracture_node.ml.data import (
     split_records,
 )
 from fracture_node.ml.infer import Classifier
-from fracture_node.ml.train import main
 
 
 def test_one_tiny_epoch_writes_a_loadable_model(tmp_path: Path, dataset_dir: Path) -> None:
@@ -203,8 +203,9 @@ def test_default_time_budget_is_an_hour_on_a_cpu_and_none_on_a_gpu() -> None:
     it; an explicit budget (0 included) stands and a negative one is refused."""
     import torch
 
+    from fracture_node.cli.train import parse_args
     from fracture_node.errors import FractureNodeError
-    from fracture_node.ml.train import parse_args, resolve_time_budget
+    from fracture_node.ml.train import resolve_time_budget
 
     args = parse_args(["--data", "d", "--out", "o"])
     assert args.time_budget_min is None

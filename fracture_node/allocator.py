@@ -1,4 +1,4 @@
-"""The ``fracture-node`` console entry: ``train`` runs on jemalloc when the host has it.
+"""Which memory allocator a process runs on: ``train`` runs on jemalloc when the host has it.
 
 Training on a CPU allocates and frees activation and gradient buffers of tens to hundreds of MB
 at every step. glibc's malloc serves blocks that large with ``mmap`` and returns them with
@@ -12,15 +12,13 @@ with them (``serve``'s pipeline, docs/benchmarks.md), so only ``train`` changes 
 
 An allocator can only be chosen before the process starts, so ``train`` re-executes itself
 once, with ``LD_PRELOAD`` naming the system's jemalloc (Debian/Ubuntu package ``libjemalloc2``);
-the process keeps its PID. Without jemalloc, or with ``FRACTURE_NODE_ALLOCATOR=system``, nothing
-changes.
+the process keeps its PID (the console entry, :mod:`fracture_node.cli.launcher`, does it). Without
+jemalloc, or with ``FRACTURE_NODE_ALLOCATOR=system``, nothing changes.
 """
 
 from __future__ import annotations
 
 import ctypes.util
-import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 
 REEXEC_COMMANDS = frozenset({"train"})
@@ -71,18 +69,3 @@ def allocator_name() -> str:
     except OSError:
         return "unknown"
 
-
-def main() -> int:
-    argv = sys.argv[1:]
-    env = preload_env(argv, os.environ)
-    if env is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "fracture_node", *argv], env)
-    from fracture_node.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("predict", "train", "evaluate"):
         return _delegate(argv[0], argv[1:])
     if argv and argv[0] in ("audit", "status", "housekeeping"):
-        from fracture_node.audit_cli import main as operator_main
+        from fracture_node.cli.operations import main as operator_main
 
         try:
             return int(operator_main(argv) or 0)
@@ -124,11 +124,11 @@ _TRAINING_MODULES = frozenset({"torch", "torchvision", "timm", "onnx", "tqdm", "
 def _delegate(command: str, rest: list[str]) -> int:
     try:
         if command == "predict":
-            from fracture_node.predict import main as run
+            from fracture_node.cli.predict import main as run
         elif command == "train":
-            from fracture_node.ml.train import main as run
+            from fracture_node.cli.train import main as run
         else:
-            from fracture_node.ml.evaluate import main as run
+            from fracture_node.cli.evaluate import main as run
         return int(run(rest) or 0)
     except FractureNodeError as exc:
         print(f"fracture-node {command}: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ from fracture_node.dicom.report import SaliencyRegion
 from fracture_node.dicom.wording import percent_text
 from fracture_node.errors import NotProcessable
 from fracture_node.images import FloatImage
+from fracture_node.inputs import load_any
 from fracture_node.logs import get_logger
 from fracture_node.ml.explain import (
     DEFAULT_MAX_REGIONS,
@@ -93,8 +94,6 @@ def write_overlays(paths: Iterable[Path], classifier: Any, out_dir: Path, *,
     -------
     Input path -> PNG written, for the inputs that could be read.
     """
-    from fracture_node.predict import load_any
-
     explainer = Explainer(classifier, method=method)
     writer = OverlayWriter(out_dir, float(classifier.threshold(operating_point)), operating_point,
                            method=method, threshold=threshold, max_regions=max_regions)

@@ -1,9 +1,9 @@
 """``fracture-node predict``: score image and DICOM files offline and write a CSV.
 
 Every input gets one row; an input that cannot be read gets ``status=not_processed`` and the
-reason, never a crash. DICOM files (``.dcm`` or a ``DICM`` preamble) go through
-:func:`fracture_node.dicom.pixels.load_dicom_file`; other files through
-:func:`fracture_node.images.load_image_file`.
+reason, never a crash. Inputs are found and read by :mod:`fracture_node.inputs`: DICOM files
+(``.dcm`` or a ``DICM`` preamble) through :func:`fracture_node.dicom.pixels.load_dicom_file`, other
+files through :func:`fracture_node.images.load_image_file`.
 
 Where the model looked: with ``--locate`` (columns only) or ``--saliency DIR`` (columns and an
 overlay PNG per image), each scored row also gets ``peak_x`` and ``peak_y``, the maximum of the
@@ -22,7 +22,6 @@ import contextlib
 import csv
 import json
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from fracture_node.errors import FractureNodeError, NotProcessable
-from fracture_node.images import FloatImage, load_image_file
+from fracture_node.images import FloatImage
+from fracture_node.inputs import iter_inputs, load_any
 from fracture_node.logs import configure, get_logger
 
 log = get_logger("predict")
@@ -40,7 +40,6 @@ COLUMNS = ("path", "probability", "label", "threshold", "operating_point", "mode
            "status", "reason")
 LOCATION_COLUMNS = ("peak_x", "peak_y", "regions")
 """Added after :data:`COLUMNS` when ``--locate`` or ``--saliency`` is given."""
-_SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "DICOMDIR"})
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -69,43 +68,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="add where the model looked to each row: peak_x, peak_y (source "
                         "pixels, origin top left) and regions (JSON [x0, y0, x1, y1] boxes)")
     return p.parse_args(argv)
-
-
-def iter_inputs(paths: list[Path]) -> Iterator[Path]:
-    """Files named directly, then every file under each folder (sorted), hidden files skipped."""
-    for path in paths:
-        if path.is_dir():
-            for f in sorted(path.rglob("*")):
-                if f.is_file() and not f.name.startswith(".") and f.name not in _SKIP_NAMES:
-                    yield f
-        else:
-            yield path
-
-
-def is_dicom(path: Path) -> bool:
-    """A ``.dcm`` suffix or the ``DICM`` magic at byte 128 (PS3.10 7.1)."""
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def load_any(path: Path) -> FloatImage:
-    """A normalised grey image from an image or DICOM file; raises :class:`NotProcessable`."""
-    if not path.exists():
-        raise NotProcessable("not_found", f"{path.name}: no such file")
-    if is_dicom(path):
-        try:
-            from fracture_node.dicom.pixels import load_dicom_file
-        except ImportError as exc:
-            raise NotProcessable("dicom_unsupported",
-                                 f"{path.name}: DICOM decoding is not available ({exc})") from None
-        return load_dicom_file(path)
-    return load_image_file(path)
 
 
 @dataclass
@@ -165,7 +127,7 @@ def run(args: argparse.Namespace) -> tuple[int, int]:
     explainer = Explainer(clf, method=DEFAULT_METHOD) if locate else None
     overlays = None
     if args.saliency is not None:
-        from fracture_node.predict_saliency import OverlayWriter
+        from fracture_node.cli.predict_saliency import OverlayWriter
 
         overlays = OverlayWriter(args.saliency, threshold, args.operating_point,
                                  method=DEFAULT_METHOD, threshold=DEFAULT_THRESHOLD,
