@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fracture_node import saliency_defaults
 from fracture_node.errors import ConfigError
-from fracture_node.ml import explain
 
 OVERLAY_CHOICES: tuple[str, ...] = ("none", "sc", "gsps", "both")
 """Values of ``[[destinations]] overlays``: which saliency objects go with the SR."""
@@ -334,25 +334,25 @@ class SaliencyConfig:
 
     enabled: bool = True
     """Compute a heat map and regions for every scored image (one extra backward pass)."""
-    method: str = explain.DEFAULT_METHOD
-    layer: str = explain.DEFAULT_LAYER
-    threshold: float = explain.DEFAULT_THRESHOLD
+    method: str = saliency_defaults.DEFAULT_METHOD
+    layer: str = saliency_defaults.DEFAULT_LAYER
+    threshold: float = saliency_defaults.DEFAULT_THRESHOLD
     """A region is where the map reaches this fraction of its maximum over the image."""
-    max_regions: int = explain.DEFAULT_MAX_REGIONS
+    max_regions: int = saliency_defaults.DEFAULT_MAX_REGIONS
     """Regions kept per image, hottest first (0: heat map only)."""
     positive_only: bool = True
     """Report regions (SR, overlays) only for images scored positive."""
 
     def validate(self) -> None:
-        if self.method not in explain.METHODS:
+        if self.method not in saliency_defaults.METHODS:
             raise ConfigError(
                 f"config: [saliency] method = {self.method!r} is unknown; "
-                f"fix: use one of {', '.join(repr(m) for m in explain.METHODS)}"
+                f"fix: use one of {', '.join(repr(m) for m in saliency_defaults.METHODS)}"
             )
-        if self.layer not in explain.LAYERS:
+        if self.layer not in saliency_defaults.LAYERS:
             raise ConfigError(
                 f"config: [saliency] layer = {self.layer!r} is unknown; "
-                f"fix: use one of {', '.join(repr(m) for m in explain.LAYERS)}"
+                f"fix: use one of {', '.join(repr(m) for m in saliency_defaults.LAYERS)}"
             )
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(

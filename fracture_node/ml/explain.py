@@ -51,25 +51,20 @@ from PIL import Image
 from fracture_node.errors import ModelError
 from fracture_node.logs import get_logger
 
+# The choices and defaults live in a torch-free leaf, so that config checks them without ml.
+from fracture_node.saliency_defaults import DEFAULT_LAYER as DEFAULT_LAYER
+from fracture_node.saliency_defaults import DEFAULT_MAX_REGIONS as DEFAULT_MAX_REGIONS
+from fracture_node.saliency_defaults import DEFAULT_METHOD as DEFAULT_METHOD
+from fracture_node.saliency_defaults import DEFAULT_THRESHOLD as DEFAULT_THRESHOLD
+from fracture_node.saliency_defaults import LAYERS as LAYERS
+from fracture_node.saliency_defaults import METHODS as METHODS
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 log = get_logger("ml.explain")
 
-METHODS: tuple[str, ...] = ("gradcam", "gradcampp", "hirescam", "layercam")
-DEFAULT_METHOD = "hirescam"
-LAYERS: tuple[str, ...] = ("last", "stride16", "fused")
-DEFAULT_LAYER = "last"
-"""The last stage: the bundled model is trained to put its evidence there inside the fracture
-boxes, and HiResCAM there had the best pointing game on the val split (0.28 vs 0.05 at
-stride 16, docs/model-card-saliency.md) at the lowest cost (about +2% vs +18%)."""
-DEFAULT_THRESHOLD = 0.8
-"""A region is where the map reaches this fraction of its maximum over the image. Chosen on the
-val split for the bundled model: mean IoU of the top region with the fracture box 0.137 at 0.8
-against 0.062 at 0.5 (0.149 at 0.9, where the region shrinks to about one map cell whatever the
-fracture; docs/model-card-saliency.md)."""
-DEFAULT_MAX_REGIONS = 3
 MIN_REGION_FRACTION = 0.002
 """Components smaller than this fraction of the image area are dropped (noise)."""
 
