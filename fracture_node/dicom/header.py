@@ -96,17 +96,28 @@ def clean_dataset(ds: Dataset, uid: str, charsets: list[str] | None = None) -> b
         try:
             elem = ds[tag]  # converts a RawDataElement with the dataset's character set
         except Exception:  # a value pydicom cannot even convert: drop it
-            del ds[tag]
-            _changed(uid, tag, "unreadable value removed")
+            _drop(ds, tag, uid, "unreadable value removed")
             continue
         if elem.VR == "SQ":
             for item in elem.value:
                 non_ascii |= clean_dataset(item, uid, charsets)
             continue
-        non_ascii |= _clean_element(ds, elem, uid, charsets)
+        try:
+            non_ascii |= _clean_element(ds, elem, uid, charsets)
+        except Exception:  # pydicom refused the cleaned value too: cleaning never fails
+            _drop(ds, tag, uid, "value that could not be cleaned removed")
     if "SpecificCharacterSet" in ds:
         del ds.SpecificCharacterSet  # the writer's set applies to our copy
     return non_ascii
+
+
+def _drop(ds: Dataset, tag: BaseTag, uid: str, what: str) -> None:
+    """Remove an element; one of :data:`TYPE2_FROM_SOURCE` is left present and empty."""
+    keyword = pydicom.datadict.keyword_for_tag(tag)
+    del ds[tag]
+    if keyword in TYPE2_FROM_SOURCE:
+        setattr(ds, keyword, None)
+    _changed(uid, tag, what)
 
 
 def _charsets(ds: Dataset) -> list[str]:

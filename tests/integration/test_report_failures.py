@@ -211,9 +211,16 @@ def test_header_values_never_reach_logs_errors_or_sql(
 
 _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
            "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "InstitutionName",
-           "Manufacturer")
-"""Every attribute the SR copies from the first source (report.py's Type 2 list, and the
-equipment names the issue found copied unchecked)."""
+           "Manufacturer", "PatientBirthTime", "PatientAge", "PatientWeight", "PatientSize",
+           "OtherPatientIDs", "IssuerOfPatientID", "PatientComments", "StudyDescription",
+           "PhysiciansOfRecord", "AdmittingDiagnosesDescription", "EthnicGroup", "Occupation",
+           "AdditionalPatientHistory")
+"""Attributes the SR copies from the first source: report.py's Type 2 list, the equipment
+names the issue found copied unchecked, and root attributes of the Patient and Study modules
+that highdicom copies whenever present (of every VR among them: AS, DS, TM, LO, LT, SH, PN)."""
+
+
+_ASCII_VRS = frozenset({"DA", "TM", "CS", "SH", "AS", "DS", "IS"})
 
 
 @settings(max_examples=12, deadline=None, derandomize=True,
@@ -221,7 +228,8 @@ equipment names the issue found copied unchecked)."""
 @given(values=st.lists(st.one_of(
     _PHI_TEXT, st.from_regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", fullmatch=True),
     st.text(alphabet="0123456789:.-x", min_size=6, max_size=20).filter(lambda v: len(set(v)) > 3),
-    st.text(alphabet="ABCDEFGHIJ^=\\", min_size=70, max_size=90)), min_size=len(_COPIED),
+    st.text(alphabet="ABCDEFGHIJ^=\\", min_size=70, max_size=90),
+    st.text(alphabet="0123456789.Y-+e ", min_size=6, max_size=24)), min_size=len(_COPIED),
     max_size=len(_COPIED)))
 def test_real_report_path_leaks_no_invalid_header_value(
         failing_node: Node, samples_dir: Path, monkeypatch: pytest.MonkeyPatch,
@@ -233,9 +241,12 @@ def test_real_report_path_leaks_no_invalid_header_value(
     ds = _study(samples_dir, 1)[0]
     ds.SpecificCharacterSet = "ISO_IR 192"
     for keyword, value in zip(_COPIED, values, strict=True):
-        if pydicom.datadict.dictionary_VR(keyword) in ("DA", "TM", "CS", "SH"):
-            value = value.encode("ascii", "replace").decode()
-        setattr(ds, keyword, value)
+        # As the bytes arrive from a sender: pydicom converts them only when they are read.
+        vr = pydicom.datadict.dictionary_VR(keyword)
+        raw = value.encode("ascii" if vr in _ASCII_VRS else "utf-8", "replace")
+        raw += b" " * (len(raw) % 2)
+        tag = pydicom.tag.Tag(keyword)
+        ds[tag] = pydicom.dataelem.RawDataElement(tag, vr, len(raw), raw, 0, True, True)
     node.add(ds)
     node.drain()
     with structlog.testing.capture_logs() as events:

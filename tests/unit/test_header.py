@@ -136,3 +136,18 @@ def test_person_name_with_too_many_groups_or_components_is_trimmed(
     hip.PatientName = "A^B^C^D^E^F^G=Alpha=Beta=Gamma=Delta"
     (clean,), _ = clean_sources([hip])
     assert str(clean.PatientName) == "A^B^C^D^E=Alpha=Beta"
+
+
+def test_a_value_pydicom_refuses_after_cleaning_is_removed_not_raised(
+        hip: pydicom.Dataset) -> None:
+    """A Patient's Weight of two non-numbers (read leniently) cannot be cut to one DS value:
+    it is removed and logged, and cleaning goes on; a bad Type 2 value stays present, empty."""
+    for keyword, raw in (("PatientWeight", b"====\\===="), ("PatientName", b"A^B\\C^D")):
+        tag = pydicom.tag.Tag(keyword)
+        vr = pydicom.datadict.dictionary_VR(tag)
+        hip[tag] = pydicom.dataelem.RawDataElement(tag, vr, len(raw), raw, 0, True, True)
+    with capture_logs() as events:
+        (clean,), _ = clean_sources([hip])
+    assert "PatientWeight" not in clean
+    assert str(clean.PatientName) == "A^B"
+    assert any(e["tag"] == "(0010,1030)" and "removed" in e["change"] for e in events)
