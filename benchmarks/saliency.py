@@ -35,19 +35,21 @@ import torch
 
 from fracture_node.images import load_image_file
 from fracture_node.logs import configure
-from fracture_node.ml.explain import (
+from fracture_node.ml.explain import Explainer
+from fracture_node.ml.infer import Classifier
+from fracture_node.saliency.defaults import (
     DEFAULT_LAYER,
     DEFAULT_METHOD,
     DEFAULT_THRESHOLD,
     METHODS,
-    Explainer,
+)
+from fracture_node.saliency.geometry import (
     box_iou,
     find_regions,
     peak_point,
     point_in_boxes,
     wilson_interval,
 )
-from fracture_node.ml.infer import Classifier
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / ".." / "shared" / "datasets" / "fracture-xr"

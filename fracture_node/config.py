@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fracture_node import saliency_defaults
 from fracture_node.errors import ConfigError
+from fracture_node.saliency import defaults as saliency_defaults
 
 OVERLAY_CHOICES: tuple[str, ...] = ("none", "sc", "gsps", "both")
 """Values of ``[[destinations]] overlays``: which saliency objects go with the SR."""

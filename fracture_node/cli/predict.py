@@ -96,7 +96,7 @@ def _prepare(args: tuple[Path, Any, bool]) -> _Input:
 def location_columns(heat: np.ndarray, shape: tuple[int, int], threshold: float,
                      max_regions: int) -> dict[str, str]:
     """``peak_x``, ``peak_y`` and ``regions`` of one model-input map, in source pixels."""
-    from fracture_node.ml.explain import find_regions, peak_point
+    from fracture_node.saliency.geometry import find_regions, peak_point
 
     peak = peak_point(heat, shape)
     regions = find_regions(heat, shape, threshold=threshold, max_regions=max_regions)
@@ -110,14 +110,14 @@ def location_columns(heat: np.ndarray, shape: tuple[int, int], threshold: float,
 
 def run(args: argparse.Namespace) -> tuple[int, int]:
     """Write the CSV; return (processed, not processed)."""
-    from fracture_node.ml.explain import (
+    from fracture_node.ml.explain import Explainer
+    from fracture_node.ml.infer import Classifier
+    from fracture_node.saliency.defaults import (
         DEFAULT_LAYER,
         DEFAULT_MAX_REGIONS,
         DEFAULT_METHOD,
         DEFAULT_THRESHOLD,
-        Explainer,
     )
-    from fracture_node.ml.infer import Classifier
 
     locate = bool(args.locate or args.saliency is not None)
     clf = Classifier.load(args.model, device=args.device, engine=args.engine,

@@ -22,14 +22,9 @@ from fracture_node.errors import NotProcessable
 from fracture_node.images import FloatImage
 from fracture_node.inputs import load_any
 from fracture_node.logs import get_logger
-from fracture_node.ml.explain import (
-    DEFAULT_MAX_REGIONS,
-    DEFAULT_METHOD,
-    DEFAULT_THRESHOLD,
-    Explainer,
-    find_regions,
-    heatmap_to_source,
-)
+from fracture_node.ml.explain import Explainer
+from fracture_node.saliency.defaults import DEFAULT_MAX_REGIONS, DEFAULT_METHOD, DEFAULT_THRESHOLD
+from fracture_node.saliency.geometry import find_regions, heatmap_to_source
 
 log = get_logger("predict.saliency")
 

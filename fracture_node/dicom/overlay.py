@@ -17,7 +17,7 @@ Both are built with highdicom (``hd.sc.SCImage``, ``hd.pr.GrayscaleSoftcopyPrese
 :func:`render_overlay` draws the RGB picture (also used for the PNGs of ``predict --saliency``).
 Regions are :class:`fracture_node.dicom.report.SaliencyRegion` (polygons in source pixels); a
 heat map here is already in source-image coordinates
-(:func:`fracture_node.ml.explain.heatmap_to_source`).
+(:func:`fracture_node.saliency.geometry.heatmap_to_source`).
 """
 
 from __future__ import annotations

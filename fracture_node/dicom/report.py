@@ -122,7 +122,7 @@ class SaliencyRegion:
 
     ``polygon`` holds ``(column, row)`` points in continuous pixel coordinates (the top-left
     corner of the first pixel is ``(0, 0)``), first point repeated last;
-    ``fracture_node.ml.explain.Region.polygon()`` gives one. ``peak`` is the region's maximum
+    ``fracture_node.saliency.Region.polygon()`` gives one. ``peak`` is the region's maximum
     saliency relative to the image's maximum, in [0, 1].
     """
 
@@ -133,7 +133,7 @@ class SaliencyRegion:
 
     @classmethod
     def of(cls, region: Any, method: str = "hirescam") -> SaliencyRegion:
-        """From anything with ``polygon()`` and ``peak`` (an ``explain.Region``)."""
+        """From anything with ``polygon()`` and ``peak`` (a :class:`fracture_node.saliency.Region`)."""
         points = tuple((float(x), float(y)) for x, y in np.asarray(region.polygon()))
         return cls(polygon=points, peak=float(region.peak), method=method)
 

@@ -22,10 +22,11 @@ from fracture_node.errors import NotProcessable
 from fracture_node.images import letterbox, load_image_file
 from fracture_node.inputs import is_dicom, load_any
 from fracture_node.ml.data import load_records, split_records
-from fracture_node.ml.explain import Explainer, peak_point
+from fracture_node.ml.explain import Explainer
 from fracture_node.ml.infer import Classifier
 from fracture_node.ml.model import IMAGENET, IMAGENET_GREY, build_model, save_model_file
 from fracture_node.ml.onnx_export import export_onnx
+from fracture_node.saliency.geometry import peak_point
 
 pytestmark = pytest.mark.slow
 

@@ -38,7 +38,8 @@ def test_import_contracts_hold() -> None:
     ("worker.py", "import torch", "torch-in-ml"),
     ("worker.py", "import sqlalchemy", "sql-in-db"),
     ("delivery.py", "import pynetdicom", "dicom-network-in-dicom"),
-    ("config.py", "import fracture_node.saliency", "config-without-ml"),
+    ("config.py", "import fracture_node.ml.metrics", "config-without-ml"),
+    ("saliency/record.py", "import fracture_node.ml.explain", "saliency-without-ml"),
     ("allocator.py", "import fracture_node.daemon", "no-cycles"),
 ])
 def test_a_wrong_way_import_breaks_its_contract(tmp_path: Path, module: str, wrong_import: str,

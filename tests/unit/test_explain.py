@@ -9,9 +9,11 @@ import pytest
 
 from fracture_node.errors import ModelError
 from fracture_node.images import letterbox
-from fracture_node.ml.explain import (
-    METHODS,
-    Explainer,
+from fracture_node.ml.explain import Explainer, target_layer
+from fracture_node.ml.infer import Classifier
+from fracture_node.ml.model import build_model
+from fracture_node.saliency.defaults import METHODS
+from fracture_node.saliency.geometry import (
     Letterbox,
     box_iou,
     find_regions,
@@ -21,11 +23,8 @@ from fracture_node.ml.explain import (
     label_components,
     peak_point,
     point_in_boxes,
-    target_layer,
     wilson_interval,
 )
-from fracture_node.ml.infer import Classifier
-from fracture_node.ml.model import build_model
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +268,7 @@ def test_label_components_matches_a_flood_fill_on_random_masks() -> None:
     """The run-based labelling gives the same labels as a plain 4-connected flood fill."""
     from collections import deque
 
-    from fracture_node.ml.explain import label_components
+    from fracture_node.saliency.geometry import label_components
 
     def flood(mask: np.ndarray) -> tuple[np.ndarray, int]:
         labels = np.zeros(mask.shape, dtype=np.int32)

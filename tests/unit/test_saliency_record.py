@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from fracture_node.ml.explain import find_regions, heatmap_to_source
 from fracture_node.saliency import SaliencyRecord
+from fracture_node.saliency.geometry import find_regions, heatmap_to_source
 
 SOURCE = (300, 200)  # rows, columns: letterboxed into 384 with padding left and right
 

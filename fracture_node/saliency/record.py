@@ -1,7 +1,8 @@
 """Saliency records: where the model looked on one image, as kept in ``results.saliency``.
 
 The worker makes a :class:`SaliencyRecord` from the heat map that
-:meth:`fracture_node.ml.explain.Explainer.explain_batch` returns (model-input coordinates) and the
+:meth:`fracture_node.ml.explain.Explainer.explain_batch` (or the ONNX graph's evidence output)
+returns (model-input coordinates) and the
 image's source shape; the reporter reads it back to write the SR's regions and to draw the
 overlays. Stored as one JSON object (``docs/audit.md`` shows the fields and SQL to query them)::
 
@@ -29,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from fracture_node.ml.explain import (
+from fracture_node.saliency.geometry import (
     Region,
     find_regions,
     heatmap_from_png,
