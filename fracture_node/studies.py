@@ -46,14 +46,13 @@ from fracture_node.dicom.report import (
     SALIENCY_METHODS,
     AlgorithmInfo,
     ImageFinding,
-    SaliencyRegion,
     Unprocessed,
     build_report,
     write_report,
 )
 from fracture_node.errors import DatabaseError, ReportError, describe
 from fracture_node.logs import get_logger
-from fracture_node.saliency import SaliencyRecord
+from fracture_node.saliency import Region, SaliencyRecord
 from fracture_node.spool import Spool, safe_name
 
 log = get_logger("studies")
@@ -67,7 +66,7 @@ class _Shown:
     number: int
     """Its number in the SR ("Fracture, image <n>"), the overlays' Instance Number."""
     record: SaliencyRecord
-    regions: tuple[SaliencyRegion, ...]
+    regions: tuple[Region, ...]
     probability: float
 
 
@@ -196,7 +195,7 @@ class Reporter:
                         error=os.strerror(exc.errno) if exc.errno else type(exc).__name__)
 
     def _regions(self, inst: StudyInstance) -> tuple[SaliencyRecord | None,
-                                                     tuple[SaliencyRegion, ...]]:
+                                                     tuple[Region, ...]]:
         """The stored saliency of a processed image and the regions the SR shows for it."""
         if inst.saliency is None:
             return None, ()
@@ -213,8 +212,7 @@ class Reporter:
             return None, ()
         if self.config.saliency.positive_only and not inst.positive:
             return record, ()
-        return record, tuple(SaliencyRegion.from_box(r.x0, r.y0, r.x1, r.y1, r.peak,
-                                                     record.method) for r in record.regions)
+        return record, record.regions
 
     def _build(self, snap: StudySnapshot
                ) -> tuple[pydicom.Dataset, dict[str, Any], list[_Shown]]:
@@ -237,7 +235,7 @@ class Reporter:
                 findings.append(ImageFinding(
                     sop_instance_uid=inst.sop_instance_uid, sop_class_uid=inst.sop_class_uid,
                     probability=float(inst.probability), positive=bool(inst.positive),
-                    regions=regions))
+                    regions=regions, saliency_method=record.method if record else "hirescam"))
                 if record is not None and regions:
                     shown.append(_Shown(inst, header, len(findings), record, regions,
                                         float(inst.probability)))

@@ -8,7 +8,7 @@ skipped (the CSV of ``predict`` says why). Names that collide get ``-2``, ``-3``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image
 
 from fracture_node.dicom.overlay import render_overlay
-from fracture_node.dicom.report import SaliencyRegion
 from fracture_node.dicom.wording import percent_text
 from fracture_node.errors import NotProcessable
 from fracture_node.images import FloatImage
@@ -60,7 +59,7 @@ class OverlayWriter:
         """The overlay of one input (``heat``: its model-input map); returns the PNG written."""
         return _write_one(self.out_dir / _output_name(path, self._taken), image, heat,
                           float(probability), self.cut, self.operating_point, self.threshold,
-                          self.max_regions, self.method)
+                          self.max_regions)
 
 
 def write_overlays(paths: Iterable[Path], classifier: Any, out_dir: Path, *,
@@ -119,12 +118,8 @@ def overlay_caption(probability: float, cut: float, operating_point: str) -> str
 
 
 def _write_one(target: Path, image: FloatImage, heat: np.ndarray, probability: float,
-               cut: float, operating_point: str, threshold: float, max_regions: int,
-               method: str) -> Path:
-    regions: Sequence[SaliencyRegion] = [
-        SaliencyRegion.of(r, method)
-        for r in find_regions(heat, image.shape, threshold=threshold, max_regions=max_regions)
-    ]
+               cut: float, operating_point: str, threshold: float, max_regions: int) -> Path:
+    regions = find_regions(heat, image.shape, threshold=threshold, max_regions=max_regions)
     caption = overlay_caption(probability, cut, operating_point)
     pixels = render_overlay(image, heatmap_to_source(heat, image.shape), regions, caption)
     tmp = target.with_name(f".{target.name}.tmp")

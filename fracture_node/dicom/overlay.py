@@ -15,7 +15,8 @@ output (the study's patient and study attributes copied from the source header):
 
 Both are built with highdicom (``hd.sc.SCImage``, ``hd.pr.GrayscaleSoftcopyPresentationState``).
 :func:`render_overlay` draws the RGB picture (also used for the PNGs of ``predict --saliency``).
-Regions are :class:`fracture_node.dicom.report.SaliencyRegion` (polygons in source pixels); a
+Regions are :class:`fracture_node.saliency.Region` (boxes in source pixels, drawn as their
+polygons); a
 heat map here is already in source-image coordinates
 (:func:`fracture_node.saliency.geometry.heatmap_to_source`).
 """
@@ -34,11 +35,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from fracture_node.dicom.header import clean_sources
-from fracture_node.dicom.report import SaliencyRegion
 from fracture_node.dicom.wording import percent_text
 from fracture_node.errors import ReportError
 from fracture_node.images import FloatImage
 from fracture_node.logs import get_logger
+from fracture_node.saliency.geometry import Region
 
 log = get_logger("overlay")
 
@@ -69,7 +70,7 @@ def _jet(values: NDArray[np.float32]) -> NDArray[np.float32]:
 
 
 def render_overlay(image: FloatImage, heatmap: NDArray[np.floating[Any]] | None,
-                   regions: Sequence[SaliencyRegion], caption: str | None = None,
+                   regions: Sequence[Region], caption: str | None = None,
                    max_side: int | None = None) -> NDArray[np.uint8]:
     """The radiograph with the heat map blended in and the regions outlined, ``[H, W, 3]`` uint8.
 
@@ -110,7 +111,7 @@ def render_overlay(image: FloatImage, heatmap: NDArray[np.floating[Any]] | None,
     font_size = max(12, round(side / 45))
     font = ImageFont.load_default(size=font_size)
     for rank, region in enumerate(regions, start=1):
-        points = [(x * scale, y * scale) for x, y in region.polygon]
+        points = [(x * scale, y * scale) for x, y in region.polygon()]
         draw.line(points, fill=REGION_COLOUR, width=width, joint="curve")
         x0 = min(p[0] for p in points)
         y0 = min(p[1] for p in points)
@@ -165,7 +166,7 @@ def build_secondary_capture(
     source: Dataset,
     image: FloatImage,
     heatmap: NDArray[np.floating[Any]] | None,
-    regions: Sequence[SaliencyRegion],
+    regions: Sequence[Region],
     *,
     probability: float,
     series_instance_uid: str,
@@ -270,7 +271,7 @@ def _orientation(source: Dataset) -> tuple[str, str] | None:
 
 def build_presentation_state(
     source: Dataset,
-    regions: Sequence[SaliencyRegion],
+    regions: Sequence[Region],
     *,
     probability: float,
     series_instance_uid: str,
@@ -313,18 +314,16 @@ def build_presentation_state(
         graphics = [
             hd.pr.GraphicObject(
                 graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
-                graphic_data=np.asarray(r.polygon, dtype=np.float32),
+                graphic_data=r.polygon(),
                 units=hd.pr.AnnotationUnitsValues.PIXEL,
             )
             for r in regions
         ]
         texts = []
         for k, r in enumerate(regions):
-            xs = [p[0] for p in r.polygon]
-            ys = [p[1] for p in r.polygon]
             label = (f"AI fracture {percent_text(probability)} (unverified), "
                      f"{region_label(k + 1)}" if k == 0 else region_label(k + 1))
-            anchor = (min(xs), max(0.0, min(ys) - 1.0))
+            anchor = (r.x0, max(0.0, r.y0 - 1.0))
             texts.append(hd.pr.TextObject(
                 text_value=label,
                 units=hd.pr.AnnotationUnitsValues.PIXEL,

@@ -22,10 +22,11 @@ Reference (Newcode1, 99IHE, "Processing Algorithm"), its name as Manufacturer's 
 version and ours as Software Versions, and a Device UID derived from the model file's SHA-256
 (:func:`algorithm_device_uid`; the Device Observer UID of the observation context is the same).
 
-Where the model looked (optional): each :class:`SaliencyRegion` of a finding becomes a TID 1410
-Planar ROI Measurements group right after the image's TID 1501 group: an IMAGE REGION SCOORD
-POLYLINE (closed, in pixel coordinates of the source image, PS3.3 C.18.6.1.1) on that image,
-finding Fracture, the saliency method as Measurement Method (TID 1419) and the region's
+Where the model looked (optional): each :class:`fracture_node.saliency.Region` of a finding
+becomes a TID 1410 Planar ROI Measurements group right after the image's TID 1501 group: an
+IMAGE REGION SCOORD POLYLINE (its box, closed, in pixel coordinates of the source image, PS3.3
+C.18.6.1.1) on that image, finding Fracture, the finding's saliency method as Measurement Method
+(TID 1419) and the region's
 relative saliency (its peak over the image's maximum; not a probability) as a NUM with
 derivation Maximum. By default only images scored positive carry regions
 (``regions_of_negatives``).
@@ -57,6 +58,7 @@ from fracture_node.dicom.wording import (
 )
 from fracture_node.errors import ReportError
 from fracture_node.logs import get_logger
+from fracture_node.saliency.geometry import Region
 
 log = get_logger("report")
 
@@ -101,7 +103,8 @@ SALIENCY_METHODS = {
     "hirescam": hd.sr.CodedConcept("HIRESCAM", LOCAL_SCHEME, "HiResCAM saliency"),
     "layercam": hd.sr.CodedConcept("LAYERCAM", LOCAL_SCHEME, "LayerCAM saliency"),
 }
-"""TID 1419 Measurement Method of a region, by :data:`fracture_node.ml.explain.METHODS` name."""
+"""TID 1419 Measurement Method of a region, by :data:`fracture_node.saliency.defaults.METHODS`
+name."""
 LOCAL_SCHEME_ITEM = CodingSchemeIdentificationItem(
     designator=LOCAL_SCHEME,
     name="fracture-node local codes",
@@ -117,36 +120,6 @@ PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algor
 
 
 @dataclass(frozen=True)
-class SaliencyRegion:
-    """Where the model looked on one image: a closed polygon in the source image's pixels.
-
-    ``polygon`` holds ``(column, row)`` points in continuous pixel coordinates (the top-left
-    corner of the first pixel is ``(0, 0)``), first point repeated last;
-    ``fracture_node.saliency.Region.polygon()`` gives one. ``peak`` is the region's maximum
-    saliency relative to the image's maximum, in [0, 1].
-    """
-
-    polygon: tuple[tuple[float, float], ...]
-    peak: float
-    method: str = "hirescam"
-    """The saliency method (a key of :data:`SALIENCY_METHODS`); pass the Explainer's."""
-
-    @classmethod
-    def of(cls, region: Any, method: str = "hirescam") -> SaliencyRegion:
-        """From anything with ``polygon()`` and ``peak`` (a :class:`fracture_node.saliency.Region`)."""
-        points = tuple((float(x), float(y)) for x, y in np.asarray(region.polygon()))
-        return cls(polygon=points, peak=float(region.peak), method=method)
-
-    @classmethod
-    def from_box(cls, x0: float, y0: float, x1: float, y1: float, peak: float,
-                 method: str = "hirescam") -> SaliencyRegion:
-        """A rectangle ``[x0, x1] x [y0, y1]`` (source pixels) as a closed polygon."""
-        x0, y0, x1, y1 = float(x0), float(y0), float(x1), float(y1)
-        return cls(polygon=((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)),
-                   peak=float(peak), method=method)
-
-
-@dataclass(frozen=True)
 class ImageFinding:
     """The model's result for one processed image."""
 
@@ -155,8 +128,11 @@ class ImageFinding:
     probability: float
     positive: bool
     """``probability`` reached the operating threshold."""
-    regions: tuple[SaliencyRegion, ...] = ()
-    """Where the model looked (hottest first); none by default."""
+    regions: tuple[Region, ...] = ()
+    """Where the model looked (hottest first, source pixels; each written as the closed
+    polygon of its box); none by default."""
+    saliency_method: str = "hirescam"
+    """The method that made ``regions`` (a key of :data:`SALIENCY_METHODS`)."""
 
 
 @dataclass(frozen=True)
@@ -431,6 +407,11 @@ def _check_inputs(
                 f"the SR for study {study_uid}: probability {f.probability} of image "
                 f"{f.sop_instance_uid} is outside 0..1"
             )
+        if f.regions and f.saliency_method not in SALIENCY_METHODS:
+            raise ReportError(
+                f"the SR for study {study_uid}: the saliency regions of image "
+                f"{f.sop_instance_uid} name unknown method {f.saliency_method!r}"
+            )
         for r in f.regions:
             _check_region(study_uid, f.sop_instance_uid, r)
     named = [f.sop_instance_uid for f in findings] + [u.sop_instance_uid for u in unprocessed]
@@ -517,19 +498,15 @@ def _image_group(
     )
 
 
-def _check_region(study_uid: str, sop_instance_uid: str, region: SaliencyRegion) -> None:
-    points = np.asarray(region.polygon, dtype=np.float64)
+def _check_region(study_uid: str, sop_instance_uid: str, region: Region) -> None:
+    box = np.asarray(region.box, dtype=np.float64)
     problem = None
-    if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] < 4:
-        problem = "needs at least 3 distinct (column, row) points and the first repeated last"
-    elif not np.array_equal(points[0], points[-1]):
-        problem = "is not closed (the last point must equal the first)"
-    elif not np.isfinite(points).all() or (points < 0).any():
+    if not np.isfinite(box).all() or (box < 0).any():
         problem = "has a negative or non-finite coordinate"
+    elif region.x1 <= region.x0 or region.y1 <= region.y0:
+        problem = "is empty (its box needs x1 > x0 and y1 > y0)"
     elif not 0.0 <= region.peak <= 1.0:
         problem = f"has peak {region.peak} outside 0..1"
-    elif region.method not in SALIENCY_METHODS:
-        problem = f"names unknown method {region.method!r}"
     if problem:
         raise ReportError(
             f"the SR for study {study_uid}: a saliency region of image {sop_instance_uid} "
@@ -538,7 +515,7 @@ def _check_region(study_uid: str, sop_instance_uid: str, region: SaliencyRegion)
 
 
 def _region_group(
-    finding: ImageFinding, index: int, number: int, region: SaliencyRegion,
+    finding: ImageFinding, index: int, number: int, region: Region,
     algorithm_id: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 for one saliency region: the polygon on the image and its relative saliency."""
@@ -547,14 +524,14 @@ def _region_group(
                                       f"Fracture saliency region {number}, image {index}"),
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=np.asarray(region.polygon, dtype=np.float32),
+            graphic_data=region.polygon(),
             source_image=hd.sr.SourceImageForRegion(
                 referenced_sop_class_uid=finding.sop_class_uid,
                 referenced_sop_instance_uid=finding.sop_instance_uid,
             ),
         ),
         finding_type=FRACTURE,
-        method=SALIENCY_METHODS[region.method],
+        method=SALIENCY_METHODS[finding.saliency_method],
         algorithm_id=algorithm_id,
         measurements=[_measurement(SALIENCY_PEAK, round(float(region.peak), 2), UNIT_NONE,
                                    MAXIMUM)],

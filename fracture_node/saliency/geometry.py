@@ -137,6 +137,13 @@ class Region:
     peak_y: float
     area: float
 
+    @classmethod
+    def from_box(cls, x0: float, y0: float, x1: float, y1: float, peak: float) -> Region:
+        """A rectangular region ``[x0, x1] x [y0, y1]`` (source pixels), its peak at the centre."""
+        x0, y0, x1, y1 = float(x0), float(y0), float(x1), float(y1)
+        return cls(x0=x0, y0=y0, x1=x1, y1=y1, peak=float(peak), peak_x=(x0 + x1) / 2,
+                   peak_y=(y0 + y1) / 2, area=max(0.0, x1 - x0) * max(0.0, y1 - y0))
+
     @property
     def box(self) -> tuple[float, float, float, float]:
         return self.x0, self.y0, self.x1, self.y1

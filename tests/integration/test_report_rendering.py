@@ -20,11 +20,11 @@ from fracture_node.dicom.report import (
     NOT_FOR_DIAGNOSIS,
     AlgorithmInfo,
     ImageFinding,
-    SaliencyRegion,
     Unprocessed,
     build_report,
     write_report,
 )
+from fracture_node.saliency import Region
 
 ALGORITHM = AlgorithmInfo("fracture-densenet", "1.4.0", "ab" * 32, 0.22, "balanced")
 ARTEFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artefacts"
@@ -42,7 +42,7 @@ def html(samples_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         ds.StudyInstanceUID = hip.StudyInstanceUID
         ds.SeriesInstanceUID = generate_uid()
         ds.SeriesNumber = number
-    region = SaliencyRegion.from_box(400, 600, 720, 900, 1.0)
+    region = Region.from_box(400, 600, 720, 900, 1.0)
     sr = build_report(
         [hip, hand, tiny],
         [ImageFinding(hip.SOPInstanceUID, hip.SOPClassUID, 0.37431461579215, True, (region,)),

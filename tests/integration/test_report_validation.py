@@ -20,11 +20,11 @@ from fracture_node.dicom.pixels import read_pixels
 from fracture_node.dicom.report import (
     AlgorithmInfo,
     ImageFinding,
-    SaliencyRegion,
     Unprocessed,
     build_report,
     write_report,
 )
+from fracture_node.saliency import Region
 
 ALGORITHM = AlgorithmInfo("fracture-densenet", "1.4.0", "ab" * 32, 0.42, "balanced")
 SERIES = generate_uid()
@@ -72,10 +72,8 @@ def _build(sources: list[pydicom.Dataset], findings: list[ImageFinding],
 
 
 REGIONS = (
-    SaliencyRegion(((400.0, 610.5), (720.25, 610.5), (720.25, 905.0), (400.0, 905.0),
-                    (400.0, 610.5)), 1.0),
-    SaliencyRegion(((10.0, 20.0), (60.0, 20.0), (60.0, 80.0), (10.0, 80.0), (10.0, 20.0)),
-                   0.64, "gradcampp"),
+    Region.from_box(400.0, 610.5, 720.25, 905.0, 1.0),
+    Region.from_box(10.0, 20.0, 60.0, 80.0, 0.64),
 )
 
 

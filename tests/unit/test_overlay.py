@@ -24,14 +24,13 @@ from fracture_node.dicom.overlay import (
     render_overlay,
 )
 from fracture_node.dicom.pixels import read_pixels
-from fracture_node.dicom.report import SaliencyRegion
 from fracture_node.errors import ReportError
 from fracture_node.ml.infer import Classifier
+from fracture_node.saliency import Region
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
-REGION = SaliencyRegion(((100.0, 150.0), (220.0, 150.0), (220.0, 260.0), (100.0, 260.0),
-                         (100.0, 150.0)), 1.0)
+REGION = Region.from_box(100.0, 150.0, 220.0, 260.0, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +126,7 @@ def test_presentation_state_outlines_the_regions_on_the_source_image(
 ) -> None:
     """The GSPS references the radiograph and carries each region as a PIXEL polyline."""
     source, _ = hip
-    second = SaliencyRegion(((10.0, 20.0), (30.0, 20.0), (30.0, 50.0), (10.0, 50.0),
-                             (10.0, 20.0)), 0.7)
+    second = Region.from_box(10.0, 20.0, 30.0, 50.0, 0.7)
     gsps = build_presentation_state(source, [REGION, second], probability=0.81,
                                     series_instance_uid="1.2.3.4.6", model_name="m",
                                     software_version="0.1.0")
@@ -148,7 +146,7 @@ def test_presentation_state_outlines_the_regions_on_the_source_image(
     graphics = annotation.GraphicObjectSequence
     assert [g.GraphicType for g in graphics] == ["POLYLINE", "POLYLINE"]
     assert all(g.GraphicAnnotationUnits == "PIXEL" for g in graphics)
-    np.testing.assert_allclose(np.reshape(graphics[0].GraphicData, (-1, 2)), REGION.polygon)
+    np.testing.assert_allclose(np.reshape(graphics[0].GraphicData, (-1, 2)), REGION.polygon())
     assert "AI fracture 81% (unverified), R1" == annotation.TextObjectSequence[0].UnformattedTextValue
 
 
@@ -188,18 +186,20 @@ def test_overlay_series_uid_is_stable_per_study_and_kind() -> None:
 
 
 def test_a_region_from_a_box_is_a_closed_rectangle() -> None:
-    """SaliencyRegion.from_box gives the five corners of the box, first repeated last."""
-    region = SaliencyRegion.from_box(1, 2, 3, 4, 0.5)
-    assert region.polygon == ((1.0, 2.0), (3.0, 2.0), (3.0, 4.0), (1.0, 4.0), (1.0, 2.0))
-    assert region.peak == 0.5 and region.method == "hirescam"
+    """Region.from_box draws as the five corners of the box, first repeated last, its peak
+    point at the centre."""
+    region = Region.from_box(1, 2, 3, 4, 0.5)
+    assert region.polygon().tolist() == [[1.0, 2.0], [3.0, 2.0], [3.0, 4.0], [1.0, 4.0],
+                                         [1.0, 2.0]]
+    assert region.peak == 0.5 and (region.peak_x, region.peak_y) == (2.0, 3.0)
+    assert region.area == 4.0
 
 
 def test_region_labels_cannot_be_read_as_probabilities(
     hip: tuple[pydicom.Dataset, np.ndarray],
 ) -> None:
     """Regions are labelled R1, R2 (rank), never with their relative saliency (1.00, 0.94)."""
-    regions = [SaliencyRegion.from_box(10, 10, 50, 50, 1.0),
-               SaliencyRegion.from_box(60, 60, 90, 90, 0.94)]
+    regions = [Region.from_box(10, 10, 50, 50, 1.0), Region.from_box(60, 60, 90, 90, 0.94)]
     gsps = build_presentation_state(hip[0], regions, probability=0.37,
                                     series_instance_uid=generate_uid(), model_name="m",
                                     software_version="0.1.0")

@@ -23,7 +23,6 @@ from fracture_node.dicom.report import (
     SERIES_DESCRIPTION,
     AlgorithmInfo,
     ImageFinding,
-    SaliencyRegion,
     Unprocessed,
     algorithm_device_uid,
     build_report,
@@ -31,6 +30,7 @@ from fracture_node.dicom.report import (
 )
 from fracture_node.dicom.wording import percent
 from fracture_node.errors import ReportError
+from fracture_node.saliency import Region
 
 ALGORITHM = AlgorithmInfo(
     name="fracture-densenet", version="1.4.0", sha256="0f" * 32, threshold=0.42,
@@ -390,9 +390,11 @@ SQUARE = ((100.0, 200.0), (300.0, 200.0), (300.0, 400.0), (100.0, 400.0), (100.0
 SMALL = ((10.0, 20.0), (30.0, 20.0), (30.0, 45.0), (10.0, 45.0), (10.0, 20.0))
 
 
-def with_regions(ds: pydicom.Dataset, probability: float) -> ImageFinding:
+def with_regions(ds: pydicom.Dataset, probability: float, method: str = "hirescam"
+                 ) -> ImageFinding:
     return ImageFinding(ds.SOPInstanceUID, ds.SOPClassUID, probability, probability >= 0.42,
-                        (SaliencyRegion(SQUARE, 1.0), SaliencyRegion(SMALL, 0.63, "gradcam")))
+                        (Region.from_box(100.0, 200.0, 300.0, 400.0, 1.0),
+                         Region.from_box(10.0, 20.0, 30.0, 45.0, 0.63)), method)
 
 
 def roi_groups(sr: pydicom.Dataset) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
@@ -417,7 +419,7 @@ def test_regions_of_a_positive_image_are_planar_roi_groups(study: list[pydicom.D
 
 def test_a_region_carries_its_peak_saliency_and_method(study: list[pydicom.Dataset]) -> None:
     """The group holds the region's peak saliency (derivation Maximum) and the method's code."""
-    sr = build(study, [with_regions(study[0], 0.9)])
+    sr = build(study, [with_regions(study[0], 0.9, "gradcam")])
     peaks, methods = [], []
     for group in roi_groups(sr):
         (num,) = items_named(group, SALIENCY_PEAK)
@@ -428,7 +430,7 @@ def test_a_region_carries_its_peak_saliency_and_method(study: list[pydicom.Datas
         assert method.RelationshipType == "HAS CONCEPT MOD"  # TID 1419 row 1
         methods.append(method.ConceptCodeSequence[0].CodeValue)
     assert peaks == pytest.approx([1.0, 0.63])
-    assert methods == ["HIRESCAM", "GRADCAM"]
+    assert methods == ["GRADCAM", "GRADCAM"]
 
 
 def test_regions_of_negative_images_are_left_out_by_default(
@@ -455,17 +457,18 @@ def test_region_tracking_uids_are_stable_across_versions(study: list[pydicom.Dat
         g.tracking_uid for g in roi_groups(second)]
 
 
-@pytest.mark.parametrize(("polygon", "peak", "why"), [
-    (SQUARE[:-1], 1.0, "not closed"),
-    (((1.0, 1.0), (2.0, 2.0), (1.0, 1.0)), 1.0, "at least 3"),
-    (((-1.0, 0.0), (5.0, 0.0), (5.0, 5.0), (-1.0, 0.0)), 1.0, "negative"),
-    (SQUARE, 1.5, "outside 0..1"),
+@pytest.mark.parametrize(("box", "peak", "why"), [
+    ((10.0, 10.0, 10.0, 20.0), 1.0, "empty"),
+    ((10.0, 30.0, 20.0, 20.0), 1.0, "empty"),
+    ((-1.0, 0.0, 5.0, 5.0), 1.0, "negative"),
+    ((0.0, 0.0, float("nan"), 5.0), 1.0, "non-finite"),
+    ((100.0, 200.0, 300.0, 400.0), 1.5, "outside 0..1"),
 ])
-def test_a_malformed_region_is_refused(study: list[pydicom.Dataset], polygon: Any, peak: float,
+def test_a_malformed_region_is_refused(study: list[pydicom.Dataset], box: Any, peak: float,
                                        why: str) -> None:
-    """An open, degenerate or negative polygon, or a peak outside 0..1, is a ReportError."""
+    """An empty, negative or non-finite box, or a peak outside 0..1, is a ReportError."""
     bad = ImageFinding(study[0].SOPInstanceUID, study[0].SOPClassUID, 0.9, True,
-                       (SaliencyRegion(polygon, peak),))
+                       (Region.from_box(*box, peak),))
     with pytest.raises(ReportError, match=why):
         build(study, [bad])
 
