@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fracture_node.errors import FractureNodeError
 from fracture_node.logs import configure, get_logger
-from fracture_node.ml import train
+from fracture_node.ml import finalize, train
 from fracture_node.ml.model import ARCHITECTURES
 from fracture_node.ml.train import CPU_TIME_BUDGET_MIN
 
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     configure()
     args = parse_args(argv)
     try:
-        path = train.finalize_only(args) if args.finalize_only else train.run(args)
+        path = finalize.finalize_only(args) if args.finalize_only else train.run(args)
     except FractureNodeError as exc:
         log.error("training_failed", error=str(exc))
         return 1

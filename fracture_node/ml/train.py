@@ -22,6 +22,7 @@ import math
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,17 @@ from fracture_node.ml.data import (
     model_boxes,
     split_records,
 )
-from fracture_node.ml.explain import upsample
-from fracture_node.ml.infer import Classifier
+from fracture_node.ml.evidence import (
+    box_loss,
+    forward_with_map,
+    pointing_hits,
+    supports_evidence_map,
+)
+from fracture_node.ml.finalize import finalize, val_summary, weights_dtype
 from fracture_node.ml.model import (
     IMAGENET,
     IMAGENET_GREY,
     build_model,
-    is_lite,
     load_model_file,
     param_stages,
     save_model_file,
@@ -63,8 +68,6 @@ CHECKPOINT_FORMAT = "fracture-node-checkpoint/1"
 # A plain `train` on a CPU stops and anneals within this many minutes (issue: "a full CPU
 # training run should fit in about an hour").
 CPU_TIME_BUDGET_MIN = 60.0
-# Below this fitted Platt slope the calibration is not stored (see ``finalize``).
-MIN_CALIBRATION_SLOPE = 0.05
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = None
@@ -98,70 +101,6 @@ def augment(x: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = 
     bright = u(-0.06, 0.06).view(b, 1, 1, 1)
     img = img.clamp(0.0, 1.0).pow(gamma) * contrast + bright
     return img.clamp(0.0, 1.0), warped
-
-
-def supports_evidence_map(arch: str) -> bool:
-    """Architectures whose head is global-average pooling then one linear layer."""
-    return arch.startswith(("resnet", "densenet")) or is_lite(arch)
-
-
-def forward_with_map(model: nn.Module, arch: str, x: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logit ``[B]`` and the class-evidence map ``[B, h, w]`` of the last stage.
-
-    For a GAP + linear head the logit is exactly the mean of the map (the linear layer applied
-    at every position), so this is the network's own forward pass; the map is the last-stage
-    HiResCAM / CAM before ReLU and normalisation.
-    """
-    if arch.startswith("resnet"):
-        m: Any = model
-        f = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
-        head = m.fc
-    elif arch.startswith("densenet"):
-        f = F.relu(model.features(x))  # type: ignore[operator]
-        head = model.classifier
-    elif is_lite(arch):
-        f = model.forward_features(x)  # type: ignore[operator]
-        head = model.classifier
-    else:
-        raise FractureNodeError(f"no class-evidence map for architecture {arch}")
-    emap = F.conv2d(f, head.weight[:, :, None, None], head.bias).squeeze(1)
-    return emap.mean(dim=(1, 2)), emap
-
-
-def box_loss(emap: torch.Tensor, masks: torch.Tensor) -> torch.Tensor | None:
-    """``-log`` of the softmax mass of the evidence map inside the boxes, over boxed images.
-
-    ``masks`` ``[B, 1, S, S]`` (augmented, 0 where no box) are max-pooled to the map's grid; a
-    cell counts as inside when it overlaps a box. Images with no box cell are left out; None
-    when no image of the batch has one.
-    """
-    cells = F.adaptive_max_pool2d(masks, emap.shape[-2:]).flatten(1) > 0.25
-    keep = cells.any(dim=1)
-    if not bool(keep.any()):
-        return None
-    logp = F.log_softmax(emap.float().flatten(1)[keep], dim=1)
-    inside = torch.logsumexp(logp.masked_fill(~cells[keep], float("-inf")), dim=1)
-    return -inside.mean()
-
-
-def pointing_hits(emap: torch.Tensor, boxes: list[list[tuple[float, float, float, float]]],
-                  size: int) -> list[bool]:
-    """Per boxed image: does the map's peak fall inside one of its boxes?
-
-    The map is upsampled to the input size as the daemon's saliency does
-    (:func:`fracture_node.ml.explain.upsample`), so the peak can lie between two cell centres
-    and the per-epoch figure is the one the daemon would give (without its flip view).
-    """
-    keep = [k for k, image_boxes in enumerate(boxes) if image_boxes]
-    if not keep:
-        return []
-    flat = upsample(emap[keep].float(), size).flatten(1).argmax(dim=1).tolist()
-    hits = []
-    for k, peak in zip(keep, flat, strict=True):
-        cy, cx = peak // size + 0.5, peak % size + 0.5
-        hits.append(any(x0 <= cx <= x1 and y0 <= cy <= y1 for x0, y0, x1, y1 in boxes[k]))
-    return hits
 
 
 def lr_factor(progress: float, warmup: float) -> float:
@@ -223,22 +162,6 @@ def predict_cached(model: nn.Module, split: CachedSplit, mean: float, std: float
         probs.append(torch.sigmoid(logit).cpu().numpy())
     p = np.concatenate(probs) if probs else np.zeros(0)
     return p, float(sum(losses) / max(1, len(split))), hits
-
-
-def val_summary(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
-    """AUROC with DeLong CI, thresholds and the metrics at both operating points."""
-    auc, lo, hi = metrics.delong_ci(y, p)
-    t_bal = metrics.threshold_youden(y, p)
-    t_hs = metrics.threshold_for_sensitivity(y, p, 0.90)
-    return {
-        "n": int(len(y)), "positives": int(y.sum()),
-        "auroc": auc, "auroc_ci95": [lo, hi], "auroc_ci_method": "DeLong",
-        "sensitivity_at_specificity_0.90": metrics.sensitivity_at_specificity(y, p, 0.90),
-        "thresholds": {"balanced": t_bal, "high_sensitivity": t_hs},
-        "balanced": metrics.at_threshold(y, p, t_bal).as_dict(),
-        "high_sensitivity": metrics.at_threshold(y, p, t_hs).as_dict(),
-        "ece": metrics.ece(y, p)[0],
-    }
 
 
 def _card(args: argparse.Namespace, mean: float, std: float, val: dict[str, Any], tta: bool,
@@ -366,20 +289,95 @@ def frozen_modules(model: nn.Module, arch: str, freeze_stages: int) -> list[nn.M
     return [m for modules in param_stages(model, arch)[: freeze_stages + 1] for m in modules]
 
 
+@dataclass
+class _Data:
+    """The cached splits of a run and, with box supervision, their fracture boxes."""
+
+    train: CachedSplit
+    val: CachedSplit
+    train_boxes: list[list[tuple[float, float, float, float]]] | None
+    val_boxes: list[list[tuple[float, float, float, float]]] | None
+    box_csv: Path | None
+
+
+@dataclass
+class _Fit:
+    """What one run trains and keeps: the network, its optimiser, EMA, RNG and progress."""
+
+    model: nn.Module
+    frozen: list[nn.Module]
+    opt: torch.optim.Optimizer
+    ema: Ema | None
+    gen: torch.Generator
+    pos_weight: torch.Tensor
+    mean: float
+    std: float
+    device: torch.device
+    amp: bool
+    state: dict[str, Any] = field(default_factory=lambda: {
+        "epoch": 0, "step": 0, "elapsed": 0.0, "best_auroc": -1.0, "best_epoch": -1,
+        "history": [], "bad_epochs": 0})
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.model
+
+
 def run(args: argparse.Namespace) -> Path:
+    """Train as ``args`` say, keep the best model by val AUROC, finalize it; its path."""
+    device, amp = _setup(args)
+    data = _load_data(args)
+    fit = _new_fit(args, data, device, amp)
+    ckpt_path = args.out / "last-checkpoint.pt"
+    model_path = args.out / f"{args.name}.pt"
+    if args.resume is not None:
+        _resume(fit, args.resume)
+    info = _train_info(args, data, fit)
+    steps_per_epoch = max(1, len(data.train) // args.batch_size)
+    t_start = time.monotonic() - fit.state["elapsed"]
+    stop = False
+    while fit.state["epoch"] < args.epochs and not stop:
+        epoch = fit.state["epoch"]
+        t_epoch = time.monotonic()
+        stop, train_loss, seen, box_loss_mean = _train_epoch(args, data, fit, steps_per_epoch,
+                                                             t_start)
+        if seen == 0:
+            break
+        rec = _validate_and_keep(args, data, fit, model_path, info, epoch, t_start, stop,
+                                 train_loss, seen / max(1e-9, time.monotonic() - t_epoch),
+                                 box_loss_mean)
+        print(json.dumps(rec), file=sys.stderr, flush=True)
+        _save_checkpoint(fit, ckpt_path)
+        if fit.state["bad_epochs"] >= args.patience:
+            log.info("early_stop", epoch=epoch + 1, best_epoch=fit.state["best_epoch"])
+            break
+    training = dict(info, epochs_run=fit.state["epoch"], best_epoch=fit.state["best_epoch"],
+                    train_minutes=fit.state["elapsed"] / 60.0)
+    finalize(model_path, data.val, args.device, fit.state["history"], training,
+             weights_dtype(args), calibrate=args.calibrate)
+    return model_path
+
+
+def _setup(args: argparse.Namespace) -> tuple[torch.device, bool]:
+    """Seeds, threads, the device, the precision and the time budget (logged); the output
+    folder. Returns the device and whether to compute in bf16."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     args.precision = resolve_precision(args.precision, device)
-    amp = args.precision == "bf16"
     log.info("training_precision", precision=args.precision, device=str(device),
              cpu_capability=torch.backends.cpu.get_cpu_capability(), allocator=allocator_name())
     args.time_budget_min = resolve_time_budget(args.time_budget_min, device)
     log.info("training_budget", minutes=args.time_budget_min or None, epochs=args.epochs)
     args.out.mkdir(parents=True, exist_ok=True)
+    return device, args.precision == "bf16"
 
+
+def _load_data(args: argparse.Namespace) -> _Data:
+    """The train and val splits (``--limit``/``--val-limit`` samples), cached at the input size,
+    with their fracture boxes where box supervision is asked for and the network supports it."""
     records = load_records(args.data)
     tr_rec, va_rec = split_records(records, "train"), split_records(records, "val")
     if args.limit:
@@ -396,252 +394,186 @@ def run(args: argparse.Namespace) -> Path:
     box_csv = args.boxes
     if box_csv is None and Path(args.data).is_dir() and (Path(args.data) / "boxes.csv").is_file():
         box_csv = Path(args.data) / "boxes.csv"
-    tr_boxes = va_boxes = None
+    data = _Data(train, val, None, None, box_csv)
     if box_csv is not None and args.box_weight > 0:
         if not supports_evidence_map(args.arch):
             log.warning("box_supervision_unavailable", arch=args.arch,
                         reason="needs a global-average-pooling + linear head (ResNet, DenseNet)")
         else:
             table = load_boxes(box_csv)
-            tr_boxes = model_boxes(train.records, args.input_size, table)
-            va_boxes = model_boxes(val.records, args.input_size, table)
+            data.train_boxes = model_boxes(train.records, args.input_size, table)
+            data.val_boxes = model_boxes(val.records, args.input_size, table)
             log.info("box_supervision", boxes=box_csv.name, weight=args.box_weight,
-                     train_images=sum(1 for b in tr_boxes if b),
-                     val_images=sum(1 for b in va_boxes if b))
-    mean, std = input_normalisation(args.pretrained, train)
+                     train_images=sum(1 for b in data.train_boxes if b),
+                     val_images=sum(1 for b in data.val_boxes if b))
+    return data
+
+
+def _new_fit(args: argparse.Namespace, data: _Data, device: torch.device, amp: bool) -> _Fit:
+    mean, std = input_normalisation(args.pretrained, data.train)
     model = build_model(args.arch, args.pretrained).to(device).to(memory_format=torch.channels_last)
     groups = param_groups(model, args.arch, args.freeze_stages, args.lr_decay)
-    frozen = frozen_modules(model, args.arch, args.freeze_stages)
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    ema = Ema(model, args.ema) if args.ema > 0 else None
-    pos_weight = torch.tensor(_pos_weight(args.pos_weight, train.labels), device=device)
-    gen = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = max(1, len(train) // args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    budget_s = args.time_budget_min * 60.0
+    return _Fit(
+        model=model, frozen=frozen_modules(model, args.arch, args.freeze_stages),
+        opt=torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay),
+        ema=Ema(model, args.ema) if args.ema > 0 else None,
+        gen=torch.Generator().manual_seed(args.seed),
+        pos_weight=torch.tensor(_pos_weight(args.pos_weight, data.train.labels), device=device),
+        mean=mean, std=std, device=device, amp=amp)
 
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "elapsed": 0.0, "best_auroc": -1.0,
-                             "best_epoch": -1, "history": [], "bad_epochs": 0}
-    ckpt_path = args.out / "last-checkpoint.pt"
-    model_path = args.out / f"{args.name}.pt"
-    if args.resume is not None:
-        ck = torch.load(args.resume, map_location=device, weights_only=True)
-        if ck.get("format") != CHECKPOINT_FORMAT:
-            raise FractureNodeError(f"{args.resume.name} is not a training checkpoint")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if ema is not None and ck.get("ema") is not None:
-            ema.model.load_state_dict(ck["ema"])
-            ema.updates = int(ck["ema_updates"])
-        gen.set_state(ck["generator"])
-        state.update(ck["state"])
-        log.info("training_resumed", epoch=state["epoch"], step=state["step"])
 
-    train_info = {
+def _resume(fit: _Fit, checkpoint: Path) -> None:
+    ck = torch.load(checkpoint, map_location=fit.device, weights_only=True)
+    if ck.get("format") != CHECKPOINT_FORMAT:
+        raise FractureNodeError(f"{checkpoint.name} is not a training checkpoint")
+    fit.model.load_state_dict(ck["model"])
+    fit.opt.load_state_dict(ck["optimizer"])
+    if fit.ema is not None and ck.get("ema") is not None:
+        fit.ema.model.load_state_dict(ck["ema"])
+        fit.ema.updates = int(ck["ema_updates"])
+    fit.gen.set_state(ck["generator"])
+    fit.state.update(ck["state"])
+    log.info("training_resumed", epoch=fit.state["epoch"], step=fit.state["step"])
+
+
+def _save_checkpoint(fit: _Fit, path: Path) -> None:
+    """``last-checkpoint.pt``, written whole or not at all (a temporary file, then a rename)."""
+    torch.save({"format": CHECKPOINT_FORMAT, "model": fit.model.state_dict(),
+                "optimizer": fit.opt.state_dict(),
+                "ema": fit.ema.model.state_dict() if fit.ema is not None else None,
+                "ema_updates": fit.ema.updates if fit.ema is not None else 0,
+                "generator": fit.gen.get_state(), "state": fit.state}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+def _train_info(args: argparse.Namespace, data: _Data, fit: _Fit) -> dict[str, Any]:
+    """How the model was trained, for its card."""
+    train, val = data.train, data.val
+    return {
         "data": f"{Path(args.data).name}: {len(train)} train / {len(val)} val images "
                 f"({int(train.labels.sum())} / {int(val.labels.sum())} fractured)",
         "arch": args.arch, "input_size": args.input_size, "batch_size": args.batch_size,
         "optimizer": f"AdamW lr={args.lr} wd={args.weight_decay}",
         "schedule": f"warm-up {args.warmup:.0%} then cosine to 2%; progress = max(step, time)",
-        "loss": f"BCE pos_weight={float(pos_weight):.3f} label_smoothing={args.label_smoothing}",
+        "loss": f"BCE pos_weight={float(fit.pos_weight):.3f} "
+                f"label_smoothing={args.label_smoothing}",
         "ema": args.ema, "precision": args.precision, "seed": args.seed,
         "augmentation": "affine (rotation +-12 deg, zoom 0.87-1.2, shift +-6%, h-flip 0.5), "
                         "gamma 0.7-1.4, contrast 0.85-1.15, brightness +-0.06",
         "time_budget_min": args.time_budget_min, "threads": args.threads,
         "hardware": f"{platform.processor() or platform.machine()}, {args.threads} CPU threads"
-                    if device.type == "cpu" else torch.cuda.get_device_name(device),
+                    if fit.device.type == "cpu" else torch.cuda.get_device_name(fit.device),
         "pretrained": _pretrained_name(args.arch, args.pretrained),
         "freeze_stages": args.freeze_stages, "lr_decay": args.lr_decay,
         "box_supervision": (f"{args.box_weight} x -log(share of the last-stage evidence map "
-                            f"inside the fracture boxes), {sum(1 for b in tr_boxes if b)} boxed "
-                            f"train images ({box_csv.name})") if tr_boxes is not None else None,
+                            f"inside the fracture boxes), "
+                            f"{sum(1 for b in data.train_boxes if b)} boxed train images "
+                            f"({data.box_csv.name})")
+        if data.train_boxes is not None and data.box_csv is not None else None,
     }
 
-    interactive = sys.stderr.isatty()
-    stop = False
-    t_start = time.monotonic() - state["elapsed"]
-    while state["epoch"] < args.epochs and not stop:
-        epoch = state["epoch"]
-        model.train()
-        for module in frozen:
-            module.eval()
-        perm = torch.randperm(len(train), generator=gen).numpy()[: steps_per_epoch * args.batch_size]
-        t_epoch = time.monotonic()
-        run_loss, seen, run_box, box_steps = 0.0, 0, 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=interactive,
-                   mininterval=1.0 if interactive else 60.0, file=sys.stderr)
-        for i in bar:
-            sel = np.sort(perm[i * args.batch_size : (i + 1) * args.batch_size])
-            boxed = [tr_boxes[j] for j in sel] if tr_boxes is not None else []
-            masks = (torch.from_numpy(box_masks(boxed, args.input_size))
-                     if any(boxed) else None)
-            x, warped = augment(torch.from_numpy(train.images[sel]), gen, masks)
-            x = ((x - mean) / std).to(device).contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(train.labels[sel]).to(device)
-            y_s = y * (1 - args.label_smoothing) + 0.5 * args.label_smoothing
-            elapsed = time.monotonic() - t_start
-            progress = max(state["step"] / total_steps, elapsed / budget_s if budget_s else 0.0)
-            if progress >= 1.0:
-                stop = True
-                break
-            for g in opt.param_groups:
-                g["lr"] = args.lr * g["lr_scale"] * lr_factor(progress, args.warmup)
-            b_loss = None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                if warped is not None:
-                    logit, emap = forward_with_map(model, args.arch, x)
-                    b_loss = box_loss(emap, warped.to(device))
-                else:
-                    logit = model(x).squeeze(1)
-                logit = logit.float()
-            cls_loss = F.binary_cross_entropy_with_logits(logit, y_s, pos_weight=pos_weight)
-            loss = cls_loss
-            if b_loss is not None:
-                run_box += b_loss.item()
-                box_steps += 1
-                loss = loss + args.box_weight * b_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            if ema is not None:
-                ema.update(model)
-            state["step"] += 1
-            run_loss += cls_loss.item() * len(sel)
-            seen += len(sel)
-            extra = {"box": f"{run_box / box_steps:.3f}"} if box_steps else {}
-            bar.set_postfix(loss=f"{run_loss / seen:.4f}", lr=f"{opt.param_groups[-1]['lr']:.2e}",
-                            best_auc=f"{state['best_auroc']:.4f}", **extra)
-        bar.close()
-        if seen == 0:
-            break
-        eval_model = ema.model if ema is not None else model
-        p_val, val_loss, val_hits = predict_cached(eval_model, val, mean, std, args.batch_size * 2,
-                                                   device, amp, va_boxes, args.arch)
-        auc = metrics.auroc(val.labels, p_val)
-        state["epoch"] = epoch + 1
-        state["elapsed"] = time.monotonic() - t_start
-        rec = {"epoch": epoch + 1, "train_loss": run_loss / seen, "val_loss": val_loss,
-               "val_auroc": auc, "lr": opt.param_groups[-1]["lr"], "steps": state["step"],
-               "images_per_s": seen / max(1e-9, time.monotonic() - t_epoch),
-               "elapsed_min": state["elapsed"] / 60.0, "partial": bool(stop)}
-        if tr_boxes is not None:
-            rec["box_loss"] = run_box / max(1, box_steps)
-            rec["val_pointing_game"] = sum(val_hits) / max(1, len(val_hits))
-        state["history"].append(rec)
-        # a val set with one class only (tiny runs) has no AUROC: keep the first model then
-        score = auc if math.isfinite(auc) else 0.0
-        improved = score > state["best_auroc"]
-        if improved:
-            state["best_auroc"], state["best_epoch"], state["bad_epochs"] = score, epoch + 1, 0
-            summary = val_summary(val.labels, p_val)
-            info = dict(train_info, epochs_run=epoch + 1, best_epoch=epoch + 1,
-                        train_minutes=state["elapsed"] / 60.0)
-            save_model_file(model_path, eval_model,
-                            _card(args, mean, std, summary, False, state["history"], info))
-        else:
-            state["bad_epochs"] += 1
-        log.info("epoch_done", **{k: (round(v, 5) if isinstance(v, float) else v)
-                                  for k, v in rec.items()}, best=state["best_auroc"],
-                 saved=improved)
-        print(json.dumps(rec), file=sys.stderr, flush=True)
-        torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "ema": ema.model.state_dict() if ema is not None else None,
-                    "ema_updates": ema.updates if ema is not None else 0,
-                    "generator": gen.get_state(), "state": state}, ckpt_path.with_suffix(".tmp"))
-        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
-        if state["bad_epochs"] >= args.patience:
-            log.info("early_stop", epoch=epoch + 1, best_epoch=state["best_epoch"])
-            break
 
-    training = dict(train_info, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
-                    train_minutes=state["elapsed"] / 60.0)
-    finalize(model_path, val, args.device, state["history"], training, _dtype(args),
-             calibrate=args.calibrate)
-    return model_path
+def _train_epoch(args: argparse.Namespace, data: _Data, fit: _Fit, steps_per_epoch: int,
+                 t_start: float) -> tuple[bool, float, int, float | None]:
+    """One epoch of optimiser steps (cut short when the step or time budget is spent).
 
-
-def _dtype(args: argparse.Namespace) -> torch.dtype | None:
-    return torch.float16 if args.weights_dtype == "float16" else None
-
-
-def finalize_only(args: argparse.Namespace) -> Path:
-    """Finalize an existing ``<out>/<name>.pt`` (e.g. the best model of an interrupted run)."""
-    torch.set_num_threads(args.threads)
-    model_path = args.out / f"{args.name}.pt"
-    card = load_model_file(model_path).card
-    records = load_records(args.data)
-    va_rec = split_records(records, "val")
-    if args.val_limit or args.limit:
-        rng = np.random.default_rng(args.seed + 1)
-        n = args.val_limit or args.limit
-        va_rec = [va_rec[i] for i in sorted(rng.permutation(len(va_rec))[:n])]
-    val = cache_split(va_rec, int(card["input_size"]), args.cache_dir, args.workers, "val")
-    finalize(model_path, val, args.device, card.get("history") or [], card.get("training") or {},
-             _dtype(args), calibrate=args.calibrate)
-    return model_path
-
-
-def _fit_calibration(y: np.ndarray, p: np.ndarray) -> tuple[dict[str, Any] | None, np.ndarray]:
-    """Platt scaling of the val probabilities ``p``: the card's ``calibration`` and the
-    calibrated probabilities; or ``(None, p)`` (logged) where the model does not rank val: an
-    early or broken run fits a slope near 0 or below, which would squash every probability to
-    the prevalence, or reverse the ranking."""
-    slope, intercept = metrics.fit_platt(y, metrics.logit(p))
-    if slope < MIN_CALIBRATION_SLOPE:
-        log.warning("calibration_skipped", slope=round(slope, 6),
-                    val_auroc=round(metrics.auroc(y, p), 4),
-                    reason="the model does not rank the val images; probabilities left raw")
-        return None, p
-    calibrated = metrics.platt(metrics.logit(p), slope, intercept)
-    before, after = metrics.ece(y, p)[0], metrics.ece(y, calibrated)[0]
-    log.info("calibration_fitted", slope=round(slope, 4), intercept=round(intercept, 4),
-             val_ece_before=round(before, 4), val_ece_after=round(after, 4))
-    return {"method": "platt", "slope": slope, "intercept": intercept,
-            "fitted_on": f"val ({len(y)} images, {int(y.sum())} fractured)",
-            "val_ece_before": before, "val_ece_after": after}, calibrated
-
-
-def finalize(model_path: Path, val: CachedSplit, device: str, history: list[dict[str, Any]],
-             training: dict[str, Any], weights_dtype: torch.dtype | None,
-             calibrate: bool = True) -> str:
-    """Re-score val through the serving path (fp32 compute), decide on flip TTA, calibrate, fix
-    thresholds.
-
-    With ``weights_dtype`` the weights are first stored in that type, so the thresholds are
-    chosen on exactly the weights that ship. With ``calibrate``, Platt scaling is fitted on the
-    val logits and stored in the card, and the thresholds are chosen on the calibrated
-    probabilities (the scale the node reports). Returns the final file's sha256.
+    Returns (budget spent, mean classification loss, images seen, mean box loss or None).
     """
-    if weights_dtype is not None:
-        mf = load_model_file(model_path)
-        save_model_file(model_path, mf.state_dict, mf.card, weights_dtype)
-    clf = Classifier.load(model_path, device="cpu" if device == "auto" else device)
-    clf.calibration = None
-    images = val.images.astype(np.float32) / 255.0
-    scores: dict[bool, np.ndarray] = {}
-    for tta in (False, True):
-        clf.tta = tta
-        scores[tta] = np.concatenate([clf.predict_batch(images[i : i + 64])
-                                      for i in range(0, len(images), 64)])
-    auc_plain = metrics.auroc(val.labels, scores[False])
-    auc_tta = metrics.auroc(val.labels, scores[True])
-    use_tta = bool(auc_tta > auc_plain + 0.002)
-    p = scores[use_tta]
-    calibration, p = _fit_calibration(val.labels, p) if calibrate else (None, p)
-    summary = val_summary(val.labels, p)
-    summary["auroc_without_tta"], summary["auroc_with_flip_tta"] = auc_plain, auc_tta
-    summary["scored_on"] = "cached val inputs (uint8-quantised letterboxed images), fp32 compute"
-    card = dict(clf.card)
-    card.pop("calibration", None)
-    card.update(thresholds=summary["thresholds"], tta=use_tta, val_metrics=summary,
-                history=history, training=training)
-    if calibration is not None:
-        card["calibration"] = calibration
-    mf = load_model_file(model_path)
-    sha = save_model_file(model_path, mf.state_dict, card)
-    log.info("model_written", path=str(model_path), sha256=sha, val_auroc=summary["auroc"],
-             tta=use_tta, thresholds=summary["thresholds"])
-    return sha
+    train, state, opt = data.train, fit.state, fit.opt
+    total_steps = steps_per_epoch * args.epochs
+    budget_s = args.time_budget_min * 60.0
+    fit.model.train()
+    for module in fit.frozen:
+        module.eval()
+    perm = torch.randperm(len(train), generator=fit.gen).numpy()[
+        : steps_per_epoch * args.batch_size]
+    interactive = sys.stderr.isatty()
+    run_loss, seen, run_box, box_steps = 0.0, 0, 0.0, 0
+    stop = False
+    bar = tqdm(range(steps_per_epoch), desc=f"epoch {state['epoch'] + 1}", leave=interactive,
+               mininterval=1.0 if interactive else 60.0, file=sys.stderr)
+    for i in bar:
+        sel = np.sort(perm[i * args.batch_size : (i + 1) * args.batch_size])
+        boxed = [data.train_boxes[j] for j in sel] if data.train_boxes is not None else []
+        masks = torch.from_numpy(box_masks(boxed, args.input_size)) if any(boxed) else None
+        x, warped = augment(torch.from_numpy(train.images[sel]), fit.gen, masks)
+        x = ((x - fit.mean) / fit.std).to(fit.device).contiguous(
+            memory_format=torch.channels_last)
+        y = torch.from_numpy(train.labels[sel]).to(fit.device)
+        y_s = y * (1 - args.label_smoothing) + 0.5 * args.label_smoothing
+        elapsed = time.monotonic() - t_start
+        progress = max(state["step"] / total_steps, elapsed / budget_s if budget_s else 0.0)
+        if progress >= 1.0:
+            stop = True
+            break
+        for g in opt.param_groups:
+            g["lr"] = args.lr * g["lr_scale"] * lr_factor(progress, args.warmup)
+        b_loss = None
+        with torch.autocast(fit.device.type, dtype=torch.bfloat16, enabled=fit.amp):
+            if warped is not None:
+                logit, emap = forward_with_map(fit.model, args.arch, x)
+                b_loss = box_loss(emap, warped.to(fit.device))
+            else:
+                logit = fit.model(x).squeeze(1)
+            logit = logit.float()
+        cls_loss = F.binary_cross_entropy_with_logits(logit, y_s, pos_weight=fit.pos_weight)
+        loss = cls_loss
+        if b_loss is not None:
+            run_box += b_loss.item()
+            box_steps += 1
+            loss = loss + args.box_weight * b_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(fit.model.parameters(), 5.0)
+        opt.step()
+        if fit.ema is not None:
+            fit.ema.update(fit.model)
+        state["step"] += 1
+        run_loss += cls_loss.item() * len(sel)
+        seen += len(sel)
+        extra = {"box": f"{run_box / box_steps:.3f}"} if box_steps else {}
+        bar.set_postfix(loss=f"{run_loss / seen:.4f}", lr=f"{opt.param_groups[-1]['lr']:.2e}",
+                        best_auc=f"{state['best_auroc']:.4f}", **extra)
+    bar.close()
+    box_mean = run_box / max(1, box_steps) if data.train_boxes is not None else None
+    return stop, run_loss / max(1, seen), seen, box_mean
 
+
+def _validate_and_keep(args: argparse.Namespace, data: _Data, fit: _Fit, model_path: Path,
+                       info: dict[str, Any], epoch: int, t_start: float, partial: bool,
+                       train_loss: float, images_per_s: float,
+                       box_loss_mean: float | None) -> dict[str, Any]:
+    """Score val with the EMA model, record the epoch, and rewrite the model file when val
+    AUROC improved; the epoch's record."""
+    state = fit.state
+    p_val, val_loss, val_hits = predict_cached(fit.eval_model, data.val, fit.mean, fit.std,
+                                               args.batch_size * 2, fit.device, fit.amp,
+                                               data.val_boxes, args.arch)
+    auc = metrics.auroc(data.val.labels, p_val)
+    state["epoch"] = epoch + 1
+    state["elapsed"] = time.monotonic() - t_start
+    rec = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+           "val_auroc": auc, "lr": fit.opt.param_groups[-1]["lr"], "steps": state["step"],
+           "images_per_s": images_per_s, "elapsed_min": state["elapsed"] / 60.0,
+           "partial": bool(partial)}
+    if box_loss_mean is not None:
+        rec["box_loss"] = box_loss_mean
+        rec["val_pointing_game"] = sum(val_hits) / max(1, len(val_hits))
+    state["history"].append(rec)
+    # a val set with one class only (tiny runs) has no AUROC: keep the first model then
+    score = auc if math.isfinite(auc) else 0.0
+    improved = score > state["best_auroc"]
+    if improved:
+        state["best_auroc"], state["best_epoch"], state["bad_epochs"] = score, epoch + 1, 0
+        summary = val_summary(data.val.labels, p_val)
+        card_info = dict(info, epochs_run=epoch + 1, best_epoch=epoch + 1,
+                         train_minutes=state["elapsed"] / 60.0)
+        save_model_file(model_path, fit.eval_model,
+                        _card(args, fit.mean, fit.std, summary, False, state["history"],
+                              card_info))
+    else:
+        state["bad_epochs"] += 1
+    log.info("epoch_done", **{k: (round(v, 5) if isinstance(v, float) else v)
+                              for k, v in rec.items()}, best=state["best_auroc"],
+             saved=improved)
+    return rec

@@ -180,7 +180,7 @@ def test_graph_is_written_to_the_cache_folder_when_needed(exported: Path, tmp_pa
 
 def test_evidence_architectures_are_trainings() -> None:
     """The graph carries an evidence map exactly for the architectures training makes one for."""
-    from fracture_node.ml.train import supports_evidence_map
+    from fracture_node.ml.evidence import supports_evidence_map
 
     for arch in ARCHITECTURES:
         assert oe.has_evidence_map(arch) == supports_evidence_map(arch), arch

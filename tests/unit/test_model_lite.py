@@ -196,7 +196,7 @@ def test_fracture_node_model_file_continues_with_its_head(tmp_path: Path) -> Non
 
 def test_evidence_map_mean_is_the_logit() -> None:
     """For EfficientNet-Lite the class-evidence map averages to the network's logit."""
-    from fracture_node.ml.train import forward_with_map, supports_evidence_map
+    from fracture_node.ml.evidence import forward_with_map, supports_evidence_map
 
     assert supports_evidence_map("efficientnet_lite0")
     net = build_model("efficientnet_lite0").eval()

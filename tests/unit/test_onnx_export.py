@@ -69,7 +69,7 @@ def test_graph_logits_equal_the_networks_on_images_of_any_batch_size(resnet: Pat
 @pytest.mark.parametrize("arch", ["resnet18", "densenet121", "efficientnet_lite0"])
 def test_evidence_map_is_trainings_map_without_the_bias(arch: str) -> None:
     """The exported evidence output is train.forward_with_map's map less the head's bias."""
-    from fracture_node.ml.train import forward_with_map
+    from fracture_node.ml.evidence import forward_with_map
 
     torch.manual_seed(1)
     net = build_model(arch).eval()

@@ -125,8 +125,8 @@ def test_evidence_map_mean_is_the_logit_and_box_loss_rewards_the_box() -> None:
     """forward_with_map equals the model's forward; box_loss is lower for a map peaking in the box."""
     import torch
 
+    from fracture_node.ml.evidence import box_loss, forward_with_map, pointing_hits
     from fracture_node.ml.model import build_model
-    from fracture_node.ml.train import box_loss, forward_with_map, pointing_hits
 
     torch.manual_seed(0)
     model = build_model("resnet18").eval()
@@ -227,8 +227,8 @@ def test_finalize_calibrates_a_model_that_ranks_val_and_not_one_that_does_not(
     import torch
 
     from fracture_node.ml.data import CachedSplit
+    from fracture_node.ml.finalize import finalize
     from fracture_node.ml.model import build_model, save_model_file
-    from fracture_node.ml.train import finalize
 
     torch.manual_seed(3)
     path = tmp_path / "m.pt"
