@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fracture_node.config_http import HttpConfig
 from fracture_node.errors import ConfigError
 from fracture_node.saliency import defaults as saliency_defaults
 
@@ -462,6 +463,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     source: str = "<embedded defaults>"
 
     # Derived paths --------------------------------------------------------------------------
@@ -479,12 +481,16 @@ class Config:
 
     def validate(self) -> Config:
         for section in (self.node, self.storage, self.database, self.model, self.study,
-                        self.delivery, self.saliency, self.scope, self.logging, self.metrics):
+                        self.delivery, self.saliency, self.scope, self.logging, self.metrics,
+                        self.http):
             section.validate()
         names = [d.name for d in self.destinations]
         for i, dest in enumerate(self.destinations):
             dest.validate(i)
         self.tls.check(scu=any(d.tls for d in self.destinations))
+        if self.http.enabled and self.http.tls:
+            self.http.tls_files(self.tls.certificate, self.tls.private_key,
+                                self.tls.ca_certificates)
         for i, dest in enumerate(self.destinations):
             if dest.overlays != "none" and not self.saliency.enabled:
                 raise ConfigError(
@@ -540,6 +546,7 @@ _SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "metrics": MetricsConfig,
     "tls": TlsConfig,
+    "http": HttpConfig,
 }
 
 

@@ -41,6 +41,7 @@ class Daemon:
         self.store: Store | None = None
         self.receiver: Receiver | None = None
         self.metrics_server: MetricsServer | None = None
+        self.http_server: Any = None
         self._parts: list[Any] = []
         self.worker: Any = None
         self.reporter: Any = None
@@ -81,6 +82,11 @@ class Daemon:
                 "metrics_port", "[metrics] port", cfg.metrics.host, cfg.metrics.port,
                 lambda: MetricsServer(self.metrics, self.health, cfg.metrics.host,
                                       cfg.metrics.port))
+        if cfg.http.enabled:
+            from fracture_node.web.server import node_server
+
+            self.http_server = _bind("http_port", "[http] port", cfg.http.host, cfg.http.port,
+                                     lambda: node_server(cfg, self.store, self._actions_done))
         if cfg.node.role in ("all", "receiver"):
             self.receiver = Receiver(cfg, self.store, spool, on_stored=self.wake.set,
                                      metrics=self.metrics)
@@ -111,6 +117,8 @@ class Daemon:
             self._start_processing(spool, node, classifier)
         if self.metrics_server is not None:
             self.metrics_server.start()
+        if self.http_server is not None:
+            self.http_server.start()
         if self.receiver is not None:
             self.receiver.serve()  # every part is ready: the first association may come
         self.metrics.up.set(1)
@@ -186,6 +194,13 @@ class Daemon:
         except Exception as exc:  # a stopped scheduler, a job removed: nothing to hurry
             log.debug("job_not_hurried", job=job, error=type(exc).__name__)
 
+    def _actions_done(self) -> None:
+        """A console or API action made work due: report and deliver now."""
+        self.wake.set()
+        if self.scheduler is not None:
+            self._poke(self.scheduler, "report")
+            self._poke(self.scheduler, "deliver")
+
     def health(self) -> dict[str, Any]:
         """What ``/health`` answers: ok only when the database answers and the SCP listens."""
         state: dict[str, Any] = {"version": __version__, "role": self.config.node.role}
@@ -227,6 +242,10 @@ class Daemon:
             return max(0.1, deadline - time.monotonic())
 
         try:
+            if self.http_server is not None:  # no console action or upload while draining
+                self._stopping_part = "http"
+                self.http_server.stop(timeout_s=left() / 2)
+                self.http_server = None
             if self.receiver is not None:
                 self._stopping_part = "scp"
                 self.receiver.stop(drain_timeout_s=left() / 2)

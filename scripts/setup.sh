@@ -32,6 +32,8 @@ if [[ "${1:-}" == "--test" ]]; then
   command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
   # Headless Chromium shows dsr2html's rendering of our SR (tests/integration/test_report_rendering.py).
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  # chromedriver: Selenium drives headless Chromium through the web console (tests/e2e/test_console.py).
+  command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
   if ((${#need[@]})); then
     echo "installing ${need[*]} (apt)"
     $SUDO apt-get update -qq

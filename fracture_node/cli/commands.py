@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
             ("audit", "answer an audit question (positives, turnaround, models, deliveries, "
                       "objects, sources, unprocessed, reports_failed)"),
             ("status", "queue depth, states, last reports, dead deliveries"),
-            ("housekeeping", "run one housekeeping job now")):
+            ("housekeeping", "run one housekeeping job now"),
+            ("user", "add or list users of the web console and API"),
+            ("hash-password", "print an argon2 hash of a password")):
         p = sub.add_parser(name, help=helptext, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -86,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # predict/train/evaluate own their arguments: hand everything after the name over.
     if argv and argv[0] in ("predict", "train", "evaluate"):
         return _delegate(argv[0], argv[1:])
+    if argv and argv[0] in ("user", "hash-password"):
+        from fracture_node.user_cli import main as user_main
+
+        return user_main(argv)
     if argv and argv[0] in ("audit", "status", "housekeeping"):
         from fracture_node.cli.operations import main as operator_main
 

@@ -1,0 +1,1 @@
+"""The node's HTTP server: web console, JSON API and STOW-RS (FastAPI on uvicorn)."""
