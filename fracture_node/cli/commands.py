@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="only these studies (default: every parked study)")
     for name, helptext in (
             ("audit", "answer an audit question (positives, turnaround, models, deliveries, "
-                      "objects, sources, unprocessed, reports_failed)"),
+                      "objects, sources, unprocessed, reports_failed, actions)"),
             ("status", "queue depth, states, last reports, dead deliveries"),
             ("housekeeping", "run one housekeeping job now"),
             ("user", "add or list users of the web console and API"),

@@ -7,7 +7,7 @@
     fracture-node housekeeping <job> [--config F] [--json]
 
 Questions: ``positives``, ``turnaround``, ``models``, ``deliveries``, ``objects``,
-``sources``, ``unprocessed``, ``reports_failed`` (see :mod:`fracture_node.db.audit` and
+``sources``, ``unprocessed``, ``reports_failed``, ``actions`` (see :mod:`fracture_node.db.audit` and
 ``docs/audit.md``).
 ``--since`` and ``--until`` take UTC dates (``2026-11-01``; both days included) or ISO date-times
 (``--until`` then excluded); the default is the last 30 days. People get an aligned table,
@@ -32,7 +32,7 @@ from typing import Any
 from fracture_node.errors import FractureNodeError
 
 QUESTION_NAMES = ("positives", "turnaround", "models", "deliveries", "objects", "sources",
-                  "unprocessed", "reports_failed")
+                  "unprocessed", "reports_failed", "actions")
 DEFAULT_DAYS = 30
 
 

@@ -19,7 +19,12 @@ Definitions (also in ``docs/audit.md``):
 - *sources* counts associations per calling AE title (``instances_stored`` includes identical
   copies acknowledged without being stored again);
 - *unprocessed* counts instances not processed or failed, by reason, and C-STORE requests we
-  refused (``refused``), by reason.
+  refused (``refused``), by reason;
+- *actions* lists what users of the web console and API did (retries, re-processing) and which
+  pages with patient data they were shown, with who, how authenticated and from where.
+
+The web console and the JSON API read through the same :class:`Audit` (its questions, its
+``status``, and the study-by-study views of :mod:`fracture_node.db.browse`).
 """
 
 from __future__ import annotations
@@ -27,17 +32,17 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import bindparam
 
-from fracture_node.db import maintenance
+from fracture_node.db import browse, maintenance
 from fracture_node.db import schema as s
 from fracture_node.errors import DatabaseError
 
@@ -304,6 +309,13 @@ WHERE st.report_attempts > 0
 ORDER BY 2, st.last_received_at
 """
 
+_ACTIONS = """
+SELECT o.at, o.user_name, o.role, o.via, o.peer_address, o.action, o.target, o.affected
+FROM operator_actions o
+WHERE o.at >= :since AND o.at < :until
+ORDER BY o.at, o.id
+"""
+
 QUESTIONS: dict[str, Question] = {q.name: q for q in (
     _question("positives", "Positive results per day",
               "day instances positive positive_rate studies positive_studies", "", _POSITIVES),
@@ -343,6 +355,8 @@ QUESTIONS: dict[str, Question] = {q.name: q for q in (
               "study_instance_uid state attempts instances first_received_at last_received_at "
               "next_attempt_at parked_at error",
               "first_received_at last_received_at next_attempt_at parked_at", _REPORTS_FAILED),
+    _question("actions", "What users of the web console and API did, and patient data shown",
+              "at user_name role via peer_address action target affected", "at", _ACTIONS),
 )}
 
 
@@ -395,8 +409,58 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class Audit:
-    """Runs the audit questions and the status figures on a read-only connection."""
+T = TypeVar("T")
+
+
+class _Browse:
+    """The study-by-study views (:mod:`fracture_node.db.browse`) on :class:`Audit`'s
+    read-only connection."""
+
+    engine: Engine
+
+    def _read(self, what: str, fn: Callable[[Session], T]) -> T:
+        try:
+            with Session(self.engine) as ses:
+                return fn(ses)
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"{what} failed: {type(exc).__name__}: "
+                                f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}") from exc
+
+    def studies(self, flt: browse.StudyFilter, limit: int = 50, offset: int = 0) -> browse.Page:
+        return self._read("studies", lambda ses: browse.studies(ses, flt, limit, offset))
+
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        return self._read("study", lambda ses: browse.study(ses, study_uid))
+
+    def instance_file(self, study_uid: str, sop_uid: str) -> dict[str, Any] | None:
+        return self._read("instance", lambda ses: browse.instance_file(ses, study_uid, sop_uid))
+
+    def instances(self, *, state: str | None = None, reason: str | None = None,
+                  since: dt.datetime | None = None, until: dt.datetime | None = None,
+                  limit: int = 50, offset: int = 0) -> browse.Page:
+        return self._read("instances", lambda ses: browse.instances(
+            ses, state=state, reason=reason, since=since, until=until, limit=limit,
+            offset=offset))
+
+    def queue(self, limit: int = 50, offset: int = 0) -> browse.Page:
+        return self._read("queue", lambda ses: browse.queue(ses, limit, offset))
+
+    def destinations(self, configured: Sequence[str]) -> list[dict[str, Any]]:
+        return self._read("destinations", lambda ses: browse.destinations(ses, configured))
+
+    def dead_letters(self, *, destination: str | None = None, since: dt.datetime | None = None,
+                     until: dt.datetime | None = None, limit: int = 50,
+                     offset: int = 0) -> browse.Page:
+        return self._read("dead letters", lambda ses: browse.dead_letters(
+            ses, destination=destination, since=since, until=until, limit=limit, offset=offset))
+
+    def activity(self, since: dt.datetime) -> dict[str, int]:
+        return self._read("activity", lambda ses: browse.activity(ses, since))
+
+
+class Audit(_Browse):
+    """Runs the audit questions, the status figures and the study-by-study views on a read-only
+    connection."""
 
     def __init__(self, url: str) -> None:
         self.engine = read_only_engine(url)

@@ -337,17 +337,7 @@ class ReportingQueries:
     def reprocess_studies(self, study_uids: Sequence[str] = ()) -> int:
         """Take parked studies back (those named, or every parked one): their failure count
         and back-off are cleared and a report is due again. Returns how many."""
-        def fn(ses: Session) -> int:
-            where: list[Any] = [s.Study.report_parked_at.is_not(None)]
-            if study_uids:  # named: parked or failing (a reported study stays as it is)
-                where = [s.Study.study_instance_uid.in_(list(study_uids)),
-                         or_(s.Study.report_parked_at.is_not(None),
-                             s.Study.report_attempts > 0)]
-            return rowcount(ses.execute(update(s.Study).where(*where).values(
-                report_due=True, report_attempts=0, report_retry_at=None,
-                report_parked_at=None)))
-
-        return self._run(fn)
+        return int(self._run(lambda ses: reprocess_in(ses, study_uids)))
 
     def parked_studies(self, limit: int = 100) -> list[dict[str, Any]]:
         """Studies whose report failed ``report_max_attempts`` times, newest first."""
@@ -486,19 +476,36 @@ class ReportingQueries:
     def retry_dead_deliveries(self, deadline_s: float, destination: str | None = None,
                               report_ids: Sequence[int] | None = None) -> int:
         """Put dead-lettered deliveries back in the queue with a fresh deadline."""
-        def fn(ses: Session) -> int:
-            now = _now()
-            cond = [s.Delivery.state == s.DEAD]
-            if destination:
-                cond.append(s.Delivery.destination == destination)
-            if report_ids:
-                cond.append(s.Delivery.report_id.in_(list(report_ids)))
-            return rowcount(ses.execute(update(s.Delivery).where(and_(*cond)).values(
-                state=s.PENDING, next_attempt_at=now,
-                deadline_at=now + dt.timedelta(seconds=deadline_s))))
-
-        return self._run(fn)
+        return int(self._run(lambda ses: retry_dead_in(ses, deadline_s, destination,
+                                                       report_ids)))
 
     def delivery_states(self) -> dict[str, int]:
         return dict(self._run(lambda ses: ses.execute(
             select(s.Delivery.state, func.count()).group_by(s.Delivery.state)).all()))
+
+
+def reprocess_in(ses: Session, study_uids: Sequence[str] = ()) -> int:
+    """:meth:`ReportingQueries.reprocess_studies` in the caller's transaction."""
+    where: list[Any] = [s.Study.report_parked_at.is_not(None)]
+    if study_uids:  # named: parked or failing (a reported study stays as it is)
+        where = [s.Study.study_instance_uid.in_(list(study_uids)),
+                 or_(s.Study.report_parked_at.is_not(None), s.Study.report_attempts > 0)]
+    return rowcount(ses.execute(update(s.Study).where(*where).values(
+        report_due=True, report_attempts=0, report_retry_at=None, report_parked_at=None)))
+
+
+def retry_dead_in(ses: Session, deadline_s: float, destination: str | None = None,
+                  report_ids: Sequence[int] | None = None,
+                  delivery_ids: Sequence[int] | None = None) -> int:
+    """:meth:`ReportingQueries.retry_dead_deliveries` in the caller's transaction (also by
+    delivery id)."""
+    now = _now()
+    cond = [s.Delivery.state == s.DEAD]
+    if destination:
+        cond.append(s.Delivery.destination == destination)
+    if report_ids:
+        cond.append(s.Delivery.report_id.in_(list(report_ids)))
+    if delivery_ids:
+        cond.append(s.Delivery.id.in_(list(delivery_ids)))
+    return rowcount(ses.execute(update(s.Delivery).where(and_(*cond)).values(
+        state=s.PENDING, next_attempt_at=now, deadline_at=now + dt.timedelta(seconds=deadline_s))))

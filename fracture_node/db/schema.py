@@ -14,6 +14,8 @@ Tables
 ``delivery_objects`` the overlays a delivery carries besides the SR, each with its own outcome.
 ``delivery_attempts`` every attempt to deliver, with status and error.
 ``housekeeping_runs`` what each housekeeping job did.
+``operator_actions`` what a user of the web console or API did (a retry, a re-process, a view of
+                   patient data), who, from where and when.
 
 No patient names, IDs or birth dates are stored: the UIDs link every row to the PACS, which holds
 the demographics. The migrations in ``migrations/`` must produce exactly this schema (tested).
@@ -372,3 +374,25 @@ class HousekeepingRun(Base):
     """A JSON object of what the job did."""
 
     __table_args__ = (Index(None, "job", "started_at"),)
+
+
+class OperatorAction(Base):
+    """One thing a user of the console or the API did or saw: the audit trail of people."""
+
+    __tablename__ = "operator_actions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    user_name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    via: Mapped[str] = mapped_column(String(16))
+    """How the user was authenticated: ``basic``, ``session`` or ``proxy``."""
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    """``retry_delivery``, ``reprocess_study`` or ``view_patient_data``."""
+    target: Mapped[str] = mapped_column(String(128))
+    """A delivery id or a Study Instance UID (never a patient attribute)."""
+    affected: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Rows the action changed (0: nothing to do, e.g. the delivery was no longer dead)."""
+
+    __table_args__ = (Index(None, "at"),)

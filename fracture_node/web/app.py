@@ -46,7 +46,16 @@ class WebContext:
     on_change: Callable[[], None] = lambda: None
     """Called after an action made work due (wakes the deliverer and reporter)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Whatever another router needs (e.g. the spool and receiver for STOW-RS)."""
+    """Whatever another router needs (e.g. the spool and receiver for STOW-RS); an entry with a
+    ``close()`` or ``dispose()`` is closed when the server stops."""
+
+    def close(self) -> None:
+        for value in self.extra.values():
+            for name in ("close", "dispose"):
+                method = getattr(value, name, None)
+                if callable(method):
+                    method()
+                    break
 
 
 def make_authenticator(config: Config) -> Authenticator:

@@ -81,11 +81,12 @@ class HttpServer:
 
     def __init__(self, app: Any, host: str, port: int,
                  ssl_context: ssl.SSLContext | None = None,
-                 graceful_timeout_s: int = 10) -> None:
+                 graceful_timeout_s: int = 10, on_stop: Any = None) -> None:
         self._sock = bind_socket(host, port)
         self.host = host
         self.port = int(self._sock.getsockname()[1])
         self.tls = ssl_context is not None
+        self._on_stop = on_stop
 
         def context_factory(_config: uvicorn.Config, _default: Any) -> ssl.SSLContext:
             assert ssl_context is not None
@@ -126,6 +127,8 @@ class HttpServer:
                 self._server.force_exit = True
                 self._thread.join(2.0)
         self._sock.close()
+        if self._on_stop is not None:
+            self._on_stop()
         log.info("http_stopped", port=self.port)
 
 
@@ -142,4 +145,4 @@ def node_server(config: Config, store: Any, on_change: Any = None,
         log.warning("http_no_users", users_file=str(context.authenticator.users.path),
                     fix="add one with 'fracture-node user add NAME --role operator'")
     return HttpServer(create_app(context, routers), config.http.host, config.http.port,
-                      ssl_context=tls_context(config))
+                      ssl_context=tls_context(config), on_stop=context.close)
