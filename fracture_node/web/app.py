@@ -15,8 +15,10 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fracture_node import __version__
 from fracture_node.config import Config
@@ -30,7 +32,9 @@ SECURITY_HEADERS = {
                                "script-src 'self'; frame-ancestors 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on the
+    # console's own form posts, which the cross-site check must refuse
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -90,6 +94,16 @@ def create_app(context: WebContext, routers: Sequence[APIRouter] = ()) -> FastAP
                             headers={"WWW-Authenticate": 'Basic realm="fracture-node", '
                                                          'charset="UTF-8"'})
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if _is_page(request):
+            from fracture_node.web.console import render
+
+            principal = getattr(request.state, "principal", None)
+            return render(request, "error.html", principal, status_code=exc.status_code,
+                          code=exc.status_code, detail=exc.detail)
+        return await http_exception_handler(request, exc)
+
     @app.middleware("http")
     async def security_headers(request: Request,
                                call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -103,9 +117,16 @@ def create_app(context: WebContext, routers: Sequence[APIRouter] = ()) -> FastAP
 
 def _wants_html(request: Request) -> bool:
     path = request.url.path
-    if path.startswith(("/api", "/openapi", "/dicomweb", "/studies")):
+    if path.startswith(("/api", "/openapi", "/dicomweb")):
         return False
     return request.method == "GET" and "text/html" in request.headers.get("accept", "")
+
+
+def _is_page(request: Request) -> bool:
+    """A console request from a browser (errors then come as a page, not JSON)."""
+    path = request.url.path
+    return not path.startswith(("/api", "/openapi", "/dicomweb", "/static")) and \
+        "text/html" in request.headers.get("accept", "")
 
 
 def context_of(request: Request) -> WebContext:

@@ -170,8 +170,8 @@ def same_origin(request: Request) -> bool:
     if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
         return False
     origin = request.headers.get("origin")
-    if not origin or origin == "null" and request.url.path == "/login":
-        return True
+    if not origin:
+        return True  # not sent by a browser (API clients), or a same-origin GET-like request
     host = request.headers.get("host", "")
     return urlsplit(origin).netloc == host
 
@@ -218,7 +218,9 @@ def require_role(role: str) -> Callable[[Request], Awaitable[Principal]]:
 
 async def _check_unsafe(request: Request, principal: Principal) -> None:
     if not same_origin(request):
-        log.warning("http_cross_origin_refused", user=principal.name, path=request.url.path)
+        log.warning("http_cross_origin_refused", user=principal.name, path=request.url.path,
+                    origin=request.headers.get("origin"), host=request.headers.get("host"),
+                    fetch_site=request.headers.get("sec-fetch-site"))
         raise HTTPException(403, "cross-site request refused")
     supplied = request.headers.get(CSRF_HEADER)
     if supplied is None and principal.via == "session":
