@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from fracture_node.config import Config, TlsConfig
+from fracture_node.db import migrate
 from fracture_node.errors import ConfigError
 from fracture_node.web.server import HttpServer
 from tests.integration.test_security import Pki, pki  # noqa: F401 - the certificates fixture
@@ -19,7 +20,10 @@ from tests.integration.web_support import basic, csrf_of, login, serving, web_co
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[HttpServer]:
-    with serving(web_config(tmp_path)) as srv:
+    """The HTTP server of a node with an empty database and the three test users."""
+    config = web_config(tmp_path)
+    migrate.upgrade(config.database_url)
+    with serving(config) as srv:
         yield srv
 
 
