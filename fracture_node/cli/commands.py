@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("predict", "train", "evaluate"):
         return _delegate(argv[0], argv[1:])
     if argv and argv[0] in ("user", "hash-password"):
-        from fracture_node.user_cli import main as user_main
+        from fracture_node.cli.users import main as user_main
 
         return user_main(argv)
     if argv and argv[0] in ("audit", "status", "housekeeping"):

@@ -1,7 +1,8 @@
 """The FastAPI application: one per node, built from the configuration, routers mounted here.
 
-Routers: :mod:`~fracture_node.web.console` (the server-rendered console and its login),
-:mod:`~fracture_node.web.api` (the JSON API under ``/api``, OpenAPI at ``/openapi.json``).
+The routers are given by the caller (:func:`fracture_node.web.server.node_server`:
+:mod:`~fracture_node.web.api`, the JSON API under ``/api``, OpenAPI at ``/openapi.json``;
+:mod:`~fracture_node.web.console`, the server-rendered console and its login; STOW-RS).
 Every answer carries a strict Content-Security-Policy (nothing from another origin, no inline
 script) and is not cached.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -23,9 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fracture_node import __version__
 from fracture_node.config import Config
 from fracture_node.web.auth import Authenticator, LoginRequired, session_secret
+from fracture_node.web.pages import HERE, render
 from fracture_node.web.users import UserDirectory
-
-HERE = Path(__file__).resolve().parent
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
@@ -70,17 +69,13 @@ def make_authenticator(config: Config) -> Authenticator:
 
 
 def create_app(context: WebContext, routers: Sequence[APIRouter] = ()) -> FastAPI:
-    """The node's web application: console, JSON API and any extra ``routers``."""
-    from fracture_node.web import api, console
-
+    """The node's web application with ``routers`` mounted (static files at ``/static``)."""
     app = FastAPI(title="fracture-node", version=__version__,
                   description="Studies, results, reports, deliveries and the queue of one "
                               "fracture-node; actions need the operator role.",
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.web = context
     app.state.authenticator = context.authenticator
-    app.include_router(api.router)
-    app.include_router(console.router)
     for router in routers:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -97,8 +92,6 @@ def create_app(context: WebContext, routers: Sequence[APIRouter] = ()) -> FastAP
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if _is_page(request):
-            from fracture_node.web.console import render
-
             principal = getattr(request.state, "principal", None)
             return render(request, "error.html", principal, status_code=exc.status_code,
                           code=exc.status_code, detail=exc.detail)

@@ -8,39 +8,27 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from fastapi.templating import Jinja2Templates
 
 from fracture_node.db import actions, browse
 from fracture_node.logs import get_logger
 from fracture_node.web.api import actor_of, audit_of, parse_bound, study_view
-from fracture_node.web.app import HERE, context_of
+from fracture_node.web.app import context_of
 from fracture_node.web.auth import (
-    CSRF_FIELD,
     LOGIN_COOKIE,
     SESSION_COOKIE,
     Operator,
-    Principal,
     Viewer,
     same_origin,
 )
+from fracture_node.web.pages import render
 
 log = get_logger("http")
 router = APIRouter(include_in_schema=False)
-templates = Jinja2Templates(directory=str(HERE / "templates"))
-
-
-def render(request: Request, template: str, principal: Principal | None,
-           status_code: int = 200, **values: Any) -> HTMLResponse:
-    """A page, with the user and the CSRF token its forms need."""
-    values.update(user=principal, csrf_field=CSRF_FIELD,
-                  csrf=principal.csrf if principal else None,
-                  operator=bool(principal and principal.may("operator")))
-    return templates.TemplateResponse(request, template, values, status_code=status_code)
 
 
 def _safe_next(target: str | None) -> str:

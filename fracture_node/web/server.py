@@ -137,6 +137,7 @@ def node_server(config: Config, store: Any, on_change: Any = None,
                 routers: Any = (), extra: dict[str, Any] | None = None) -> HttpServer:
     """The node's HTTP server for ``config``, bound (not yet serving); raises OSError when the
     port is taken and :class:`ConfigError` for TLS files that cannot be loaded."""
+    from fracture_node.web import api, console
     from fracture_node.web.app import WebContext, create_app, make_authenticator
 
     context = WebContext(config=config, authenticator=make_authenticator(config), store=store,
@@ -144,5 +145,6 @@ def node_server(config: Config, store: Any, on_change: Any = None,
     if not len(context.authenticator.users):
         log.warning("http_no_users", users_file=str(context.authenticator.users.path),
                     fix="add one with 'fracture-node user add NAME --role operator'")
-    return HttpServer(create_app(context, routers), config.http.host, config.http.port,
+    app = create_app(context, [api.router, console.router, *routers])
+    return HttpServer(app, config.http.host, config.http.port,
                       ssl_context=tls_context(config), on_stop=context.close)

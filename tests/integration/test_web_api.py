@@ -14,7 +14,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from fracture_node import audit_cli
+from fracture_node.cli import operations as audit_cli
 from fracture_node.db import migrate
 from fracture_node.db import schema as s
 from fracture_node.web.server import HttpServer

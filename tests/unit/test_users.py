@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from argon2 import PasswordHasher
 
-from fracture_node import user_cli
+from fracture_node.cli import users as user_cli
 from fracture_node.errors import ConfigError
 from fracture_node.web.users import UserDirectory, parse
 
