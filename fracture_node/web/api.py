@@ -66,9 +66,10 @@ def parse_bound(value: str | None, *, end: bool) -> dt.datetime | None:
 
 def audit_of(web: WebContext) -> Audit:
     """The server's read-only :class:`Audit` (made at the first read)."""
-    found = web.extra.get("audit")
-    if found is None:
-        found = web.extra["audit"] = Audit(web.config.database_url)
+    with web.lock:
+        found = web.audit
+        if found is None:
+            found = web.audit = Audit(web.config.database_url)
     assert isinstance(found, Audit)
     return found
 

@@ -9,6 +9,7 @@ script) and is not cached.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,16 +50,17 @@ class WebContext:
     on_change: Callable[[], None] = lambda: None
     """Called after an action made work due (wakes the deliverer and reporter)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Whatever another router needs (e.g. the spool and receiver for STOW-RS); an entry with a
-    ``close()`` or ``dispose()`` is closed when the server stops."""
+    """Whatever another router needs (e.g. the STOW-RS service)."""
+    audit: Any = None
+    """The read-only :class:`~fracture_node.db.audit.Audit` of the API and console (made at the
+    first read, closed when the server stops)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def close(self) -> None:
-        for value in self.extra.values():
-            for name in ("close", "dispose"):
-                method = getattr(value, name, None)
-                if callable(method):
-                    method()
-                    break
+        if self.audit is not None:
+            self.audit.close()
+            self.audit = None
 
 
 def make_authenticator(config: Config) -> Authenticator:
