@@ -112,7 +112,7 @@ def create_app(context: WebContext, routers: Sequence[APIRouter] = ()) -> FastAP
 
 def _wants_html(request: Request) -> bool:
     path = request.url.path
-    if path.startswith(("/api", "/openapi", "/dicomweb")):
+    if path.startswith(("/api", "/openapi", "/dicom-web")):
         return False
     return request.method == "GET" and "text/html" in request.headers.get("accept", "")
 
@@ -120,7 +120,7 @@ def _wants_html(request: Request) -> bool:
 def _is_page(request: Request) -> bool:
     """A console request from a browser (errors then come as a page, not JSON)."""
     path = request.url.path
-    return not path.startswith(("/api", "/openapi", "/dicomweb", "/static")) and \
+    return not path.startswith(("/api", "/openapi", "/dicom-web", "/static")) and \
         "text/html" in request.headers.get("accept", "")
 
 

@@ -7,9 +7,13 @@ keep it mode 0600 all the same (a hash can be attacked offline).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
+import secrets
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,13 +97,22 @@ class UserDirectory:
 
     A file that does not exist means no users (every request is refused); a file that turns
     bad keeps the users last read (and :meth:`reload` raises, for the caller to log).
+
+    An argon2 verification costs about 0.1-0.2 s of CPU, and API clients send their password
+    with every request: a right password is remembered for ``remember_s`` as a keyed hash
+    (never the password), for as long as the user's stored hash is unchanged. Wrong passwords
+    are never remembered: each one costs a full verification.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, remember_s: float = 300.0, remember_max: int = 256) -> None:
         self.path = path
         self._users: dict[str, User] = {}
         self._stamp: tuple[int, int] | None = None
         self._lock = threading.Lock()
+        self._key = secrets.token_bytes(32)
+        self._remembered: dict[bytes, tuple[str, float]] = {}
+        self._remember_s = remember_s
+        self._remember_max = remember_max
         self.reload()
 
     def reload(self) -> None:
@@ -132,8 +145,22 @@ class UserDirectory:
         """The user when ``password`` is theirs; None otherwise (same work either way)."""
         user = self.get(name)
         stored = user.password_hash if user and user.password_hash != NO_PASSWORD else None
+        key = hmac.new(self._key, f"{name}\0{password}".encode(), hashlib.sha256).digest()
+        now = time.monotonic()
+        with self._lock:
+            hit = self._remembered.get(key)
+        if user is not None and stored and hit and hit[0] == stored and hit[1] > now:
+            return user
         try:
             _HASHER.verify(stored or _DUMMY_HASH, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return None
-        return user if stored else None
+        if not stored:
+            return None
+        with self._lock:
+            if len(self._remembered) >= self._remember_max:
+                self._remembered = {k: v for k, v in self._remembered.items() if v[1] > now}
+                if len(self._remembered) >= self._remember_max:
+                    self._remembered.clear()
+            self._remembered[key] = (stored, now + self._remember_s)
+        return user

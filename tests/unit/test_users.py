@@ -75,3 +75,18 @@ def test_user_without_password_cannot_log_in_with_one(tmp_path: Path) -> None:
     directory = UserDirectory(users)
     assert directory.get("carol") is not None
     assert directory.verify("carol", "") is None and directory.verify("carol", "-") is None
+
+
+def test_remembered_password_is_forgotten_when_the_hash_changes(tmp_path: Path) -> None:
+    """A password verified once stops working as soon as the user's password is changed."""
+    from fracture_node.web.users import add_user, hash_password
+
+    users = tmp_path / "users"
+    add_user(users, "dave", "viewer", hash_password("old-password"))
+    directory = UserDirectory(users)
+    assert directory.verify("dave", "old-password") is not None
+    assert directory.verify("dave", "old-password") is not None  # remembered
+    add_user(users, "dave", "viewer", hash_password("new-password"))
+    directory.reload()
+    assert directory.verify("dave", "old-password") is None
+    assert directory.verify("dave", "new-password") is not None
