@@ -310,7 +310,8 @@ def _failed_part(exc: BaseException) -> str:
     for frame in reversed(frames):
         path = frame.filename.replace("\\", "/")
         for marker, part in (("/ml/", "model"), ("/db/", "database"), ("/dicom/", "dicom"),
-                             ("/housekeeping", "housekeeping"), ("/config", "config")):
+                             ("/housekeeping", "housekeeping"), ("/config", "config"),
+                             ("/web/", "http")):
             if marker in path:
                 return part
     return "start"

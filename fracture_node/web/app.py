@@ -23,9 +23,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fracture_node import __version__
 from fracture_node.config import Config
+from fracture_node.errors import FractureNodeError, describe
+from fracture_node.logs import get_logger
 from fracture_node.web.auth import Authenticator, LoginRequired, session_secret
 from fracture_node.web.pages import HERE, render
 from fracture_node.web.users import UserDirectory
+
+log = get_logger("http")
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
@@ -98,6 +102,12 @@ def create_app(context: WebContext, routers: Sequence[APIRouter] = ()) -> FastAP
             return render(request, "error.html", principal, status_code=exc.status_code,
                           code=exc.status_code, detail=exc.detail)
         return await http_exception_handler(request, exc)
+
+    @app.exception_handler(FractureNodeError)
+    async def node_error(request: Request, exc: FractureNodeError) -> Response:
+        # e.g. the database is down: say so (messages name UIDs, never patient data)
+        log.error("http_request_failed", path=request.url.path, error=describe(exc))
+        return await http_error(request, StarletteHTTPException(503, str(exc)))
 
     @app.middleware("http")
     async def security_headers(request: Request,

@@ -209,3 +209,11 @@ def test_daemon_stops_at_start_when_the_http_port_is_taken(tmp_path: Path) -> No
     finally:
         daemon.stop(timeout_s=5)
         holder.close()
+
+
+def test_missing_database_is_a_clear_503(tmp_path: Path) -> None:
+    """With no database to read, the API answers 503 saying so (not a bare 500)."""
+    with serving(web_config(tmp_path)) as srv, httpx.Client(base_url=srv.url) as c:
+        answer = c.get("/api/status", auth=basic("vera"))
+    assert answer.status_code == 503
+    assert "no database file" in answer.json()["detail"]
