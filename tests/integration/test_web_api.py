@@ -27,7 +27,7 @@ from tests.integration.web_node import (
     populate,
     populated_config,
 )
-from tests.integration.web_support import basic, serving, web_config
+from tests.integration.web_support import basic, login, serving, web_config
 from tests.support import postgres_database, storescp_running
 
 
@@ -318,3 +318,15 @@ def test_patient_data_shown_only_when_allowed_and_recorded(
             "view_patient_data", site.studies.reported, "vera")
         shown = [e for e in logs if e["event"] == "patient_data_shown"]
         assert shown and PATIENT_ID not in repr(logs) and "Secretname" not in repr(logs)
+
+
+def test_console_offers_reprocess_to_the_operator_only(site: Site) -> None:
+    """The parked study's page has the re-process button for the operator, not for the viewer."""
+    pages = {}
+    for name in ("vera", "otto"):
+        with httpx.Client(base_url=site.server.url) as browser:
+            assert login(browser, name).status_code == 303
+            pages[name] = browser.get(f"/studies/{site.studies.parked}",
+                                      headers={"Accept": "text/html"}).text
+    assert 'id="reprocess"' in pages["otto"] and 'id="reprocess"' not in pages["vera"]
+    assert "ReportError: simulated failure" in pages["vera"]
