@@ -197,7 +197,7 @@ def instance_file(ses: Session, study_uid: str, sop_uid: str) -> dict[str, Any] 
     """Where an instance of a study is spooled and its saliency record (None: unknown)."""
     i, res = s.Instance, s.Result
     row = ses.execute(
-        select(i.spool_path, i.spool_purged_at, res.saliency, res.probability)
+        select(i.spool_path, i.spool_purged_at, res.saliency, res.probability, res.positive)
         .outerjoin(res, res.instance_id == i.id)
         .where(i.study_instance_uid == study_uid, i.sop_instance_uid == sop_uid)
         .order_by(i.id.desc()).limit(1)).mappings().first()

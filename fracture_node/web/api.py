@@ -163,7 +163,8 @@ def overlay(request: Request, _p: Viewer, study_uid: str, sop_uid: str) -> Respo
         raise HTTPException(404, "no such instance in this study")
     try:
         png = overlay_png(web.config.spool_dir / str(row["spool_path"]), row["saliency"],
-                          row["probability"])
+                          row["probability"], regions_shown=bool(row["positive"]) or
+                          not web.config.saliency.positive_only)
     except NoPicture as exc:
         raise HTTPException(404, str(exc)) from None
     return Response(png, media_type="image/png")

@@ -37,12 +37,13 @@ def header_fields(path: Path, patient: bool) -> dict[str, str]:
     return out
 
 
-def overlay_png(path: Path, saliency_json: str | None, probability: float | None) -> bytes:
+def overlay_png(path: Path, saliency_json: str | None, probability: float | None,
+                regions_shown: bool = True) -> bytes:
     """The radiograph with the model's heat map and regions drawn in, as a PNG (the same drawing
-    as the Secondary Capture overlay, shrunk for the screen)."""
+    as the Secondary Capture overlay, shrunk for the screen); without the regions when not
+    ``regions_shown`` (a negative image under ``[saliency] positive_only``, as in the SR)."""
     from fracture_node.dicom.overlay import caption_text, render_overlay
     from fracture_node.dicom.pixels import read_pixels
-    from fracture_node.dicom.report import SaliencyRegion
     from fracture_node.saliency import SaliencyRecord
 
     if not saliency_json:
@@ -52,9 +53,8 @@ def overlay_png(path: Path, saliency_json: str | None, probability: float | None
     try:
         record = SaliencyRecord.from_json(saliency_json)
         image = read_pixels(pydicom.dcmread(path, force=True))
-        regions = [SaliencyRegion.from_box(r.x0, r.y0, r.x1, r.y1, r.peak, record.method)
-                   for r in record.regions]
-        picture = render_overlay(image, record.source_map(), regions,
+        picture = render_overlay(image, record.source_map(),
+                                 record.regions if regions_shown else (),
                                  caption_text(probability) if probability is not None else None,
                                  max_side=OVERLAY_MAX_SIDE)
     except (ValueError, KeyError, OSError, FractureNodeError) as exc:
