@@ -48,6 +48,11 @@ class HttpConfig:
     """Addresses or networks of reverse proxies whose ``proxy_user_header`` is believed."""
     proxy_user_header: str = ""
     """The header naming the authenticated user (e.g. ``X-Remote-User``); empty: not used."""
+    login_max_failures: int = 5
+    """Wrong passwords from one address within ``login_window_s`` before it is locked out for
+    ``login_lockout_s`` (HTTP 429, passwords not checked meanwhile); 0 turns this off."""
+    login_window_s: float = 300.0
+    login_lockout_s: float = 300.0
     show_patient_data: bool = False
     """Show Patient's Name and ID (read from the stored headers) on study pages; each such view
     is recorded in the audit trail. Default: UIDs and accession numbers only."""
@@ -59,6 +64,10 @@ class HttpConfig:
         if self.session_timeout_s <= 0:
             raise ConfigError(f"config: [http] session_timeout_s = {self.session_timeout_s} is "
                               "impossible; fix: use a number of seconds more than zero")
+        if self.login_max_failures < 0 or self.login_window_s <= 0 or self.login_lockout_s <= 0:
+            raise ConfigError(
+                "config: [http] login_max_failures must be 0 or more, login_window_s and "
+                "login_lockout_s more than zero; fix: e.g. 5, 300.0 and 300.0")
         for peer in self.trusted_proxies:
             try:
                 ipaddress.ip_network(peer, strict=False)

@@ -31,9 +31,11 @@ from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from starlette.concurrency import run_in_threadpool
 
 from fracture_node.config_http import HttpConfig
 from fracture_node.logs import get_logger
+from fracture_node.web.throttle import LoginThrottle
 from fracture_node.web.users import UserDirectory
 
 log = get_logger("http")
@@ -91,6 +93,8 @@ class Authenticator:
         self.users = users
         self._signer = URLSafeTimedSerializer(secret, salt="fracture-node-session")
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
+        self.throttle = LoginThrottle(config.login_max_failures, config.login_window_s,
+                                      config.login_lockout_s)
 
     @property
     def secure_cookies(self) -> bool:
@@ -135,7 +139,14 @@ class Authenticator:
             return Principal(user.name, user.role, "proxy") if user else None
         auth = request.headers.get("authorization", "")
         if auth[:6].lower() == "basic ":
-            return self._basic(auth[6:].strip())
+            peer = _peer(request)
+            self.refuse_if_locked(peer)
+            principal = self._basic(auth[6:].strip())
+            if principal is None:
+                self.throttle.failed(peer)
+            else:
+                self.throttle.succeeded(peer)
+            return principal
         cookie = request.cookies.get(SESSION_COOKIE)
         return self._session(cookie) if cookie else None
 
@@ -148,11 +159,27 @@ class Authenticator:
         user = self.users.verify(name, password)
         return Principal(user.name, user.role, "basic") if user else None
 
-    def login(self, name: str, password: str) -> Principal | None:
-        """The user when the password is right (the console's login form)."""
+    def login(self, name: str, password: str, peer: str = "-") -> Principal | None:
+        """The user when the password is right (the console's login form).
+
+        Raises HTTPException 429 while ``peer`` is locked out (:class:`LoginThrottle`).
+        """
+        self.refuse_if_locked(peer)
         self._reload_users()
         user = self.users.verify(name, password)
-        return Principal(user.name, user.role, "session") if user else None
+        if user is None:
+            self.throttle.failed(peer)
+            return None
+        self.throttle.succeeded(peer)
+        return Principal(user.name, user.role, "session")
+
+    def refuse_if_locked(self, peer: str) -> None:
+        """HTTP 429 with ``Retry-After`` while ``peer`` is locked out after failed logins."""
+        wait = self.throttle.retry_after(peer)
+        if wait > 0:
+            raise HTTPException(429, "too many failed logins from this address; try again "
+                                     f"in {int(wait) + 1} s",
+                                headers={"Retry-After": str(int(wait) + 1)})
 
     def _reload_users(self) -> None:
         try:
@@ -200,7 +227,8 @@ def require_role(role: str) -> Callable[[Request], Awaitable[Principal]]:
     """
     async def dependency(request: Request) -> Principal:
         auth: Authenticator = request.app.state.authenticator
-        principal = auth.identify(request)
+        # a Basic password is checked with argon2 (a fifth of a second): off the event loop
+        principal = await run_in_threadpool(auth.identify, request)
         if principal is None:
             raise LoginRequired()
         if not principal.may(role):

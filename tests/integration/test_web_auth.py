@@ -4,6 +4,7 @@ uvicorn on loopback, real argon2 hashes)."""
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import pytest
 from fracture_node.config import Config, TlsConfig
 from fracture_node.db import migrate
 from fracture_node.errors import ConfigError
+from fracture_node.web.auth import SESSION_COOKIE
 from fracture_node.web.server import HttpServer
 from tests.integration.test_security import Pki, pki  # noqa: F401 - the certificates fixture
-from tests.integration.web_support import basic, csrf_of, login, serving, web_config
+from tests.integration.web_support import PASSWORDS, basic, csrf_of, login, serving, web_config
 
 
 @pytest.fixture
@@ -217,3 +219,47 @@ def test_missing_database_is_a_clear_503(tmp_path: Path) -> None:
         answer = c.get("/api/status", auth=basic("vera"))
     assert answer.status_code == 503
     assert "no database file" in answer.json()["detail"]
+
+
+@pytest.fixture
+def strict_server(tmp_path: Path) -> Iterator[HttpServer]:
+    """A server that locks an address out for 1.5 s after 3 wrong passwords."""
+    config = web_config(tmp_path, login_max_failures=3, login_window_s=60.0,
+                        login_lockout_s=1.5)
+    migrate.upgrade(config.database_url)
+    with serving(config) as srv:
+        yield srv
+
+
+def test_repeated_wrong_passwords_lock_the_address_out(strict_server: HttpServer) -> None:
+    """After 3 wrong Basic passwords even the right one gets 429 with Retry-After, until the
+    lock-out ends; then the right one works."""
+    with httpx.Client(base_url=strict_server.url) as c:
+        for _ in range(3):
+            assert c.get("/api/whoami", auth=("vera", "guess")).status_code == 401
+        locked = c.get("/api/whoami", auth=basic("vera"))
+        assert locked.status_code == 429
+        assert 1 <= int(locked.headers["retry-after"]) <= 2
+        assert c.get("/api/whoami", auth=("otto", "guess")).status_code == 429  # any user
+        time.sleep(1.6)
+        assert c.get("/api/whoami", auth=basic("vera")).status_code == 200
+
+
+def test_a_right_password_clears_the_failure_count(strict_server: HttpServer) -> None:
+    """Two wrong passwords, a right one, two wrong again: never locked out."""
+    with httpx.Client(base_url=strict_server.url) as c:
+        for password in ("guess", "guess", PASSWORDS["vera"], "guess", "guess"):
+            c.get("/api/whoami", auth=("vera", password))
+        assert c.get("/api/whoami", auth=basic("vera")).status_code == 200
+
+
+def test_the_console_login_form_is_locked_out_too(strict_server: HttpServer) -> None:
+    """Three wrong passwords on the login form, then the login page answers 429 and says why,
+    and a session is not created even with the right password."""
+    with httpx.Client(base_url=strict_server.url, follow_redirects=False) as c:
+        for _ in range(3):
+            assert login(c, "vera", "guess").status_code == 401
+        page = login(c, "vera")
+        assert page.status_code == 429 and "Too many failed logins" in page.text
+        assert "retry-after" in page.headers
+        assert SESSION_COOKIE not in c.cookies
