@@ -262,7 +262,7 @@ def time_all(url: str, repeat: int) -> dict[str, Any]:
     try:
         maintenance.optimize(store)  # what housekeeping does hourly (ANALYZE / PRAGMA optimize)
     except DatabaseError:  # an older revision lacks tables that the head schema ANALYZEs
-        store._run(lambda ses: ses.execute(sqlalchemy.text("ANALYZE")))
+        store.run(lambda ses: ses.execute(sqlalchemy.text("ANALYZE")))
     out: dict[str, Any] = {}
     windows = {"30d": (END - dt.timedelta(days=30), END), "365d": (START, END)}
     with audit.Audit(url) as auditor:
@@ -283,7 +283,7 @@ def time_all(url: str, repeat: int) -> dict[str, Any]:
                      "unreported_studies": g.unreported_studies}
     def purge_select() -> list[int]:
         stmt = maintenance.purge_candidates(END - RETENTION, PURGE_BATCH)
-        return list(store._run(lambda ses: ses.execute(stmt).scalars().all()))
+        return list(store.run(lambda ses: ses.execute(stmt).scalars().all()))
 
     ms, ids = best_ms(purge_select, repeat)
     out["purge_select"] = {"ms": ms, "rows": len(ids)}

@@ -47,7 +47,7 @@ def retry_delivery(store: Store, delivery_id: int, deadline_s: float, actor: Act
         _record(ses, actor, RETRY_DELIVERY, str(delivery_id), count)
         return count
 
-    return store._run(fn)
+    return store.run(fn)
 
 
 def reprocess_study(store: Store, study_uid: str, actor: Actor) -> int:
@@ -58,9 +58,9 @@ def reprocess_study(store: Store, study_uid: str, actor: Actor) -> int:
         _record(ses, actor, REPROCESS_STUDY, study_uid, count)
         return count
 
-    return store._run(fn)
+    return store.run(fn)
 
 
 def record_view(store: Store, study_uid: str, actor: Actor) -> None:
     """Record that ``actor`` was shown the patient data of a study (never the data itself)."""
-    store._run(lambda ses: _record(ses, actor, VIEW_PATIENT_DATA, study_uid, 0))
+    store.run(lambda ses: _record(ses, actor, VIEW_PATIENT_DATA, study_uid, 0))

@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, func, select, text
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import bindparam
 
 from fracture_node.db import browse, maintenance
 from fracture_node.db import schema as s
+from fracture_node.db.database import Database
 from fracture_node.errors import DatabaseError
 
 
@@ -416,15 +416,10 @@ class _Browse:
     """The study-by-study views (:mod:`fracture_node.db.browse`) on :class:`Audit`'s
     read-only connection."""
 
-    engine: Engine
+    db: Database
 
     def _read(self, what: str, fn: Callable[[Session], T]) -> T:
-        try:
-            with Session(self.engine) as ses:
-                return fn(ses)
-        except SQLAlchemyError as exc:
-            raise DatabaseError(f"{what} failed: {type(exc).__name__}: "
-                                f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}") from exc
+        return self.db.run(fn, what=f"{what} failed")
 
     def studies(self, flt: browse.StudyFilter, limit: int = 50, offset: int = 0) -> browse.Page:
         return self._read("studies", lambda ses: browse.studies(ses, flt, limit, offset))
@@ -463,11 +458,11 @@ class Audit(_Browse):
     connection."""
 
     def __init__(self, url: str) -> None:
-        self.engine = read_only_engine(url)
-        self.dialect = self.engine.dialect.name
+        self.db = Database(read_only_engine(url))
+        self.dialect = self.db.dialect
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.db.dispose()
 
     def __enter__(self) -> Audit:
         return self
@@ -481,12 +476,9 @@ class Audit(_Browse):
         stmt = text(question.sql(self.dialect)).bindparams(
             bindparam("since", type_=s.UTCDateTime()), bindparam("until", type_=s.UTCDateTime()))
         stmt = stmt.columns(**{c: s.UTCDateTime() for c in question.timestamps})  # type: ignore[assignment]
-        try:
-            with self.engine.connect() as conn:
-                rows = conn.execute(stmt, {"since": since, "until": until}).mappings().all()
-        except SQLAlchemyError as exc:
-            raise DatabaseError(f"audit {name} failed: {type(exc).__name__}: "
-                                f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}") from exc
+        rows = self.db.run(
+            lambda ses: ses.execute(stmt, {"since": since, "until": until}).mappings().all(),
+            what=f"audit {name} failed")
         out = []
         for row in rows:
             item = {c: _plain(row[c]) for c in question.columns}
@@ -499,36 +491,36 @@ class Audit(_Browse):
 
     def status(self, now: dt.datetime, last_reports: int = 5) -> dict[str, Any]:
         """The node's figures: the same as the gauges, plus states and the latest reports."""
-        try:
-            with Session(self.engine) as ses:
-                g = maintenance.gauges_in(ses, now)
-                states = {k: int(v) for k, v in ses.execute(
-                    select(s.Instance.state, func.count()).group_by(s.Instance.state)).all()}
-                deliveries = {k: int(v) for k, v in ses.execute(
-                    select(s.Delivery.state, func.count()).group_by(s.Delivery.state)).all()}
-                reports = ses.execute(
-                    select(s.Report.created_at, s.Report.study_instance_uid, s.Report.version,
-                           s.Report.instances_total, s.Report.instances_positive,
-                           s.Report.instances_unprocessed)
-                    .order_by(s.Report.created_at.desc(), s.Report.id.desc()).limit(last_reports)
-                ).all()
-                runs = ses.execute(
-                    select(s.HousekeepingRun.job, func.max(s.HousekeepingRun.started_at))
-                    .group_by(s.HousekeepingRun.job)).all()
-                parked = ses.execute(
-                    select(s.Study.report_parked_at, s.Study.study_instance_uid,
-                           s.Study.report_attempts, s.Study.report_error)
-                    .where(s.Study.report_parked_at.is_not(None))
-                    .order_by(s.Study.report_parked_at.desc()).limit(last_reports)).all()
-                # closed without an SR: no image of the study was assessed ([scope])
-                not_assessed = int(ses.execute(
-                    select(func.count()).select_from(s.Study).where(
-                        s.Study.report_due.is_(False), s.Study.reported_version == 0,
-                        s.Study.report_parked_at.is_(None))
-                ).scalar_one())
-        except SQLAlchemyError as exc:
-            raise DatabaseError(f"status failed: {type(exc).__name__}: "
-                                f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}") from exc
+        def read(ses: Session) -> tuple[Any, ...]:
+            g = maintenance.gauges_in(ses, now)
+            states = {k: int(v) for k, v in ses.execute(
+                select(s.Instance.state, func.count()).group_by(s.Instance.state)).all()}
+            deliveries = {k: int(v) for k, v in ses.execute(
+                select(s.Delivery.state, func.count()).group_by(s.Delivery.state)).all()}
+            reports = ses.execute(
+                select(s.Report.created_at, s.Report.study_instance_uid, s.Report.version,
+                       s.Report.instances_total, s.Report.instances_positive,
+                       s.Report.instances_unprocessed)
+                .order_by(s.Report.created_at.desc(), s.Report.id.desc()).limit(last_reports)
+            ).all()
+            runs = ses.execute(
+                select(s.HousekeepingRun.job, func.max(s.HousekeepingRun.started_at))
+                .group_by(s.HousekeepingRun.job)).all()
+            parked = ses.execute(
+                select(s.Study.report_parked_at, s.Study.study_instance_uid,
+                       s.Study.report_attempts, s.Study.report_error)
+                .where(s.Study.report_parked_at.is_not(None))
+                .order_by(s.Study.report_parked_at.desc()).limit(last_reports)).all()
+            # closed without an SR: no image of the study was assessed ([scope])
+            not_assessed = int(ses.execute(
+                select(func.count()).select_from(s.Study).where(
+                    s.Study.report_due.is_(False), s.Study.reported_version == 0,
+                    s.Study.report_parked_at.is_(None))
+            ).scalar_one())
+            return g, states, deliveries, reports, runs, parked, not_assessed
+
+        g, states, deliveries, reports, runs, parked, not_assessed = self.db.run(
+            read, what="status failed")
         return {
             "at": now,
             "queue_depth": g.queue_depth,

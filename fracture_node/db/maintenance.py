@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, exists, func, or_, select, text, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from fracture_node.db import rowcount
 from fracture_node.db import schema as s
 from fracture_node.db.store import Store
-from fracture_node.errors import DatabaseError
 
 PURGEABLE_STATES = (*s.FINAL_INSTANCE_STATES, s.SUPERSEDED)
 """States in which nothing will read an instance's spool file again."""
@@ -135,7 +133,7 @@ def mark_spool_purged(store: Store, cutoff: dt.datetime, now: dt.datetime, limit
         return sorted((SpoolFile(int(r[0]), str(r[1])) for r in rows),
                       key=lambda f: f.instance_id)
 
-    return store._run(fn)
+    return store.run(fn)
 
 
 def _overlay_purgeable(cutoff: dt.datetime) -> Any:
@@ -195,12 +193,12 @@ def mark_overlays_purged(store: Store, cutoff: dt.datetime, now: dt.datetime, li
         return sorted((OverlayFile(int(r[0]), str(r[1])) for r in rows),
                       key=lambda f: f.object_id)
 
-    return store._run(fn)
+    return store.run(fn)
 
 
 def gauges(store: Store, now: dt.datetime) -> Gauges:
     """Queue depth, dead deliveries and the age of the oldest unreported work, in one transaction."""
-    return store._run(lambda ses: gauges_in(ses, now))
+    return store.run(lambda ses: gauges_in(ses, now))
 
 
 def gauges_in(ses: Session, now: dt.datetime) -> Gauges:
@@ -259,7 +257,7 @@ def record_run(store: Store, *, job: str, node: str, started_at: dt.datetime,
         ses.flush()
         return int(row.id)
 
-    return store._run(fn)
+    return store.run(fn)
 
 
 def prune_runs(store: Store, before: dt.datetime, jobs: Sequence[str]) -> int:
@@ -271,7 +269,7 @@ def prune_runs(store: Store, before: dt.datetime, jobs: Sequence[str]) -> int:
                                             s.HousekeepingRun.job.in_(list(jobs))))
         return rowcount(result)
 
-    return store._run(fn)
+    return store.run(fn)
 
 
 def optimize(store: Store) -> dict[str, Any]:
@@ -284,36 +282,26 @@ def optimize(store: Store) -> dict[str, Any]:
     PostgreSQL: ``ANALYZE`` on each table of ours (autovacuum does the vacuuming; this keeps the
     statistics fresh after bulk changes such as a purge).
     """
-    try:
-        if store.is_postgres:
-            return _analyze_postgres(store)
-        return _optimize_sqlite(store)
-    except SQLAlchemyError as exc:
-        raise DatabaseError(f"database upkeep failed: {type(exc).__name__}: "
-                            f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}") from exc
+    if store.is_postgres:
+        tables = [t.name for t in s.Base.metadata.sorted_tables]
+        return store.db.upkeep(lambda cur: _analyze_postgres(cur, tables))
+    return store.db.upkeep(_optimize_sqlite)
 
 
-def _optimize_sqlite(store: Store) -> dict[str, Any]:
-    # Outside any transaction (a checkpoint cannot complete inside one): the raw connection is
-    # in autocommit mode (the store's connect hook sets isolation_level=None).
-    raw = store.engine.raw_connection()
-    try:
-        cur = raw.cursor()
-        files = [row[2] for row in cur.execute("PRAGMA database_list").fetchall()
-                 if row[1] == "main" and row[2]]
-        wal = Path(files[0] + "-wal") if files else None
-        before = _size(wal)
-        busy, _frames, _done = cur.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        after = _size(wal)
-        # Approximate statistics (a sample of each index, milliseconds even on a big file): without
-        # them SQLite's planner prefers the state index over the partial index of unpurged
-        # instances and the purge visits every instance ever received.
-        cur.execute("PRAGMA analysis_limit=1000")
-        cur.execute("ANALYZE")
-        cur.execute("PRAGMA optimize")
-        cur.close()
-    finally:
-        raw.close()
+def _optimize_sqlite(cur: Any) -> dict[str, Any]:
+    # Outside any transaction (a checkpoint cannot complete inside one).
+    files = [row[2] for row in cur.execute("PRAGMA database_list").fetchall()
+             if row[1] == "main" and row[2]]
+    wal = Path(files[0] + "-wal") if files else None
+    before = _size(wal)
+    busy, _frames, _done = cur.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    after = _size(wal)
+    # Approximate statistics (a sample of each index, milliseconds even on a big file): without
+    # them SQLite's planner prefers the state index over the partial index of unpurged
+    # instances and the purge visits every instance ever received.
+    cur.execute("PRAGMA analysis_limit=1000")
+    cur.execute("ANALYZE")
+    cur.execute("PRAGMA optimize")
     return {"backend": "sqlite", "wal_checkpoint_busy": bool(busy),
             "wal_bytes_before": before, "wal_bytes_after": after, "analyzed": True,
             "optimized": True}
@@ -326,9 +314,7 @@ def _size(path: Path | None) -> int:
         return 0
 
 
-def _analyze_postgres(store: Store) -> dict[str, Any]:
-    tables = [t.name for t in s.Base.metadata.sorted_tables]
-    with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        for name in tables:
-            conn.execute(text(f'ANALYZE "{name}"'))
+def _analyze_postgres(cur: Any, tables: list[str]) -> dict[str, Any]:
+    for name in tables:
+        cur.execute(f'ANALYZE "{name}"')
     return {"backend": "postgresql", "analyzed": tables}

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, aliased
 
 from fracture_node.db import rowcount
 from fracture_node.db import schema as s
+from fracture_node.db.database import Database
 from fracture_node.errors import DatabaseError
 
 
@@ -158,10 +159,10 @@ class ReportFailure:
 
 
 class ReportingQueries:
-    """Study, report and delivery statements; needs ``_run`` from the Store."""
+    """Study, report and delivery statements of :class:`~fracture_node.db.store.Store`, run
+    through its :class:`~fracture_node.db.database.Database` like every other query."""
 
-    def _run(self, fn: Any) -> Any:  # pragma: no cover - provided by Store
-        raise NotImplementedError
+    db: Database
 
     # Studies ------------------------------------------------------------------------------
     def due_studies(self, stable_before: dt.datetime, limit: int = 50, *,
@@ -191,7 +192,7 @@ class ReportingQueries:
         open_assoc = exists().where(i.study_instance_uid == s.Study.study_instance_uid,
                                     i.association_id == a.id, still_open)
         now = _now()
-        due = list(self._run(lambda ses: ses.execute(
+        due = list(self.db.run(lambda ses: ses.execute(
             select(s.Study.study_instance_uid)
             .where(s.Study.report_due.is_(True), s.Study.last_received_at <= stable_before,
                    s.Study.report_parked_at.is_(None),
@@ -203,7 +204,7 @@ class ReportingQueries:
 
     def next_stability_time(self) -> dt.datetime | None:
         """The earliest last arrival among studies due for a report (to plan the next check)."""
-        return self._run(lambda ses: ses.execute(
+        return self.db.run(lambda ses: ses.execute(
             select(func.min(s.Study.last_received_at)).where(s.Study.report_due.is_(True))
         ).scalar_one())
 
@@ -239,7 +240,7 @@ class ReportingQueries:
                 previous_report_path=previous[0] if previous else None,
                 previous_series_uid=previous[1] if previous else None)
 
-        return self._run(fn)
+        return self.db.run(fn)
 
     def add_report(self, snapshot: StudySnapshot, report: NewReport, node: str,
                    destinations: Sequence[str], deadline_s: float,
@@ -303,7 +304,7 @@ class ReportingQueries:
             return row.id
 
         try:
-            return self._run(fn)
+            return self.db.run(fn)
         except DatabaseError as exc:
             if isinstance(exc.__cause__, IntegrityError):
                 return None
@@ -332,12 +333,12 @@ class ReportingQueries:
             return ReportFailure(attempts=study.report_attempts, parked=False,
                                  retry_in_s=retry_s)
 
-        return self._run(fn)
+        return self.db.run(fn)
 
     def reprocess_studies(self, study_uids: Sequence[str] = ()) -> int:
         """Take parked studies back (those named, or every parked one): their failure count
         and back-off are cleared and a report is due again. Returns how many."""
-        return int(self._run(lambda ses: reprocess_in(ses, study_uids)))
+        return int(self.db.run(lambda ses: reprocess_in(ses, study_uids)))
 
     def parked_studies(self, limit: int = 100) -> list[dict[str, Any]]:
         """Studies whose report failed ``report_max_attempts`` times, newest first."""
@@ -349,7 +350,7 @@ class ReportingQueries:
                 .order_by(s.Study.report_parked_at.desc()).limit(limit)).all()
             return [dict(r._mapping) for r in rows]
 
-        return self._run(fn)
+        return self.db.run(fn)
 
     def close_without_report(self, snapshot: StudySnapshot) -> bool:
         """Mark a study in which no image was assessed as handled, with no report.
@@ -368,10 +369,10 @@ class ReportingQueries:
                     s.Study.reported_version == snapshot.reported_version)
                 .values(report_due=False, last_reported_at=_now()))))
 
-        return bool(self._run(fn))
+        return bool(self.db.run(fn))
 
     def oldest_unreported_study(self) -> dt.datetime | None:
-        return self._run(lambda ses: ses.execute(
+        return self.db.run(lambda ses: ses.execute(
             select(func.min(s.Study.first_received_at)).where(s.Study.report_due.is_(True))
         ).scalar_one())
 
@@ -387,7 +388,7 @@ class ReportingQueries:
                                          s.Delivery.next_attempt_at > now)
                 .values(next_attempt_at=now)))
 
-        return self._run(fn)
+        return self.db.run(fn)
 
     def claim_deliveries(self, lease_s: float, limit: int = 20) -> list[DueDelivery]:
         """Pending deliveries whose next attempt is due, leased for ``lease_s`` seconds."""
@@ -420,7 +421,7 @@ class ReportingQueries:
                                 objects=tuple(pending.get(row[0], ())))
                     for row in rows]
 
-        return self._run(fn)
+        return self.db.run(fn)
 
     def record_attempt(self, delivery: DueDelivery, *, ok: bool, status: int | None,
                        error: str | None, duration_ms: float, node: str,
@@ -471,16 +472,16 @@ class ReportingQueries:
                 last_error=error, **values))
             return state
 
-        return self._run(fn)
+        return self.db.run(fn)
 
     def retry_dead_deliveries(self, deadline_s: float, destination: str | None = None,
                               report_ids: Sequence[int] | None = None) -> int:
         """Put dead-lettered deliveries back in the queue with a fresh deadline."""
-        return int(self._run(lambda ses: retry_dead_in(ses, deadline_s, destination,
+        return int(self.db.run(lambda ses: retry_dead_in(ses, deadline_s, destination,
                                                        report_ids)))
 
     def delivery_states(self) -> dict[str, int]:
-        return dict(self._run(lambda ses: ses.execute(
+        return dict(self.db.run(lambda ses: ses.execute(
             select(s.Delivery.state, func.count()).group_by(s.Delivery.state)).all()))
 
 

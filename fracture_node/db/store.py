@@ -12,20 +12,18 @@ what that means (the C-STORE handler answers 0xA700).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from fracture_node.db import rowcount
 from fracture_node.db import schema as s
+from fracture_node.db.database import Database
 from fracture_node.db.reporting import ReportingQueries
-from fracture_node.errors import DatabaseError
 
 T = TypeVar("T")
 
@@ -130,32 +128,24 @@ class Store(ReportingQueries):
 
     def __init__(self, url: str, echo: bool = False) -> None:
         self.url = url
-        self.engine = make_engine(url, echo=echo, statement_timeout_ms=120_000)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.is_postgres = self.engine.dialect.name == "postgresql"
+        self.db = Database(make_engine(url, echo=echo, statement_timeout_ms=120_000))
+        self.engine = self.db.engine
+        self.is_postgres = self.db.dialect == "postgresql"
 
     # Plumbing -----------------------------------------------------------------------------
     def dispose(self) -> None:
-        self.engine.dispose()
+        self.db.dispose()
 
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except SQLAlchemyError as exc:
-            raise DatabaseError(f"database error: {type(exc).__name__}: {_short(exc)}") from exc
-
-    def _run(self, fn: Callable[[Session], T]) -> T:
-        with self._tx() as session:
-            return fn(session)
+    def run(self, fn: Callable[[Session], T]) -> T:
+        """``fn(session)`` in one read-write transaction (:meth:`Database.run`)."""
+        return self.db.run(fn)
 
     def _insert(self) -> Any:
         return postgresql.insert if self.is_postgres else sqlite.insert
 
     def ping(self) -> None:
         """Raise :class:`DatabaseError` unless the database answers."""
-        self._run(lambda ses: ses.execute(select(1)).scalar_one())
+        self.run(lambda ses: ses.execute(select(1)).scalar_one())
 
     # Associations -------------------------------------------------------------------------
     def open_association(self, *, node: str, calling_ae_title: str, called_ae_title: str,
@@ -174,11 +164,11 @@ class Store(ReportingQueries):
             ses.flush()
             return row.id
 
-        return self._run(fn)
+        return self.run(fn)
 
     def close_association(self, association_id: int, outcome: str, reason: str | None = None
                           ) -> None:
-        self._run(lambda ses: ses.execute(
+        self.run(lambda ses: ses.execute(
             update(s.Association).where(s.Association.id == association_id,
                                         s.Association.ended_at.is_(None))
             .values(ended_at=utcnow(), outcome=outcome, reason=reason)))
@@ -191,7 +181,7 @@ class Store(ReportingQueries):
         """
         host_port = node.rsplit(":", 1)[0] if node.count(":") >= 2 else node
         pattern = host_port.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return self._run(lambda ses: rowcount(ses.execute(
+        return self.run(lambda ses: rowcount(ses.execute(
             update(s.Association).where(
                 (s.Association.node == host_port)
                 | s.Association.node.like(pattern + ":%", escape="\\"),
@@ -210,7 +200,7 @@ class Store(ReportingQueries):
             ).first()
             return CurrentInstance(*row) if row else None
 
-        return self._run(fn)
+        return self.run(fn)
 
     def add_instance(self, new: NewInstance, supersedes: int | None = None) -> int:
         """Record a stored instance, queue it, and mark its study as due for a report.
@@ -253,7 +243,7 @@ class Store(ReportingQueries):
                             .values(instances_stored=s.Association.instances_stored + 1))
             return row.id
 
-        return self._run(fn)
+        return self.run(fn)
 
     def add_duplicate(self, instance_id: int, association_id: int | None) -> None:
         """Count an identical copy of an instance we already hold."""
@@ -264,7 +254,7 @@ class Store(ReportingQueries):
                 ses.execute(update(s.Association).where(s.Association.id == association_id)
                             .values(instances_stored=s.Association.instances_stored + 1))
 
-        self._run(fn)
+        self.run(fn)
 
     def add_store_failure(self, *, association_id: int | None, sop_instance_uid: str | None,
                           sop_class_uid: str | None, status: int, reason: str,
@@ -277,7 +267,7 @@ class Store(ReportingQueries):
                 ses.execute(update(s.Association).where(s.Association.id == association_id)
                             .values(instances_failed=s.Association.instances_failed + 1))
 
-        self._run(fn)
+        self.run(fn)
 
     # The queue ----------------------------------------------------------------------------
     def claim_instances(self, worker: str, limit: int,
@@ -314,10 +304,10 @@ class Store(ReportingQueries):
             ).all()
             return sorted((ClaimedInstance(*r) for r in rows), key=lambda c: c.id)
 
-        return self._run(fn)
+        return self.run(fn)
 
     def queue_depth(self) -> int:
-        return self._run(lambda ses: ses.execute(
+        return self.run(lambda ses: ses.execute(
             select(func.count()).select_from(s.Instance).where(s.Instance.state == s.QUEUED)
         ).scalar_one())
 
@@ -346,12 +336,12 @@ class Store(ReportingQueries):
                 saved += 1
             return saved
 
-        return self._run(fn)
+        return self.run(fn)
 
     def finish_unprocessed(self, worker: str, instance_id: int, state: str, reason: str,
                            detail: str | None) -> bool:
         """Mark a claimed instance ``not_processed`` (out of scope, undecodable) or ``failed``."""
-        return self._run(lambda ses: rowcount(ses.execute(
+        return self.run(lambda ses: rowcount(ses.execute(
             update(s.Instance).where(s.Instance.id == instance_id,
                                      s.Instance.state == s.CLAIMED,
                                      s.Instance.claimed_by == worker)
@@ -362,7 +352,7 @@ class Store(ReportingQueries):
         """Give claimed instances back to the queue (a worker stopping cleanly)."""
         if not instance_ids:
             return 0
-        return self._run(lambda ses: rowcount(ses.execute(
+        return self.run(lambda ses: rowcount(ses.execute(
             update(s.Instance).where(s.Instance.id.in_(list(instance_ids)),
                                      s.Instance.state == s.CLAIMED,
                                      s.Instance.claimed_by == worker)
@@ -386,7 +376,7 @@ class Store(ReportingQueries):
             return rowcount(ses.execute(
                 update(s.Instance).where(s.Instance.id.in_(ids)).values(claimed_at=utcnow())))
 
-        return self._run(fn)
+        return self.run(fn)
 
     def take_back_stale_claims(self, older_than: dt.timedelta, max_attempts: int) -> tuple[int, int]:
         """Requeue claims older than ``older_than`` (their worker died); an instance that was
@@ -414,16 +404,16 @@ class Store(ReportingQueries):
                 .values(state=s.QUEUED, claimed_by=None, claimed_at=None)))
             return requeued, failed
 
-        return self._run(fn)
+        return self.run(fn)
 
     def instance_states(self) -> dict[str, int]:
-        return dict(self._run(lambda ses: ses.execute(
+        return dict(self.run(lambda ses: ses.execute(
             select(s.Instance.state, func.count()).group_by(s.Instance.state)).all()))
 
     # Tests and tools ----------------------------------------------------------------------
     def rows(self, model: type[Any], *where: Any) -> list[Any]:
         """All rows of a table (tests and the audit command)."""
-        return list(self._run(lambda ses: ses.execute(select(model).where(*where)).scalars().all()))
+        return list(self.run(lambda ses: ses.execute(select(model).where(*where)).scalars().all()))
 
     def delete_all(self) -> None:
         """Empty every table (tests only)."""
@@ -431,9 +421,5 @@ class Store(ReportingQueries):
             for table in reversed(s.Base.metadata.sorted_tables):
                 ses.execute(delete(table))
 
-        self._run(fn)
+        self.run(fn)
 
-
-def _short(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-    return text[:300]

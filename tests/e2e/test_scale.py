@@ -280,7 +280,7 @@ def _run_kill_scenario(cluster: Cluster, pacs_dir: Path) -> None:
     stranded: list[int] = []
     for _ in range(200):  # freeze the victim while it holds claims, then kill it
         victim.proc.send_signal(signal.SIGSTOP)
-        stranded = list(store._run(lambda ses: ses.execute(
+        stranded = list(store.run(lambda ses: ses.execute(
             select(s.Instance.id).where(s.Instance.state == s.CLAIMED,
                                         s.Instance.claimed_by == victim.name)).scalars().all()))
         if stranded:
@@ -359,7 +359,7 @@ def _study_left_open(store: Store, node: str) -> tuple[str, int]:
         association_id=assoc))
     [claimed] = store.claim_instances("w", 1)
     store.finish_unprocessed("w", claimed.id, s.NOT_PROCESSED, "test", None)
-    store._run(lambda ses: ses.execute(update(s.Association).where(s.Association.id == assoc)
+    store.run(lambda ses: ses.execute(update(s.Association).where(s.Association.id == assoc)
                                        .values(started_at=past)))
     return study, assoc
 
@@ -393,11 +393,11 @@ def test_heartbeat_keeps_a_live_workers_claims_and_dead_ones_are_taken_back(
     for _ in range(2):
         _study_left_open(pg_store, "receiver:1:1")
     ids = [i.id for i in pg_store.rows(s.Instance)]
-    pg_store._run(lambda ses: ses.execute(update(s.Instance).values(state=s.QUEUED)))
+    pg_store.run(lambda ses: ses.execute(update(s.Instance).values(state=s.QUEUED)))
     [live] = pg_store.claim_instances("live", 1)
     [dead] = pg_store.claim_instances("dead", 1)
     old = utcnow() - dt.timedelta(minutes=5)
-    pg_store._run(lambda ses: ses.execute(update(s.Instance).where(s.Instance.id.in_(ids))
+    pg_store.run(lambda ses: ses.execute(update(s.Instance).where(s.Instance.id.in_(ids))
                                           .values(claimed_at=old)))
     assert pg_store.renew_claims("live", [live.id, dead.id]) == 1
     assert pg_store.take_back_stale_claims(dt.timedelta(minutes=1), max_attempts=3) == (1, 0)

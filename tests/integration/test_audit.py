@@ -167,7 +167,7 @@ def url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     def fill(db_url: str) -> None:
         migrate.upgrade(db_url)
         store = Store(db_url)
-        store._run(build_dataset)
+        store.run(build_dataset)
         store.dispose()
 
     if request.param == "sqlite":

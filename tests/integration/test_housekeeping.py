@@ -100,13 +100,13 @@ def receive(store: Store, spool: Spool, study: str, sop: str, received: dt.datet
 
 
 def set_instance(store: Store, instance_id: int, **values: object) -> None:
-    store._run(lambda ses: ses.execute(update(s.Instance).where(s.Instance.id == instance_id)
+    store.run(lambda ses: ses.execute(update(s.Instance).where(s.Instance.id == instance_id)
                                        .values(**values)))
 
 
 def mark_reported(store: Store, study: str, due: bool = False,
                   when: dt.datetime = NOW - dt.timedelta(days=39)) -> None:
-    store._run(lambda ses: ses.execute(
+    store.run(lambda ses: ses.execute(
         update(s.Study).where(s.Study.study_instance_uid == study)
         .values(report_due=due, reported_version=1, last_reported_at=when)))
 
@@ -313,7 +313,7 @@ def make_report(store: Store, reports_dir: Path, created: dt.datetime, study: st
         ses.flush()
         return Made(report.id, sr, {k: r.id for k, r in rows.items()}, files, folder)
 
-    made: Made = store._run(fn)
+    made: Made = store.run(fn)
     return made
 
 
@@ -334,7 +334,7 @@ def carry(store: Store, made: Made, state: str, stored: dict[str, bool],
             delivered_at=when if done else None) for kind, done in stored.items())
         return int(row.id)
 
-    return int(store._run(fn))
+    return int(store.run(fn))
 
 
 def report_object(store: Store, object_id: int) -> s.ReportObject:
@@ -404,7 +404,7 @@ def test_overlay_purge_waits_for_every_delivery(tmp_path: Path, store: Store,
     dead = carry(store, made, s.DEAD, {"sc": False}, destination="viewer")
     assert hk.run_once("purge_overlays").summary["files_deleted"] == 0
     assert made.files["sc"].is_file()
-    store._run(lambda ses: ses.execute(
+    store.run(lambda ses: ses.execute(
         update(s.DeliveryObject).where(s.DeliveryObject.delivery_id == dead)
         .values(delivered_at=NOW)))
     run = hk.run_once("purge_overlays")
@@ -503,7 +503,7 @@ def test_retry_of_delivery_whose_overlay_file_was_purged(
     delivery_id = carry(store, made, s.DEAD, {"sc": False, "gsps": False}, sr_stored=False)
     sc_bytes = made.files["sc"].read_bytes()
     made.files["sc"].unlink()  # as if purged while still needed (only possible by hand)
-    store._run(lambda ses: ses.execute(
+    store.run(lambda ses: ses.execute(
         update(s.ReportObject).where(s.ReportObject.id == made.objects["sc"])
         .values(purged_at=OLD + dt.timedelta(days=31))))
     toml = tmp_path / "config.toml"
@@ -550,7 +550,7 @@ def test_overlay_file_missing_by_hand_is_named_as_missing(
     config = make_config(tmp_path, store.url, destinations=(pacs,))
     made = make_report(store, config.reports_dir, YOUNG, kinds=("sc",))
     carry(store, made, s.PENDING, {"sc": False}, sr_stored=False)
-    store._run(lambda ses: ses.execute(update(s.Delivery).values(
+    store.run(lambda ses: ses.execute(update(s.Delivery).values(
         next_attempt_at=dt.datetime.now(dt.UTC), deadline_at=dt.datetime.now(dt.UTC)
         + dt.timedelta(days=1))))
     made.files["sc"].unlink()
@@ -597,7 +597,7 @@ def test_maintain_database_prunes_old_frequent_runs(tmp_path: Path, store: Store
     """Successful runs of the frequent jobs older than 90 days go; failed ones stay."""
     hk = housekeeping(tmp_path, store, spool)
     hk.run_once("refresh_metrics")
-    store._run(lambda ses: ses.add_all([
+    store.run(lambda ses: ses.add_all([
         s.HousekeepingRun(job="refresh_metrics", node=NODE, started_at=NOW - dt.timedelta(days=100),
                           finished_at=NOW - dt.timedelta(days=100), ok=ok, summary="{}")
         for ok in (True, False)]))
@@ -626,7 +626,7 @@ def test_refresh_metrics_sets_gauges(tmp_path: Path, store: Store, spool: Spool)
                            state=s.DEAD, attempts=5, created_at=OLD, next_attempt_at=OLD,
                            deadline_at=OLD))
 
-    store._run(add_dead)
+    store.run(add_dead)
     metrics = Metrics()
     housekeeping(tmp_path, store, spool, metrics).run_once("refresh_metrics")
     value = metrics.registry.get_sample_value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,7 +59,8 @@ def test_retry_requeues_dead_deliveries(tmp_path: Path, capsys: pytest.CaptureFi
     migrate.upgrade(url)
     store = Store(url)
     now = dt.datetime.now(dt.UTC)
-    with store._tx() as ses:
+
+    def add_dead_delivery(ses: Any) -> None:
         report = s.Report(study_instance_uid="1.2", version=1, sop_instance_uid="1.2.3",
                           series_instance_uid="1.2.4", path="x.dcm", created_at=now,
                           instances_total=1, instances_positive=0, instances_unprocessed=0,
@@ -67,6 +69,8 @@ def test_retry_requeues_dead_deliveries(tmp_path: Path, capsys: pytest.CaptureFi
         ses.flush()
         ses.add(s.Delivery(report_id=report.id, destination="pacs", state=s.DEAD, attempts=5,
                            created_at=now, next_attempt_at=now, deadline_at=now))
+
+    store.run(add_dead_delivery)
     config = tmp_path / "c.toml"
     config.write_text(f'[database]\nurl = "{url}"\n')
     assert main(["retry", "--config", str(config)]) == 0
