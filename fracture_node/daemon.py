@@ -17,7 +17,7 @@ import traceback
 from types import FrameType
 from typing import Any
 
-from fracture_node import __version__, logs
+from fracture_node import __version__, claims, logs
 from fracture_node.allocator import allocator_name
 from fracture_node.config import Config
 from fracture_node.db import migrate
@@ -150,10 +150,7 @@ class Daemon:
         if self.store.is_postgres is False:
             # SQLite: this process is the only worker, so any claim left is from a run that
             # stopped; take it back now rather than after claim_timeout_s.
-            requeued, failed = self.store.take_back_stale_claims(dt.timedelta(0),
-                                                                 cfg.model.max_attempts)
-            if requeued or failed:
-                log.warning("claims_taken_back", requeued=requeued, failed=failed)
+            claims.take_back(self.store, cfg.model, "start", older_than=dt.timedelta(0))
             # Likewise a delivery lease; a restart also retries deliveries in back-off at once
             # (an administrator who fixed the PACS and restarted expects them to go now).
             resumed = self.store.make_deliveries_due()

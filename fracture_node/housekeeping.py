@@ -4,7 +4,7 @@ Jobs (APScheduler 3 ``BackgroundScheduler``, interval triggers, one run of a job
 
 ``take_back_stale_claims`` (every minute)
     Claims older than ``[model] claim_timeout_s`` belong to a worker that stopped: requeue them,
-    or mark them failed after ``[model] max_attempts`` claims.
+    or mark them failed after ``[model] max_attempts`` claims (:func:`fracture_node.claims.take_back`).
 ``purge_spool`` (hourly)
     Delete spool files received more than ``[storage] retention_days`` ago whose instance is
     final (processed, not processed, failed, superseded) and whose study was last reported more
@@ -46,6 +46,7 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from fracture_node import claims
 from fracture_node.config import Config
 from fracture_node.db import maintenance
 from fracture_node.db.store import Store, utcnow
@@ -197,15 +198,8 @@ class Housekeeping:
 
     # Jobs ---------------------------------------------------------------------------------
     def _take_back_stale_claims(self) -> dict[str, Any]:
-        model = self.config.model
-        requeued, failed = self.store.take_back_stale_claims(
-            dt.timedelta(seconds=model.claim_timeout_s), model.max_attempts)
-        summary = {"requeued": requeued, "failed": failed}
-        if requeued or failed:
-            log.warning("stale_claims_taken_back", **summary)
-        else:
-            log.debug("stale_claims_checked")
-        return summary
+        requeued, failed = claims.take_back(self.store, self.config.model, "housekeeping")
+        return {"requeued": requeued, "failed": failed}
 
     def _purge_spool(self) -> dict[str, Any]:
         # Half-written files of a crashed receiver were never acknowledged: remove them.

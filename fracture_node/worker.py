@@ -24,7 +24,6 @@ claims of a dead one return to the queue without housekeeping or a restart.
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 from collections import deque
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from fracture_node import claims
 from fracture_node.config import Config, ScopeConfig
 from fracture_node.db import schema as s
 from fracture_node.db.store import ClaimedInstance, ResultRecord, Store
@@ -177,12 +177,8 @@ class Worker:
         """One heartbeat: refresh this worker's claims, then take back the claims of dead
         workers. Returns (renewed, requeued, failed)."""
         renewed = self.store.renew_claims(self.node, self.held())
-        requeued, failed = self.store.take_back_stale_claims(
-            dt.timedelta(seconds=self.config.model.claim_timeout_s),
-            self.config.model.max_attempts)
+        requeued, failed = claims.take_back(self.store, self.config.model, "keeper")
         if requeued or failed:
-            log.warning("claims_taken_back", requeued=requeued, failed=failed,
-                        claim_timeout_s=self.config.model.claim_timeout_s)
             self.wake.set()
         return renewed, requeued, failed
 
