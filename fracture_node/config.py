@@ -20,27 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from fracture_node.config_http import HttpConfig
+from fracture_node.destination import Destination as Destination
+from fracture_node.destination import check_ae as _check_ae
+from fracture_node.destination import check_port as _check_port
+from fracture_node.destination import check_secret_env
 from fracture_node.errors import ConfigError
 from fracture_node.saliency import defaults as saliency_defaults
-
-OVERLAY_CHOICES: tuple[str, ...] = ("none", "sc", "gsps", "both")
-"""Values of ``[[destinations]] overlays``: which saliency objects go with the SR."""
-
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: no backslash, no controls
-
-
-def _check_ae(key: str, value: str) -> None:
-    if not _AE_RE.match(value) or not value.strip():
-        raise ConfigError(
-            f"config: {key} = {value!r} is not a valid AE title; "
-            "fix: use 1 to 16 printable ASCII characters without a backslash, e.g. 'FRACTURE_NODE'"
-        )
-
-
-def _check_port(key: str, value: int, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if not low <= value <= 65535:
-        raise ConfigError(f"config: {key} = {value} is out of range; fix: use a port {low}..65535")
 
 
 def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -283,49 +268,6 @@ class DeliveryConfig:
             raise ConfigError(
                 "config: [delivery] max_retry_s is smaller than first_retry_s; "
                 "fix: make max_retry_s at least first_retry_s"
-            )
-
-
-@dataclass(frozen=True)
-class Destination:
-    """A DICOM node that receives our reports (C-STORE SCP), usually the PACS."""
-
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    calling_ae_title: str = ""
-    """Our AE title towards this destination; default: ``[node] ae_title``."""
-    tls: bool = False
-    """Send over TLS with the ``[tls]`` certificate, key and CA certificates."""
-    overlays: str = "none"
-    """Saliency objects sent with the SR: ``none``, ``sc`` (Secondary Capture with the heat map
-    burned in), ``gsps`` (Grayscale Softcopy Presentation State outlining the regions) or
-    ``both``; only for images that have regions in the SR."""
-
-    @property
-    def overlay_kinds(self) -> frozenset[str]:
-        """The overlay objects this destination receives: a subset of ``{"sc", "gsps"}``."""
-        return frozenset({"none": (), "sc": ("sc",), "gsps": ("gsps",),
-                          "both": ("sc", "gsps")}.get(self.overlays, ()))
-
-    def validate(self, index: int) -> None:
-        key = f"[[destinations]] #{index + 1}"
-        if not self.name or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
-            raise ConfigError(
-                f"config: {key} name = {self.name!r} is invalid; "
-                "fix: use 1 to 64 letters, digits, '_', '.' or '-'"
-            )
-        _check_ae(f"{key} ae_title", self.ae_title)
-        if self.calling_ae_title:
-            _check_ae(f"{key} calling_ae_title", self.calling_ae_title)
-        if not self.host:
-            raise ConfigError(f"config: {key} host is empty; fix: give the PACS host name or address")
-        _check_port(f"{key} port", self.port)
-        if self.overlays not in OVERLAY_CHOICES:
-            raise ConfigError(
-                f"config: {key} overlays = {self.overlays!r} is unknown; "
-                f"fix: use {', '.join(repr(c) for c in OVERLAY_CHOICES)}"
             )
 
 
@@ -651,7 +593,9 @@ def load(path: str | os.PathLike[str] | None, environ: typing.Mapping[str, str] 
         else:
             known = ", ".join([*sorted(_SECTIONS), "destinations"])
             raise ConfigError(f"config: unknown section [{key}]; fix: remove it or use one of: {known}")
-    return Config(**kwargs).validate()
+    config = Config(**kwargs).validate()
+    check_secret_env(config.destinations, os.environ if environ is None else environ)
+    return config
 
 
 def with_role(config: Config, role: str) -> Config:

@@ -1,7 +1,9 @@
-"""Delivery: sends each report to each ``[[destinations]]`` entry with C-STORE, retrying.
+"""Delivery: sends each report to each ``[[destinations]]`` entry (C-STORE or STOW-RS), retrying.
 
 A delivery carries the SR and, for a destination with ``overlays``, the overlay objects made
-with the report (``delivery_objects``), all over one association per attempt. What was stored
+with the report (``delivery_objects``), all over one association per attempt (C-STORE) or in
+one request (STOW-RS, a destination with ``dicomweb_url``: an object counts as stored only when
+the response lists it in its ReferencedSOPSequence and not in its FailedSOPSequence). What was stored
 stays stored: a later attempt sends only what is left (the SR is not sent twice), and the
 delivery is ``delivered`` once everything is.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import random
 import threading
+from pathlib import Path
 from typing import Any
 
 from fracture_node.config import Config, Destination
@@ -29,6 +32,7 @@ from fracture_node.db import schema as s
 from fracture_node.db.reporting import DueDelivery, DueObject, ObjectOutcome
 from fracture_node.db.store import Store, utcnow
 from fracture_node.dicom.send import StoreOutcome, store_many
+from fracture_node.dicom.stow import stow_many
 from fracture_node.errors import DeliveryError
 from fracture_node.logs import get_logger
 
@@ -70,6 +74,14 @@ class Deliverer:
         finally:
             self._lock.release()
 
+    def _send(self, paths: list[Path], dest: Destination) -> list[StoreOutcome]:
+        """One outcome per object: by STOW-RS in one request, or C-STORE on one association."""
+        if dest.is_dicomweb:
+            return stow_many(paths, dest, timeout_s=self.config.delivery.timeout_s)
+        return store_many(paths, dest, calling_ae_title=self.config.node.ae_title,
+                          timeout_s=self.config.delivery.timeout_s,
+                          tls=self.config.tls if dest.tls else None)
+
     def _attempt(self, item: DueDelivery) -> str:
         dest = self.destinations.get(item.destination)
         ok, status, error, duration_s = False, None, None, 0.0
@@ -94,10 +106,7 @@ class Deliverer:
             rest_ok = True
             if paths:
                 try:
-                    outcomes = store_many(paths, dest,
-                                          calling_ae_title=self.config.node.ae_title,
-                                          timeout_s=self.config.delivery.timeout_s,
-                                          tls=self.config.tls if dest.tls else None)
+                    outcomes = self._send(paths, dest)
                 except DeliveryError as exc:
                     error, rest_ok = str(exc), False
                 else:

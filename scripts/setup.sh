@@ -5,7 +5,8 @@
 #                             350 MB); with the `torch` extra (the GPU engine) when nvidia-smi
 #                             finds a GPU
 #   scripts/setup.sh --train  also torch and what training and evaluating need (`train` extra)
-#   scripts/setup.sh --test   also the test peers: DCMTK, dicom3tools, Orthanc, systemd tools, jemalloc,
+#   scripts/setup.sh --test   also the test peers: DCMTK, dicom3tools, Orthanc (+ its DICOMweb
+#                             plugin), systemd tools, jemalloc,
 #                             PixelMed's SR validator (Java), Chromium (headless, renders the SR),
 #                             and a running PostgreSQL (apt; needs root or sudo)
 set -euo pipefail
@@ -24,6 +25,8 @@ if [[ "${1:-}" == "--test" ]]; then
   for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc systemd-analyze:systemd; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [[ -x /usr/sbin/${pair%%:*} ]] || need+=("${pair##*:}")
   done
+  # Orthanc's DICOMweb plugin: the STOW-RS peer of tests/integration/test_stow_*.py.
+  [[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need+=(orthanc-dicomweb)
   # jemalloc: `train` runs on it when present (fracture_node/allocator.py).
   ldconfig -p | grep -q 'libjemalloc\.so\.2' || need+=(libjemalloc2)
   # PixelMed's DicomSRValidator checks our SR templates (tests/integration/test_report_validation.py).

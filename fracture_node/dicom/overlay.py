@@ -50,7 +50,7 @@ GSPS_SERIES_DESCRIPTION = "AI fracture regions - UNVERIFIED"
 GSPS_LAYER = "AI_FRACTURE"
 GSPS_CONTENT_LABEL = "AI_FRACTURE"
 SEND_OVERLAY_CHOICES = ("none", "sc", "gsps", "both")
-"""Values of the per-destination ``overlays`` key (``fracture_node.config.OVERLAY_CHOICES``)."""
+"""Values of the per-destination ``overlays`` key (``fracture_node.destination.OVERLAY_CHOICES``)."""
 
 HEAT_ALPHA = 0.45
 """Opacity of the hottest part of the heat map over the radiograph."""

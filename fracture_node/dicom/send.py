@@ -131,7 +131,7 @@ def store_many(
         A file cannot be read (before anything is sent).
     """
     started = time.monotonic()
-    datasets = [_load(item) for item in objects]
+    datasets = [load_object(item) for item in objects]
     if not datasets:
         return []
     calling = destination.calling_ae_title or calling_ae_title
@@ -284,7 +284,7 @@ def client_tls_context(tls: TlsConfig | None) -> ssl.SSLContext:
     return ctx
 
 
-def _load(path_or_dataset: str | os.PathLike[str] | pydicom.Dataset) -> pydicom.Dataset:
+def load_object(path_or_dataset: str | os.PathLike[str] | pydicom.Dataset) -> pydicom.Dataset:
     if isinstance(path_or_dataset, pydicom.Dataset):
         ds = path_or_dataset
     else:
