@@ -307,3 +307,35 @@ def test_refused_stow_is_retried_dead_lettered_audited_and_counted(
             assert len(server.received) == len(attempts) + 1
         finally:
             node.close()
+
+
+def test_sr_and_both_overlays_arrive_in_the_study_in_orthanc(
+        tmp_path: Path, sqlite_url: str, saliency_model: Path, samples_dir: Path,
+        orthanc: OrthancWeb) -> None:
+    """overlays = "both": the SR, a Secondary Capture and a GSPS per image reach the study in
+    Orthanc by STOW-RS, each delivery object recorded as stored."""
+    from tests.integration.test_saliency import HIP, TINY, _config
+    from tests.integration.test_saliency import _study as saliency_study
+
+    dest = Destination(name="viewer", dicomweb_url=orthanc.dicomweb_url, auth="basic",
+                       username="fn", secret_env="ORTHANC_PW", overlays="both")
+    config = _config(tmp_path, sqlite_url, saliency_model, [dest])
+    node = Node(config, saliency_model)
+    try:
+        study = saliency_study(samples_dir, [HIP, TINY])
+        for ds in study:
+            node.add(ds)
+        node.drain()
+        assert node.reporter.run_once() == 1
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ORTHANC_PW", PASSWORD)
+            assert node.deliverer.run_once() == 1
+        carried = node.store.rows(s.DeliveryObject)
+        assert len(carried) == 4 and all(c.delivered_at is not None for c in carried)
+    finally:
+        node.close()
+    found = orthanc.study_instances(study[0].StudyInstanceUID)
+    classes = sorted(i["00080016"]["Value"][0] for i in found)
+    assert classes == sorted(["1.2.840.10008.5.1.4.1.1.88.34",
+                              *["1.2.840.10008.5.1.4.1.1.7"] * 2,
+                              *["1.2.840.10008.5.1.4.1.1.11.1"] * 2])
