@@ -43,8 +43,6 @@ processed again and its study gets a new report version.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import ipaddress
 import os
 import socket
@@ -55,7 +53,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
-import pydicom
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, evt
@@ -65,19 +62,20 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 from pynetdicom.utils import make_target
 
 from fracture_node.config import Config, TlsConfig
-from fracture_node.db.store import NewInstance, Store, utcnow
+from fracture_node.db.store import Store, utcnow
 from fracture_node.dicom.connections import ConnectionServer, Handler, ReceiveGuard
-from fracture_node.errors import ConfigError, DatabaseError, StorageError, describe
+from fracture_node.dicom.intake import (
+    CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
+    SUCCESS,
+    Intake,
+)
+from fracture_node.dicom.intake import clean_uid as _clean_uid
+from fracture_node.errors import ConfigError, DatabaseError, describe
 from fracture_node.logs import get_logger
 from fracture_node.spool import Spool
 
 log = get_logger("scp")
-
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-OUT_OF_RESOURCES_TOO_LARGE = 0xA701
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 
 # A-ASSOCIATE-RJ parameters (PS3.8 9.3.4).
 REJECTED_PERMANENT = 0x01
@@ -108,9 +106,6 @@ over the connection limits (the metric counts every one)."""
 
 OBJECT_SLACK_BYTES = 1 << 20
 """How far past ``max_object_bytes`` a message may grow before the association is aborted."""
-
-_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-                "Modality"]
 
 
 def node_name(port: int) -> str:
@@ -215,6 +210,7 @@ class Receiver:
         self.spool = spool
         self.on_stored = on_stored or (lambda: None)
         self.metrics = metrics
+        self.intake = Intake(config, store, spool, on_stored=self.on_stored, metrics=metrics)
         self.node = ""
         self._server: Any = None
         self._serving = False
@@ -626,17 +622,7 @@ class Receiver:
 
     def _fail(self, assoc_id: int | None, sop_uid: str | None, sop_class: str | None,
               status: int, reason: str, detail: str) -> int:
-        log.warning("instance_refused", status=f"0x{status:04X}", reason=reason,
-                    sop_instance_uid=sop_uid, detail=detail)
-        if self.metrics:
-            self.metrics.store_failures.labels(reason).inc()
-        try:
-            self.store.add_store_failure(association_id=assoc_id, sop_instance_uid=sop_uid,
-                                         sop_class_uid=sop_class, status=status, reason=reason,
-                                         detail=detail[:2000])
-        except DatabaseError as exc:
-            log.error("store_failure_not_recorded", reason=reason, error=str(exc))
-        return status
+        return self.intake.fail(assoc_id, sop_uid, sop_class, status, reason, detail)
 
     def _on_store(self, event: Any) -> int:
         """Handle one C-STORE request. Never raises."""
@@ -655,7 +641,6 @@ class Receiver:
 
     def _store(self, event: Any, assoc_id: int | None, sop_uid: str | None,
                sop_class: str | None) -> int:
-        started = time.perf_counter()
         if not sop_uid or not sop_class:
             return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH, "missing_uid",
                               "the C-STORE request has no Affected SOP Instance/Class UID")
@@ -664,91 +649,10 @@ class Receiver:
         except Exception as exc:
             return self._fail(assoc_id, sop_uid, sop_class, CANNOT_UNDERSTAND, "unreadable",
                               f"cannot encode the received data set: {type(exc).__name__}")
-        if len(data) > self.config.node.max_object_bytes:
-            return self._fail(assoc_id, sop_uid, sop_class, OUT_OF_RESOURCES_TOO_LARGE,
-                              "too_large", f"{len(data)} bytes is more than "
-                              f"[node] max_object_bytes = {self.config.node.max_object_bytes}")
-        try:
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
-                                     specific_tags=_HEADER_TAGS)
-            study_uid = _clean_uid(header.get("StudyInstanceUID"))
-            series_uid = _clean_uid(header.get("SeriesInstanceUID"))
-            ds_sop_uid = _clean_uid(header.get("SOPInstanceUID"))
-            ds_sop_class = _clean_uid(header.get("SOPClassUID"))
-            modality = str(header.get("Modality", "") or "")[:16] or None
-        except Exception as exc:
-            return self._fail(assoc_id, sop_uid, sop_class, CANNOT_UNDERSTAND, "unparseable",
-                              f"the data set cannot be parsed: {type(exc).__name__}")
-        context_class = _clean_uid(getattr(event.context, "abstract_syntax", None))
-        # PS3.4 B.2.3: 0xC000 when the data set cannot be understood at all, 0xA900 when it
-        # can but does not match the request (every row the report needs is checked here, so
-        # an accepted instance can always be reported).
-        if not (study_uid or ds_sop_uid or ds_sop_class):
-            return self._fail(assoc_id, sop_uid, sop_class, CANNOT_UNDERSTAND, "unparseable",
-                              "the data set has none of SOP Class, SOP Instance and Study "
-                              "Instance UID: not a DICOM data set")
-        if context_class and context_class != sop_class:
-            return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH,
-                              "sop_class_mismatch", "the request's Affected SOP Class UID is "
-                              "not the presentation context's abstract syntax")
-        if not ds_sop_class or ds_sop_class != sop_class:
-            return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH,
-                              "sop_class_mismatch", "the data set's SOP Class UID is "
-                              + ("missing" if not ds_sop_class else "not the request's"))
-        if not ds_sop_uid:
-            return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH,
-                              "missing_sop_instance_uid",
-                              "the data set has no SOP Instance UID")
-        if ds_sop_uid != sop_uid:
-            return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH, "uid_mismatch",
-                              "the data set's SOP Instance UID differs from the request's")
-        if not study_uid:
-            return self._fail(assoc_id, sop_uid, sop_class, DATASET_MISMATCH,
-                              "missing_study_uid", "the data set has no Study Instance UID")
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            current = self.store.current_instance(sop_uid)
-        except DatabaseError as exc:
-            return self._fail(assoc_id, sop_uid, sop_class, OUT_OF_RESOURCES,
-                              "database_unavailable", str(exc))
-        if current is not None and current.sha256 == digest:
-            try:
-                self.store.add_duplicate(current.id, assoc_id)
-            except DatabaseError as exc:
-                return self._fail(assoc_id, sop_uid, sop_class, OUT_OF_RESOURCES,
-                                  "database_unavailable", str(exc))
-            log.info("instance_duplicate", sop_instance_uid=sop_uid, instance_id=current.id)
-            return SUCCESS
-        relative = self.spool.relative_path(study_uid, sop_uid, digest)
-        try:
-            self.spool.write(relative, data)
-        except StorageError as exc:
-            return self._fail(assoc_id, sop_uid, sop_class, OUT_OF_RESOURCES, "storage_full"
-                              if "space" in str(exc) or "free" in str(exc) else "storage_error",
-                              str(exc))
-        transfer_syntax = str(event.context.transfer_syntax)
-        try:
-            instance_id = self.store.add_instance(NewInstance(
-                sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_instance_uid=study_uid,
-                series_instance_uid=series_uid, transfer_syntax_uid=transfer_syntax,
-                modality=modality, size_bytes=len(data), sha256=digest, spool_path=relative,
-                received_at=utcnow(), association_id=assoc_id),
-                supersedes=current.id if current is not None else None)
-        except DatabaseError as exc:
-            if current is None or current.spool_path != relative:
-                self.spool.remove(relative)
-            return self._fail(assoc_id, sop_uid, sop_class, OUT_OF_RESOURCES,
-                              "database_unavailable", str(exc))
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        log.info("instance_stored", instance_id=instance_id, sop_instance_uid=sop_uid,
-                 study_instance_uid=study_uid, transfer_syntax_uid=transfer_syntax,
-                 bytes=len(data), supersedes=current.id if current else None,
-                 ms=round(elapsed_ms, 1))
-        if self.metrics:
-            self.metrics.received.inc()
-            self.metrics.received_bytes.inc(len(data))
-        self.on_stored()
-        return SUCCESS
+        return self.intake.receive(
+            data, assoc_id=assoc_id, sop_uid=sop_uid, sop_class=sop_class,
+            transfer_syntax=str(event.context.transfer_syntax),
+            context_class=_clean_uid(getattr(event.context, "abstract_syntax", None)))
 
 
 class _Ended:
@@ -763,11 +667,3 @@ def _ae(value: Any) -> str:
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     return str(value or "").strip()[:16]
-
-
-def _clean_uid(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip().rstrip("\x00").strip()
-    return text[:64] or None
-
