@@ -53,6 +53,9 @@ class HttpConfig:
     ``login_lockout_s`` (HTTP 429, passwords not checked meanwhile); 0 turns this off."""
     login_window_s: float = 300.0
     login_lockout_s: float = 300.0
+    stow_rs: bool = False
+    """Accept studies over STOW-RS at ``/dicom-web/studies`` from users of role ``sender``
+    (stored like C-STORE, same checks and queue; needs a receiving role)."""
     show_patient_data: bool = False
     """Show Patient's Name and ID (read from the stored headers) on study pages; each such view
     is recorded in the audit trail. Default: UIDs and accession numbers only."""

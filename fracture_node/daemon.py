@@ -42,6 +42,7 @@ class Daemon:
         self.receiver: Receiver | None = None
         self.metrics_server: MetricsServer | None = None
         self.http_server: Any = None
+        self.stow: Any = None
         self._parts: list[Any] = []
         self.worker: Any = None
         self.reporter: Any = None
@@ -84,14 +85,20 @@ class Daemon:
                                       cfg.metrics.port))
         if cfg.http.enabled:
             from fracture_node.web.server import node_server
+            from fracture_node.web.stow import stow_service
 
+            self.stow = stow_service(cfg, self.store, spool, self.wake.set, self.metrics)
+            routers, extra = self.stow.mount() if self.stow else ((), {})
             self.http_server = _bind("http_port", "[http] port", cfg.http.host, cfg.http.port,
-                                     lambda: node_server(cfg, self.store, self._actions_done))
+                                     lambda: node_server(cfg, self.store, self._actions_done,
+                                                         routers=routers, extra=extra))
         if cfg.node.role in ("all", "receiver"):
             self.receiver = Receiver(cfg, self.store, spool, on_stored=self.wake.set,
                                      metrics=self.metrics)
             _bind("dicom_port", "[node] port", cfg.node.bind_address, cfg.node.port,
                   self.receiver.bind)
+            if self.stow is not None:  # STOW-RS rows carry the SCP's node name
+                self.stow.node = self.receiver.node
         classifier = None
         if cfg.node.role in ("all", "worker"):
             # Load the model before serving: a node that cannot score must not accept.

@@ -652,7 +652,7 @@ class Receiver:
         return self.intake.receive(
             data, assoc_id=assoc_id, sop_uid=sop_uid, sop_class=sop_class,
             transfer_syntax=str(event.context.transfer_syntax),
-            context_class=_clean_uid(getattr(event.context, "abstract_syntax", None)))
+            context_class=_clean_uid(getattr(event.context, "abstract_syntax", None))).status
 
 
 class _Ended:
