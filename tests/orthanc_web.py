@@ -56,13 +56,13 @@ class OrthancWeb:
 
 @contextlib.contextmanager
 def orthanc_web(workdir: Path, users: dict[str, str] | None = None,
-                dicomweb_servers: dict[str, Any] | None = None) -> Iterator[OrthancWeb]:
-    """Start Orthanc with DICOMweb on a free port; HTTP Basic when ``users`` is given.
-
-    ``dicomweb_servers`` becomes its ``DicomWeb.Servers`` (peers it can STOW to).
+                dicomweb_servers: dict[str, Any] | None = None, http: int | None = None
+                ) -> Iterator[OrthancWeb]:
+    """Start Orthanc with DICOMweb on port ``http`` (default: a free one); HTTP Basic when
+    ``users`` is given. ``dicomweb_servers`` becomes its ``DicomWeb.Servers`` (STOW peers).
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    http = free_port()
+    http = http or free_port()
     config = {
         "Name": "test-pacs", "StorageDirectory": str(workdir / "db"),
         "IndexDirectory": str(workdir / "db"), "HttpPort": http, "DicomPort": free_port(),
