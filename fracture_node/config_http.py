@@ -81,6 +81,9 @@ class HttpConfig:
         if self.proxy_user_header and not _HEADER_RE.match(self.proxy_user_header):
             raise ConfigError(f"config: [http] proxy_user_header = {self.proxy_user_header!r} is "
                               "not a header name; fix: e.g. 'X-Remote-User'")
+        if self.stow_rs and not self.enabled:
+            raise ConfigError("config: [http] stow_rs = true needs the HTTP server; fix: set "
+                              "[http] enabled = true (or stow_rs = false)")
         if bool(self.proxy_user_header) != bool(self.trusted_proxies):
             raise ConfigError(
                 "config: [http] proxy_user_header and trusted_proxies go together; fix: set "

@@ -80,6 +80,20 @@ class StowService:
         return any(ip in net for net in self.networks)
 
 
+    def refuse_peer(self, request: Request, user: str) -> None:
+        """Record a client refused by ``[node] allowed_peers`` as the SCP records a caller."""
+        peer = request.client.host if request.client else "-"
+        log.warning("stow_peer_refused", peer=peer, user=user)
+        if self.intake.metrics:
+            self.intake.metrics.associations_rejected.labels("peer_not_allowed").inc()
+        try:
+            self.store.open_association(
+                node=self.node, calling_ae_title=user[:16], called_ae_title=CALLED,
+                peer_address=peer[:64], peer_port=request.client.port if request.client else 0,
+                outcome="rejected", reason="peer_not_allowed")
+        except DatabaseError as exc:
+            log.error("stow_refusal_not_recorded", error=str(exc))
+
     def mount(self) -> tuple[tuple[APIRouter, ...], dict[str, Any]]:
         """The ``routers`` and ``extra`` for :func:`fracture_node.web.server.node_server`."""
         return (router,), {"stow": self}
@@ -124,7 +138,7 @@ async def _stow(request: Request, user: str, study: str | None) -> JSONResponse:
     service = _service(request)
     peer = request.client.host if request.client else "-"
     if not service.allowed(peer):
-        log.warning("stow_peer_refused", peer=peer, user=user)
+        await run_in_threadpool(service.refuse_peer, request, user)
         raise HTTPException(403, "this address is not in [node] allowed_peers")
     boundary = _boundary(request.headers.get("content-type", ""))
     try:

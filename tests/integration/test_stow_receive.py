@@ -268,7 +268,8 @@ def test_stow_rs_is_off_by_default(tmp_path: Path, sqlite_url: str, samples_dir:
 
 def test_peer_outside_allowed_peers_is_refused(tmp_path: Path, sqlite_url: str,
                                                samples_dir: Path) -> None:
-    """[node] allowed_peers limits STOW-RS clients as it limits C-STORE callers: 403."""
+    """[node] allowed_peers limits STOW-RS clients as it limits C-STORE callers: 403, and a
+    rejected associations row, as for a refused caller."""
     base = node_config(tmp_path, sqlite_url)
     base = dataclasses.replace(base, node=dataclasses.replace(
         base.node, allowed_peers=("192.0.2.0/24",)))
@@ -277,6 +278,9 @@ def test_peer_outside_allowed_peers_is_refused(tmp_path: Path, sqlite_url: str,
         answer = _post(n, [("application/dicom", _instances(samples_dir, 1)[0])])
         assert answer.status_code == 403
         assert n.store.rows(s.Instance) == []
+        [assoc] = n.store.rows(s.Association)
+        assert (assoc.outcome, assoc.reason, assoc.called_ae_title) == (
+            "rejected", "peer_not_allowed", "STOW-RS")
     finally:
         n.stop()
 

@@ -1,4 +1,5 @@
-"""``[[destinations]]`` with ``dicomweb_url``: what loads, and the errors that name the fix."""
+"""DICOMweb settings: ``[[destinations]]`` with ``dicomweb_url``, ``[http] stow_rs``; what loads and
+the errors that name the fix."""
 
 from __future__ import annotations
 
@@ -65,3 +66,11 @@ def test_token_over_http_to_loopback_is_allowed(tmp_path: Path) -> None:
     config = _load(tmp_path, 'dicomweb_url = "http://127.0.0.1:8042/dicom-web"\n'
                              'auth = "bearer"\nsecret_env = "PW"\n', environ={"PW": "x"})
     assert config.destinations[0].auth == "bearer"
+
+
+def test_stow_rs_without_the_http_server_is_refused(tmp_path: Path) -> None:
+    """[http] stow_rs = true with the HTTP server off is a configuration error naming the fix."""
+    path = tmp_path / "config.toml"
+    path.write_text("[http]\nstow_rs = true\n")
+    with pytest.raises(ConfigError, match=r"stow_rs = true needs the HTTP server"):
+        cfg.load(path, environ={})
