@@ -26,10 +26,13 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         p = "fracture_node_"
-        self.received = Counter(p + "instances_received", "Instances stored by the SCP", registry=r)
-        self.received_bytes = Counter(p + "received_bytes", "Bytes stored by the SCP", registry=r)
-        self.store_failures = Counter(p + "store_failures", "C-STORE requests refused",
-                                      ["reason"], registry=r)
+        self.received = Counter(p + "instances_received",
+                                "Instances stored (C-STORE or STOW-RS)", registry=r)
+        self.received_bytes = Counter(p + "received_bytes", "Bytes stored (C-STORE or STOW-RS)",
+                                      registry=r)
+        self.store_failures = Counter(p + "store_failures",
+                                      "Objects refused (C-STORE or STOW-RS part)", ["reason"],
+                                      registry=r)
         self.associations = Counter(p + "associations", "Associations accepted", registry=r)
         self.associations_rejected = Counter(p + "associations_rejected",
                                              "Associations rejected", ["reason"], registry=r)
