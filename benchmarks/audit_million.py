@@ -39,8 +39,8 @@ import sqlalchemy
 from fracture_node.db import audit, maintenance, migrate
 from fracture_node.db.store import Store
 from fracture_node.errors import DatabaseError
-from fracture_node.housekeeping import PURGE_BATCH
 from fracture_node.logs import configure
+from fracture_node.stages.housekeeping import PURGE_BATCH
 
 END = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
 START = END - dt.timedelta(days=365)

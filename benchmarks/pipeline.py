@@ -59,7 +59,7 @@ from fracture_node.db import migrate  # noqa: E402
 from fracture_node.db.store import NewInstance, Store, utcnow  # noqa: E402
 from fracture_node.ml.infer import Classifier  # noqa: E402
 from fracture_node.spool import Spool  # noqa: E402
-from fracture_node.worker import Worker  # noqa: E402
+from fracture_node.stages.score import Worker  # noqa: E402
 
 
 def cr_from_jpeg(path: Path) -> pydicom.Dataset:

@@ -17,7 +17,7 @@ import traceback
 from types import FrameType
 from typing import Any
 
-from fracture_node import __version__, claims, logs
+from fracture_node import __version__, logs
 from fracture_node.allocator import allocator_name
 from fracture_node.config import Config
 from fracture_node.db import migrate
@@ -26,6 +26,7 @@ from fracture_node.dicom.scp import Receiver, node_name
 from fracture_node.errors import StartupError, describe
 from fracture_node.metrics import Metrics, MetricsServer
 from fracture_node.spool import Spool
+from fracture_node.stages import claims
 from fracture_node.systemd import Notifier, WatchdogThread, watchdog_interval
 
 log = logs.get_logger("daemon")
@@ -115,7 +116,7 @@ class Daemon:
             if closed:
                 log.warning("associations_interrupted", count=closed)
         node = self.receiver.node if self.receiver else node_name(cfg.node.port)
-        from fracture_node.housekeeping import Housekeeping
+        from fracture_node.stages.housekeeping import Housekeeping
 
         self.housekeeping = Housekeeping(cfg, self.store, spool, self.metrics, node)
         self.housekeeping.start()
@@ -147,10 +148,10 @@ class Daemon:
         """The worker (model), the reporter and the deliverer, driven by APScheduler."""
         from apscheduler.schedulers.background import BackgroundScheduler
 
-        from fracture_node.delivery import Deliverer
         from fracture_node.dicom.report import AlgorithmInfo
-        from fracture_node.studies import Reporter
-        from fracture_node.worker import Worker
+        from fracture_node.stages.deliver import Deliverer
+        from fracture_node.stages.report import Reporter
+        from fracture_node.stages.score import Worker
 
         cfg = self.config
         assert self.store is not None

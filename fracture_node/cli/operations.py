@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--config", "-c")
     st.add_argument("--json", action="store_true")
 
-    from fracture_node.housekeeping import JOBS
+    from fracture_node.stages.housekeeping import JOBS
 
     hk = sub.add_parser("housekeeping", help="run one housekeeping job now")
     hk.add_argument("job", choices=JOBS)
@@ -145,9 +145,9 @@ def _housekeeping(args: argparse.Namespace) -> int:
 
     from fracture_node import config as cfg
     from fracture_node.db.store import Store
-    from fracture_node.housekeeping import Housekeeping
     from fracture_node.metrics import Metrics
     from fracture_node.spool import Spool
+    from fracture_node.stages.housekeeping import Housekeeping
 
     config = cfg.load(args.config)
     # The job's log lines go to stderr (stdout carries the answer), at the configured level; the

@@ -28,10 +28,10 @@ from fracture_node.config import Config, Destination, NodeConfig, StorageConfig
 from fracture_node.db import migrate
 from fracture_node.db import schema as s
 from fracture_node.db.store import NewInstance, Store
-from fracture_node.delivery import Deliverer
-from fracture_node.housekeeping import Housekeeping
 from fracture_node.metrics import Metrics
 from fracture_node.spool import Spool
+from fracture_node.stages.deliver import Deliverer
+from fracture_node.stages.housekeeping import Housekeeping
 from tests.support import postgres_database
 
 NOW = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.UTC)

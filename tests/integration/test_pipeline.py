@@ -17,12 +17,12 @@ from fracture_node.config import Config, Destination, ScopeConfig
 from fracture_node.db import audit
 from fracture_node.db import schema as s
 from fracture_node.db.store import NewInstance, Store, utcnow
-from fracture_node.delivery import Deliverer
 from fracture_node.dicom.report import AlgorithmInfo
 from fracture_node.ml.infer import Classifier
 from fracture_node.spool import Spool
-from fracture_node.studies import Reporter
-from fracture_node.worker import Worker
+from fracture_node.stages.deliver import Deliverer
+from fracture_node.stages.report import Reporter
+from fracture_node.stages.score import Worker
 from tests.integration.conftest import node_config
 from tests.support import free_port, wait_for_port
 

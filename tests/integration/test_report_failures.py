@@ -21,10 +21,12 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fracture_node import cli, studies
+import fracture_node
+from fracture_node import cli
 from fracture_node.db import schema as s
 from fracture_node.db.audit import Audit
 from fracture_node.errors import ReportError, describe
+from fracture_node.stages import report as studies
 from tests.integration.test_pipeline import Node, _node, _study
 
 
@@ -139,7 +141,7 @@ def test_reprocess_command_takes_parked_studies_back(failing_node: Node, samples
 # No header value in logs, exception texts or SQL ------------------------------------------------
 
 _OWN_TEXT = "\n".join(p.read_text(encoding="utf-8")
-                      for p in Path(studies.__file__).parent.rglob("*.py"))
+                      for p in Path(fracture_node.__file__).parent.rglob("*.py"))
 """Our own source. Hypothesis feeds string constants of the code under test into text
 strategies ("reprocess", "1.2.840.10008.1.1"): such a value in a log line is our wording, not
 a copied header value, so it cannot show a leak."""

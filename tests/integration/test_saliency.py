@@ -458,7 +458,7 @@ def test_discarded_report_takes_its_overlays_and_leaves_the_winners(
     """When another reporter commits the study first, the loser's SR, overlay files and
     .overlays folder are removed, and the winner's files, which its pending delivery needs,
     stay."""
-    from fracture_node.studies import Reporter
+    from fracture_node.stages.report import Reporter
 
     node = make_node(_config(tmp_path, sqlite_url, saliency_model,
                              [_dest("pacs", free_port(), "both")]))

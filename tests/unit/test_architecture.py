@@ -34,10 +34,10 @@ def test_import_contracts_hold() -> None:
 
 
 @pytest.mark.parametrize(("module", "wrong_import", "contract"), [
-    ("worker.py", "import fracture_node.cli.commands", "programs-apart"),
-    ("worker.py", "import torch", "torch-in-ml"),
-    ("worker.py", "import sqlalchemy", "sql-in-db"),
-    ("delivery.py", "import pynetdicom", "dicom-network-in-dicom"),
+    ("stages/score.py", "import fracture_node.cli.commands", "programs-apart"),
+    ("stages/score.py", "import torch", "torch-in-ml"),
+    ("stages/score.py", "import sqlalchemy", "sql-in-db"),
+    ("stages/deliver.py", "import pynetdicom", "dicom-network-in-dicom"),
     ("config.py", "import fracture_node.ml.metrics", "config-without-ml"),
     ("saliency/record.py", "import fracture_node.ml.explain", "saliency-without-ml"),
     ("allocator.py", "import fracture_node.daemon", "no-cycles"),

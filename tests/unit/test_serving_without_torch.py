@@ -28,7 +28,7 @@ class Blocked:
         return None
 sys.meta_path.insert(0, Blocked())
 import numpy as np
-import fracture_node.daemon, fracture_node.worker  # what serve imports
+import fracture_node.daemon, fracture_node.stages.score  # what serve imports
 from fracture_node.errors import ModelError
 from fracture_node.ml.explain import Explainer
 from fracture_node.ml.infer import Classifier

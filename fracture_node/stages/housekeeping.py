@@ -4,7 +4,7 @@ Jobs (APScheduler 3 ``BackgroundScheduler``, interval triggers, one run of a job
 
 ``take_back_stale_claims`` (every minute)
     Claims older than ``[model] claim_timeout_s`` belong to a worker that stopped: requeue them,
-    or mark them failed after ``[model] max_attempts`` claims (:func:`fracture_node.claims.take_back`).
+    or mark them failed after ``[model] max_attempts`` claims (:func:`fracture_node.stages.claims.take_back`).
 ``purge_spool`` (hourly)
     Delete spool files received more than ``[storage] retention_days`` ago whose instance is
     final (processed, not processed, failed, superseded) and whose study was last reported more
@@ -46,7 +46,6 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from fracture_node import claims
 from fracture_node.config import Config
 from fracture_node.db import maintenance
 from fracture_node.db.store import Store, utcnow
@@ -54,6 +53,7 @@ from fracture_node.errors import FractureNodeError
 from fracture_node.logs import get_logger
 from fracture_node.metrics import Metrics
 from fracture_node.spool import Spool
+from fracture_node.stages import claims
 
 log = get_logger("housekeeping")
 

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from fracture_node import claims
 from fracture_node.config import Config, ScopeConfig
 from fracture_node.db import schema as s
 from fracture_node.db.store import ClaimedInstance, ResultRecord, Store
@@ -46,6 +45,7 @@ from fracture_node.errors import DatabaseError, NotProcessable
 from fracture_node.logs import get_logger
 from fracture_node.saliency import SaliencyRecord
 from fracture_node.spool import Spool
+from fracture_node.stages import claims
 
 log = get_logger("worker")
 

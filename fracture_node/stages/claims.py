@@ -1,7 +1,7 @@
 """Stale claims: work held by a worker that stopped goes back in the queue, in one place.
 
 A worker claims instances and renews its claims while it scores them
-(:meth:`fracture_node.worker.Worker.keep_claims`). A claim not renewed for
+(:meth:`fracture_node.stages.score.Worker.keep_claims`). A claim not renewed for
 ``[model] claim_timeout_s`` belongs to a worker that died: :func:`take_back` requeues it, or
 marks the instance ``failed`` (``too_many_attempts``) once it has been claimed
 ``[model] max_attempts`` times, so an image that crashes workers cannot block the queue.
