@@ -25,6 +25,7 @@ from fracture_node.db.store import Store
 from fracture_node.dicom.scp import Receiver, node_name
 from fracture_node.errors import StartupError, describe
 from fracture_node.metrics import Metrics, MetricsServer
+from fracture_node.scheduler import Scheduler
 from fracture_node.spool import Spool
 from fracture_node.stages import claims
 from fracture_node.systemd import Notifier, WatchdogThread, watchdog_interval
@@ -48,7 +49,7 @@ class Daemon:
         self.worker: Any = None
         self.reporter: Any = None
         self.deliverer: Any = None
-        self.scheduler: Any = None
+        self.scheduler: Scheduler | None = None
         self.housekeeping: Any = None
         self.notifier = Notifier.from_environ(os.environ)
         self.watchdog: WatchdogThread | None = None
@@ -118,11 +119,16 @@ class Daemon:
         node = self.receiver.node if self.receiver else node_name(cfg.node.port)
         from fracture_node.stages.housekeeping import Housekeeping
 
+        # One scheduler for the report and delivery passes and housekeeping; parts stop in
+        # reverse: the worker, then housekeeping (told to stop), then the scheduler (waits).
+        self.scheduler = Scheduler()
+        self._parts.append(self.scheduler)
         self.housekeeping = Housekeeping(cfg, self.store, spool, self.metrics, node)
-        self.housekeeping.start()
-        self._parts.append(self.housekeeping)  # stopped after the worker (parts stop in reverse)
+        self.housekeeping.start(self.scheduler)
+        self._parts.append(self.housekeeping)
         if classifier is not None:
             self._start_processing(spool, node, classifier)
+        self.scheduler.start()
         if self.metrics_server is not None:
             self.metrics_server.start()
         if self.http_server is not None:
@@ -145,8 +151,7 @@ class Daemon:
         return self.worker is None or self.worker.alive()
 
     def _start_processing(self, spool: Spool, node: str, classifier: Any) -> None:
-        """The worker (model), the reporter and the deliverer, driven by APScheduler."""
-        from apscheduler.schedulers.background import BackgroundScheduler
+        """The worker (model), and the reporter and the deliverer on the node's scheduler."""
 
         from fracture_node.dicom.report import AlgorithmInfo
         from fracture_node.stages.deliver import Deliverer
@@ -165,8 +170,8 @@ class Daemon:
             if resumed:
                 log.warning("deliveries_resumed", count=resumed)
         self.deliverer = Deliverer(cfg, self.store, node, metrics=self.metrics)
-        scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
-            "coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
+        scheduler = self.scheduler
+        assert scheduler is not None
         self.reporter = Reporter(
             cfg, self.store, spool, node,
             AlgorithmInfo(name=classifier.name, version=classifier.version,
@@ -174,37 +179,20 @@ class Daemon:
                           threshold=classifier.threshold(cfg.model.operating_point),
                           operating_point=cfg.model.operating_point),
             metrics=self.metrics,
-            on_report=lambda: self._poke(scheduler, "deliver"))
+            on_report=lambda: scheduler.poke("deliver"))
         self.worker = Worker(cfg, self.store, spool, classifier, node, wake=self.wake,
-                             metrics=self.metrics,
-                             on_batch=lambda: self._poke(scheduler, "report"))
-        jobs = _RunningJobs()
-        scheduler.add_job(jobs.guarded(self.reporter.run_once, "report"), "interval",
-                          seconds=0.25, id="report")
-        scheduler.add_job(jobs.guarded(self.deliverer.run_once, "deliver"), "interval",
-                          seconds=1.0, id="deliver")
-        self.scheduler = scheduler
+                             metrics=self.metrics, on_batch=lambda: scheduler.poke("report"))
+        scheduler.add("report", self.reporter.run_once, 0.25)
+        scheduler.add("deliver", self.deliverer.run_once, 1.0)
         self.worker.start()
-        scheduler.start()
-        self._parts.append(_SchedulerPart(scheduler, jobs))
         self._parts.append(self.worker)
-
-    def _poke(self, scheduler: Any, job: str) -> None:
-        """Run ``job`` now (a batch was scored, a report made). Never while stopping: a job that
-        called into the scheduler while ``shutdown`` held its locks would wait for ever."""
-        if self.stopping.is_set():
-            return
-        try:
-            scheduler.modify_job(job, next_run_time=_now())
-        except Exception as exc:  # a stopped scheduler, a job removed: nothing to hurry
-            log.debug("job_not_hurried", job=job, error=type(exc).__name__)
 
     def _actions_done(self) -> None:
         """A console or API action made work due: report and deliver now."""
         self.wake.set()
         if self.scheduler is not None:
-            self._poke(self.scheduler, "report")
-            self._poke(self.scheduler, "deliver")
+            self.scheduler.poke("report")
+            self.scheduler.poke("deliver")
 
     def health(self) -> dict[str, Any]:
         """What ``/health`` answers: ok only when the database answers and the SCP listens."""
@@ -328,47 +316,3 @@ def _stop_within(part: Any, timeout_s: float) -> None:
         part.stop(timeout_s=timeout_s)
     else:
         part.stop()
-
-
-class _RunningJobs:
-    """The scheduler jobs running now, so that stopping can wait for them without holding
-    APScheduler's locks (its ``shutdown(wait=True)`` does, and a job that touches the scheduler
-    then never ends)."""
-
-    def __init__(self) -> None:
-        self._running = 0
-        self._idle = threading.Condition()
-
-    def guarded(self, fn: Any, job: str) -> Any:
-        """A job that logs its errors instead of losing them in APScheduler's logger."""
-        def run() -> None:
-            with self._idle:
-                self._running += 1
-            try:
-                fn()
-            except Exception as exc:
-                log.error("job_failed", job=job, error=describe(exc))
-            finally:
-                with self._idle:
-                    self._running -= 1
-                    self._idle.notify_all()
-
-        return run
-
-    def wait_idle(self, timeout_s: float) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._running == 0, timeout_s)
-
-
-class _SchedulerPart:
-    def __init__(self, scheduler: Any, jobs: _RunningJobs) -> None:
-        self.scheduler = scheduler
-        self.jobs = jobs
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        self.scheduler.shutdown(wait=False)
-        if not self.jobs.wait_idle(timeout_s):
-            log.warning("jobs_still_running", timeout_s=round(timeout_s, 1))
-
-
-__all__ = ["Daemon", "node_name"]

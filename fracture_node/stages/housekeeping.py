@@ -1,6 +1,7 @@
 """Housekeeping: the periodic jobs that keep a node healthy for years.
 
-Jobs (APScheduler 3 ``BackgroundScheduler``, interval triggers, one run of a job at a time):
+Jobs (on the node's one :class:`~fracture_node.scheduler.Scheduler`, in its upkeep pool, one
+run of a job at a time):
 
 ``take_back_stale_claims`` (every minute)
     Claims older than ``[model] claim_timeout_s`` belong to a worker that stopped: requeue them,
@@ -35,6 +36,7 @@ never stops the node.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import threading
 import time
@@ -43,15 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.schedulers.background import BackgroundScheduler
-
 from fracture_node.config import Config
 from fracture_node.db import maintenance
 from fracture_node.db.store import Store, utcnow
 from fracture_node.errors import FractureNodeError
 from fracture_node.logs import get_logger
 from fracture_node.metrics import Metrics
+from fracture_node.scheduler import UPKEEP, Scheduler
 from fracture_node.spool import Spool
 from fracture_node.stages import claims
 
@@ -125,7 +125,8 @@ class Housekeeping:
         self.node = node
         self.clock = clock
         self.intervals_s = {**INTERVALS_S, **(intervals_s or {})}
-        self._scheduler: BackgroundScheduler | None = None
+        self._scheduler: Scheduler | None = None
+        self._own_scheduler = False
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._jobs: dict[str, Callable[[], dict[str, Any]]] = {
@@ -137,38 +138,43 @@ class Housekeeping:
         }
 
     # Life cycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        """Schedule every job in a background thread pool."""
+    def start(self, scheduler: Scheduler | None = None) -> None:
+        """Schedule every job on ``scheduler``'s upkeep pool (the node's one scheduler); with
+        none (housekeeping alone, as in tests), on a scheduler of its own that :meth:`stop`
+        ends."""
         with self._lock:
             if self._scheduler is not None:
                 return
             self._stopping.clear()
-            scheduler = BackgroundScheduler(
-                timezone=dt.UTC,
-                executors={"default": ThreadPoolExecutor(max_workers=2)},
-                job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-            )
-            now = dt.datetime.now(dt.UTC)
+            own = scheduler is None
+            sched = Scheduler() if scheduler is None else scheduler
             for name in JOBS:
-                scheduler.add_job(self._scheduled, "interval", seconds=self.intervals_s[name],
-                                  args=[name], id=name, name=name,
-                                  next_run_time=now + dt.timedelta(
-                                      seconds=min(FIRST_RUN_DELAY_S[name], self.intervals_s[name])))
-            scheduler.start()
-            self._scheduler = scheduler
+                sched.add(name, functools.partial(self.run_once, name), self.intervals_s[name],
+                          pool=UPKEEP, misfire_grace_s=None,
+                          first_in_s=min(FIRST_RUN_DELAY_S[name], self.intervals_s[name]))
+            if own:
+                sched.start()
+            self._scheduler, self._own_scheduler = sched, own
         log.info("housekeeping_started", intervals_s=self.intervals_s)
 
-    def stop(self) -> None:
-        """Stop scheduling; waits for a running job (a purge stops after its current batch).
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop scheduling; waits up to ``timeout_s`` for a running job (a purge stops after
+        its current batch).
 
         Safe to call twice.
         """
         self._stopping.set()
         with self._lock:
-            scheduler, self._scheduler = self._scheduler, None
-        if scheduler is not None:
-            scheduler.shutdown(wait=True)
-            log.info("housekeeping_stopped")
+            sched, self._scheduler = self._scheduler, None
+        if sched is None:
+            return
+        for name in JOBS:
+            sched.remove(name)
+        if self._own_scheduler:
+            sched.stop(timeout_s)
+        elif not sched.wait_idle(timeout_s, set(JOBS)):
+            log.warning("housekeeping_still_running", timeout_s=round(timeout_s, 1))
+        log.info("housekeeping_stopped")
 
     # Running ------------------------------------------------------------------------------
     def run_once(self, job: str) -> JobRun:
@@ -192,9 +198,6 @@ class Housekeeping:
         except FractureNodeError as exc:
             log.error("housekeeping_run_not_recorded", job=job, error=str(exc))
         return JobRun(job=job, ok=ok, summary=summary)
-
-    def _scheduled(self, job: str) -> None:
-        self.run_once(job)
 
     # Jobs ---------------------------------------------------------------------------------
     def _take_back_stale_claims(self) -> dict[str, Any]:
