@@ -58,6 +58,18 @@ class DeliveryError(FractureNodeError):
     """An object could not be delivered to a destination."""
 
 
+class DatasetError(FractureNodeError):
+    """The dataset could not be read."""
+
+
+class UnknownJob(FractureNodeError):
+    """There is no housekeeping job of that name."""
+
+
+class NoPicture(FractureNodeError):
+    """No overlay can be drawn for an instance (no saliency record, or its file is gone)."""
+
+
 class StartupError(FractureNodeError):
     """A part of the node could not start.
 
@@ -104,3 +116,8 @@ def describe(exc: BaseException) -> str:
         cause, seen = cause.__cause__ or cause.__context__, seen + 1
     text = _QUOTED.sub("<value>", text)
     return f"{type(exc).__name__}: {text}"
+
+
+class LoginRequired(Exception):
+    # A signal to the web app (401, or the login page), not a failure: not a FractureNodeError.
+    """No valid credentials: the API answers 401, the console redirects to its login page."""

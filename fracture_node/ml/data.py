@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from fracture_node.errors import FractureNodeError, NotProcessable
+from fracture_node.errors import DatasetError, NotProcessable
 from fracture_node.images import letterbox, load_image_file
 from fracture_node.logs import get_logger
 
@@ -40,10 +40,6 @@ NEGATIVE = frozenset({"normal", "negative", "0", "false", "no", "not_fractured"}
 SPLITS = ("train", "val", "test")
 # Bump when the cached pixels would change (normalisation, resize, quantisation).
 CACHE_VERSION = 1
-
-
-class DatasetError(FractureNodeError):
-    """The dataset could not be read."""
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from typing import Any
 from fracture_node.config import Config
 from fracture_node.db import maintenance
 from fracture_node.db.store import Store, utcnow
-from fracture_node.errors import FractureNodeError
+from fracture_node.errors import FractureNodeError, UnknownJob
 from fracture_node.logs import get_logger
 from fracture_node.metrics import Metrics
 from fracture_node.scheduler import UPKEEP, Scheduler
@@ -85,10 +85,6 @@ PRUNED_JOBS = ("take_back_stale_claims", "refresh_metrics")
 PURGE_BATCH = 500
 PURGE_MAX_S = 300.0
 """One purge run (spool or overlays) stops after this long and goes on at its next interval."""
-
-
-class UnknownJob(FractureNodeError):
-    """There is no housekeeping job of that name."""
 
 
 @dataclass(frozen=True)

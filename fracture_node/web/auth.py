@@ -34,6 +34,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.concurrency import run_in_threadpool
 
 from fracture_node.config_http import HttpConfig
+from fracture_node.errors import LoginRequired
 from fracture_node.logs import get_logger
 from fracture_node.web.throttle import LoginThrottle
 from fracture_node.web.users import UserDirectory
@@ -66,10 +67,6 @@ class Principal:
 
     def may(self, role: str) -> bool:
         return role in GRANTS.get(self.role, frozenset())
-
-
-class LoginRequired(Exception):
-    """No valid credentials: the API answers 401, the console redirects to its login page."""
 
 
 def session_secret(path: Path) -> bytes:

@@ -13,13 +13,9 @@ from pathlib import Path
 import pydicom
 from PIL import Image
 
-from fracture_node.errors import FractureNodeError
+from fracture_node.errors import FractureNodeError, NoPicture
 
 OVERLAY_MAX_SIDE = 768
-
-
-class NoPicture(FractureNodeError):
-    """No overlay can be drawn for an instance (no saliency record, or its file is gone)."""
 
 
 def header_fields(path: Path, patient: bool) -> dict[str, str]:

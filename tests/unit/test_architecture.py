@@ -78,3 +78,20 @@ def test_the_map_names_every_module() -> None:
     text = MAP.read_text()
     unnamed = sorted(m for m in _modules() if f"`{m}`" not in text)
     assert not unnamed, f"docs/architecture.md does not name: {unnamed}"
+
+
+def test_every_error_class_lives_in_errors_py() -> None:
+    """``errors.py`` says every error raised on purpose is a FractureNodeError: they are all
+    defined there, none in another module."""
+    import ast
+
+    elsewhere = []
+    for path in (REPO / "fracture_node").rglob("*.py"):
+        if path.name == "errors.py" or "_migrations" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception"))
+                    for b in node.bases):
+                elsewhere.append(f"{path.relative_to(REPO)}:{node.name}")
+    assert not elsewhere, elsewhere
