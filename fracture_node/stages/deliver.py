@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,76 +84,100 @@ class Deliverer:
                           tls=self.config.tls if dest.tls else None)
 
     def _attempt(self, item: DueDelivery) -> str:
-        dest = self.destinations.get(item.destination)
-        ok, status, error, duration_s = False, None, None, 0.0
-        report_stored = no_retry = False
-        report_after_s: float | None = None
-        objects: list[ObjectOutcome] = []
+        """One delivery attempt: send what is left, record the outcome, log it; its state."""
         started_at = utcnow()
-        if dest is None:
-            error = (f"destination {item.destination!r} is no longer configured; "
-                     "add it back to [[destinations]] or leave the delivery dead")
-        elif item.report_delivered and not item.objects:
-            ok = True  # everything was stored; only the state was left to record
-        else:
-            reports_dir = self.config.reports_dir
-            sent: list[DueObject] = []
-            gone: list[DueObject] = []
-            for o in item.objects:
-                (sent if (reports_dir / o.path).is_file() else gone).append(o)
-            names = ([] if item.report_delivered else ["the SR"]) + [_name(o) for o in sent]
-            paths = ([] if item.report_delivered else [reports_dir / item.report_path]) + [
-                reports_dir / o.path for o in sent]
-            rest_ok = True
-            if paths:
-                try:
-                    outcomes = self._send(paths, dest)
-                except DeliveryError as exc:
-                    error, rest_ok = str(exc), False
-                else:
-                    report_stored = not item.report_delivered and outcomes[0].ok
-                    report_after_s = outcomes[0].duration_s if report_stored else None
-                    objects = [ObjectOutcome(o.id, out.ok, out.status, out.error,
-                                             out.duration_s) for o, out in
-                               zip(sent, outcomes[len(outcomes) - len(sent):], strict=True)]
-                    ok, status, error = _summary(outcomes, names, item.report_delivered)
-                    rest_ok = ok
-                    duration_s = max((out.duration_s for out in outcomes), default=0.0)
-            if gone:
-                objects += [ObjectOutcome(o.id, False, None, _gone_error(o)) for o in gone]
-                for o in gone:
-                    log.error("overlay_file_missing", delivery_id=item.id,
-                              destination=item.destination, kind=o.kind,
-                              sop_instance_uid=o.sop_instance_uid,
-                              purged_at=o.purged_at.isoformat() if o.purged_at else None)
-                missing = _gone_summary(gone)
-                ok, error = False, missing if error is None else f"{error}; {missing}"
-                if rest_ok:
-                    no_retry = True  # only files that no retry brings back are left
+        tried = self._try(item)
         retry_in = backoff_s(self.config, item.attempts + 1)
-        state = self.store.record_attempt(item, ok=ok, status=status, error=error,
-                                          duration_ms=round(duration_s * 1000, 1),
+        state = self.store.record_attempt(item, ok=tried.ok, status=tried.status,
+                                          error=tried.error,
+                                          duration_ms=round(tried.duration_s * 1000, 1),
                                           node=self.node,
-                                          retry_in_s=None if no_retry else retry_in,
-                                          report_stored=report_stored, objects=objects,
-                                          started_at=started_at,
-                                          report_stored_after_s=report_after_s)
+                                          retry_in_s=None if tried.no_retry else retry_in,
+                                          report_stored=tried.report_stored,
+                                          objects=tried.objects, started_at=started_at,
+                                          report_stored_after_s=tried.report_after_s)
         if self.metrics:
             self.metrics.deliveries.labels(item.destination,
-                                           "delivered" if ok else "failed").inc()
-        if ok:
-            log.info("report_delivered", delivery_id=item.id, destination=item.destination,
-                     sop_instance_uid=item.report_sop_instance_uid, attempt=item.attempts + 1,
-                     overlays=len(item.objects), ms=round(duration_s * 1000, 1))
-        elif state == s.DEAD:
-            log.error("delivery_dead", delivery_id=item.id, destination=item.destination,
-                      sop_instance_uid=item.report_sop_instance_uid, attempts=item.attempts + 1,
-                      error=error)
-        else:
-            log.warning("delivery_failed", delivery_id=item.id, destination=item.destination,
-                        sop_instance_uid=item.report_sop_instance_uid,
-                        attempt=item.attempts + 1, error=error, retry_in_s=round(retry_in, 1))
+                                           "delivered" if tried.ok else "failed").inc()
+        _log_attempt(item, tried, state, retry_in)
         return state
+
+    def _try(self, item: DueDelivery) -> _Tried:
+        """Send the SR (unless stored by an earlier attempt) and the overlays still owed."""
+        dest = self.destinations.get(item.destination)
+        if dest is None:
+            return _Tried(error=f"destination {item.destination!r} is no longer configured; "
+                                "add it back to [[destinations]] or leave the delivery dead")
+        if item.report_delivered and not item.objects:
+            return _Tried(ok=True)  # everything was stored; only the state was left to record
+        tried = _Tried()
+        reports_dir = self.config.reports_dir
+        sent: list[DueObject] = []
+        gone: list[DueObject] = []
+        for o in item.objects:
+            (sent if (reports_dir / o.path).is_file() else gone).append(o)
+        names = ([] if item.report_delivered else ["the SR"]) + [_name(o) for o in sent]
+        paths = ([] if item.report_delivered else [reports_dir / item.report_path]) + [
+            reports_dir / o.path for o in sent]
+        rest_ok = True
+        if paths:
+            try:
+                outcomes = self._send(paths, dest)
+            except DeliveryError as exc:
+                tried.error, rest_ok = str(exc), False
+            else:
+                tried.report_stored = not item.report_delivered and outcomes[0].ok
+                tried.report_after_s = outcomes[0].duration_s if tried.report_stored else None
+                tried.objects = [ObjectOutcome(o.id, out.ok, out.status, out.error,
+                                               out.duration_s) for o, out in
+                                 zip(sent, outcomes[len(outcomes) - len(sent):], strict=True)]
+                tried.ok, tried.status, tried.error = _summary(outcomes, names,
+                                                               item.report_delivered)
+                rest_ok = tried.ok
+                tried.duration_s = max((out.duration_s for out in outcomes), default=0.0)
+        if gone:
+            tried.objects += [ObjectOutcome(o.id, False, None, _gone_error(o)) for o in gone]
+            for o in gone:
+                log.error("overlay_file_missing", delivery_id=item.id,
+                          destination=item.destination, kind=o.kind,
+                          sop_instance_uid=o.sop_instance_uid,
+                          purged_at=o.purged_at.isoformat() if o.purged_at else None)
+            missing = _gone_summary(gone)
+            tried.ok = False
+            tried.error = missing if tried.error is None else f"{tried.error}; {missing}"
+            if rest_ok:
+                tried.no_retry = True  # only files that no retry brings back are left
+        return tried
+
+
+@dataclass
+class _Tried:
+    """What one attempt achieved, before it is recorded."""
+
+    ok: bool = False
+    status: int | None = None
+    error: str | None = None
+    duration_s: float = 0.0
+    report_stored: bool = False
+    report_after_s: float | None = None
+    objects: list[ObjectOutcome] = field(default_factory=list)
+    no_retry: bool = False
+    """Only files that no retry brings back are missing: dead at once."""
+
+
+def _log_attempt(item: DueDelivery, tried: _Tried, state: str, retry_in: float) -> None:
+    if tried.ok:
+        log.info("report_delivered", delivery_id=item.id, destination=item.destination,
+                 sop_instance_uid=item.report_sop_instance_uid, attempt=item.attempts + 1,
+                 overlays=len(item.objects), ms=round(tried.duration_s * 1000, 1))
+    elif state == s.DEAD:
+        log.error("delivery_dead", delivery_id=item.id, destination=item.destination,
+                  sop_instance_uid=item.report_sop_instance_uid, attempts=item.attempts + 1,
+                  error=tried.error)
+    else:
+        log.warning("delivery_failed", delivery_id=item.id, destination=item.destination,
+                    sop_instance_uid=item.report_sop_instance_uid,
+                    attempt=item.attempts + 1, error=tried.error, retry_in_s=round(retry_in, 1))
 
 
 _KIND_NAMES = {"sc": "Secondary Capture", "gsps": "presentation state"}

@@ -23,7 +23,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,18 @@ class _Shown:
     record: SaliencyRecord
     regions: tuple[Region, ...]
     probability: float
+
+
+@dataclass
+class _Gathered:
+    """What a study's SR is made of."""
+
+    sources: list[pydicom.Dataset] = field(default_factory=list)
+    findings: list[ImageFinding] = field(default_factory=list)
+    unprocessed: list[Unprocessed] = field(default_factory=list)
+    shown: list[_Shown] = field(default_factory=list)
+    algorithm: AlgorithmInfo | None = None
+    """The model that scored the study (set by ``_gather``, which refuses a study without)."""
 
 
 class Reporter:
@@ -216,10 +228,31 @@ class Reporter:
 
     def _build(self, snap: StudySnapshot
                ) -> tuple[pydicom.Dataset, dict[str, Any], list[_Shown]]:
-        sources: list[pydicom.Dataset] = []
-        findings: list[ImageFinding] = []
-        shown: list[_Shown] = []
-        unprocessed: list[Unprocessed] = []
+        """The study's SR, the counts its reports row keeps, and the images with overlays."""
+        got = self._gather(snap)
+        algorithm = got.algorithm
+        assert algorithm is not None  # _gather raised otherwise
+        version = snap.reported_version + 1
+        sr = build_report(
+            got.sources, got.findings, got.unprocessed, algorithm, version=version,
+            series_instance_uid=snap.previous_series_uid or generate_uid(),
+            predecessor=self._predecessor(snap, version), device_observer_uid=self.device_uid,
+            station_ae_title=self.config.node.ae_title, software_version=__version__,
+            regions_of_negatives=not self.config.saliency.positive_only)
+        probabilities = [f.probability for f in got.findings]
+        counts = {
+            "instances_total": len(got.findings) + len(got.unprocessed),
+            "instances_positive": sum(f.positive for f in got.findings),
+            "instances_unprocessed": len(got.unprocessed),
+            "max_probability": max(probabilities) if probabilities else None,
+            "model_sha256": algorithm.sha256 if got.findings else None,
+        }
+        return sr, counts, got.shown
+
+    def _gather(self, snap: StudySnapshot) -> _Gathered:
+        """Each instance's header from the spool, as a finding (scored) or an unprocessed
+        image (with its reason); the algorithm is the one that scored them."""
+        got = _Gathered()
         algorithm = self.algorithm
         for inst in snap.instances:
             try:
@@ -229,16 +262,16 @@ class Reporter:
                 log.warning("report_source_unreadable", instance_id=inst.id,
                             sop_instance_uid=inst.sop_instance_uid, error=type(exc).__name__)
                 continue
-            sources.append(header)
+            got.sources.append(header)
             if inst.state == s.PROCESSED and inst.probability is not None:
                 record, regions = self._regions(inst)
-                findings.append(ImageFinding(
+                got.findings.append(ImageFinding(
                     sop_instance_uid=inst.sop_instance_uid, sop_class_uid=inst.sop_class_uid,
                     probability=float(inst.probability), positive=bool(inst.positive),
                     regions=regions, saliency_method=record.method if record else "hirescam"))
                 if record is not None and regions:
-                    shown.append(_Shown(inst, header, len(findings), record, regions,
-                                        float(inst.probability)))
+                    got.shown.append(_Shown(inst, header, len(got.findings), record, regions,
+                                            float(inst.probability)))
                 if inst.model_sha256 and (algorithm is None
                                           or algorithm.sha256 != inst.model_sha256):
                     algorithm = AlgorithmInfo(
@@ -246,39 +279,28 @@ class Reporter:
                         sha256=inst.model_sha256, threshold=float(inst.threshold or 0.0),
                         operating_point=inst.operating_point or "")
             else:
-                unprocessed.append(Unprocessed(
+                got.unprocessed.append(Unprocessed(
                     sop_instance_uid=inst.sop_instance_uid, sop_class_uid=inst.sop_class_uid,
                     reason=inst.reason or inst.state))
-        if not sources:
+        if not got.sources:
             raise ReportError(f"no instance of study {snap.study_instance_uid} can be read "
                               "from the spool")
         if algorithm is None:
             raise ReportError(f"study {snap.study_instance_uid} has no result and no model is "
                               "loaded on this node to name in the report")
-        version = snap.reported_version + 1
-        predecessor = None
-        if version > 1 and snap.previous_report_path:
-            try:
-                predecessor = pydicom.dcmread(self.reports_dir / snap.previous_report_path,
-                                              stop_before_pixels=True)
-            except (OSError, pydicom.errors.InvalidDicomError) as exc:
-                raise ReportError(f"the previous report of study {snap.study_instance_uid} "
-                                  f"cannot be read ({type(exc).__name__})") from exc
-        sr = build_report(
-            sources, findings, unprocessed, algorithm, version=version,
-            series_instance_uid=snap.previous_series_uid or generate_uid(),
-            predecessor=predecessor, device_observer_uid=self.device_uid,
-            station_ae_title=self.config.node.ae_title, software_version=__version__,
-            regions_of_negatives=not self.config.saliency.positive_only)
-        probabilities = [f.probability for f in findings]
-        counts = {
-            "instances_total": len(findings) + len(unprocessed),
-            "instances_positive": sum(f.positive for f in findings),
-            "instances_unprocessed": len(unprocessed),
-            "max_probability": max(probabilities) if probabilities else None,
-            "model_sha256": algorithm.sha256 if findings else None,
-        }
-        return sr, counts, shown
+        got.algorithm = algorithm
+        return got
+
+    def _predecessor(self, snap: StudySnapshot, version: int) -> pydicom.Dataset | None:
+        """The previous SR of the study, which a new version references."""
+        if version == 1 or not snap.previous_report_path:
+            return None
+        try:
+            return pydicom.dcmread(self.reports_dir / snap.previous_report_path,
+                                   stop_before_pixels=True)
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise ReportError(f"the previous report of study {snap.study_instance_uid} "
+                              f"cannot be read ({type(exc).__name__})") from exc
 
     # Overlays -------------------------------------------------------------------------------
     def _overlays(self, study_uid: str, sr_uid: str, shown: list[_Shown]) -> list[NewObject]:
