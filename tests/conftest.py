@@ -7,6 +7,10 @@ import pytest
 
 from tests.support import storescp_running
 
+pytest_plugins = ["tests.support.scp"]
+"""Fixtures shared across folders: the TLS certificates (``pki``) and a Storage SCP alone
+(``scp_node``)."""
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
 

@@ -22,8 +22,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.e2e.conftest import BIN, ServeProcess, make_study, wait_until
 from tests.support import free_port, storescp_running, wait_for_port
+from tests.support.serve import BIN, ServeProcess, make_study, wait_until
 
 NAMES = ["derived/CR_hip_RG2_uncompressed_explicitVRLE.dcm", "CR_cspine_tiny16x16_explicitVR.dcm",
          "negative_controls/CT_small.dcm"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.e2e.conftest import ServeProcess, make_study
-from tests.orthanc_web import orthanc_web
 from tests.support import free_port, wait_for_port, wait_until
+from tests.support.orthanc import orthanc_web
+from tests.support.serve import ServeProcess, make_study
 
 ORTHANC_PASSWORD = "orthanc-Pa55-e2e"
 SENDER_PASSWORD = "sender-Pa55-e2e"

@@ -31,8 +31,8 @@ from pynetdicom.sop_class import Verification
 from fracture_node.db import schema as s
 from fracture_node.db.store import Store
 from fracture_node.spool import Spool
-from tests.e2e.conftest import BIN, ServeProcess, make_study, wait_until
 from tests.support import free_port, wait_for_port
+from tests.support.serve import BIN, ServeProcess, make_study, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -4,36 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ServeProcess, make_study, wait_until
-from tests.support import free_port, wait_for_port
-
-ORTHANC = "/usr/sbin/Orthanc"
-
-
-class Orthanc:
-    """A running Orthanc server (see :func:`_start_orthanc`)."""
-
-    http: int
-    dicom: int
-    proc: subprocess.Popen[bytes]
-    log: object
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> object:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=body,
-                                     method=method)
-        with urllib.request.urlopen(req, timeout=120) as rsp:
-            return json.loads(rsp.read() or b"null")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-        self.log.close()  # type: ignore[attr-defined]
+from tests.support import free_port
+from tests.support.orthanc import Orthanc, start_orthanc
+from tests.support.serve import ServeProcess, make_study, wait_until
 
 
 @pytest.fixture
@@ -41,34 +19,13 @@ def orthanc_and_node(tmp_path: Path, tiny_model: Path) -> Iterator[tuple[Orthanc
     pacs_dicom = free_port()
     node = ServeProcess(tmp_path / "node", [("orthanc", "ORTHANC", pacs_dicom)],
                         model=tiny_model)
-    orthanc = _start_orthanc(tmp_path / "orthanc", node.port, pacs_dicom)
+    orthanc = start_orthanc(tmp_path / "orthanc", node.port, pacs_dicom)
     node.start()
     yield orthanc, node
     node.stop()
     orthanc.stop()
 
 
-def _start_orthanc(workdir: Path, node_port: int, dicom_port: int) -> Orthanc:
-    """Start Orthanc on a fixed DICOM port (the node's configuration names it)."""
-    orthanc = Orthanc.__new__(Orthanc)
-    orthanc.http, orthanc.dicom = free_port(), dicom_port
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "Name": "test-pacs", "StorageDirectory": str(workdir / "db"),
-        "IndexDirectory": str(workdir / "db"), "HttpPort": orthanc.http,
-        "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
-        "DicomModalities": {"fracture": ["FRACTURE_NODE", "127.0.0.1", node_port]},
-        "DicomAlwaysAllowStore": True,
-    }
-    path = workdir / "orthanc.json"
-    path.write_text(json.dumps(config))
-    orthanc.log = (workdir / "orthanc.log").open("wb")
-    orthanc.proc = subprocess.Popen([ORTHANC, str(path)], stdout=orthanc.log,
-                                    stderr=subprocess.STDOUT)
-    wait_for_port(orthanc.http, timeout=60)
-    wait_for_port(dicom_port, timeout=60)
-    return orthanc
 
 
 def test_orthanc_push_gets_sr_back_in_the_same_study(
@@ -106,7 +63,7 @@ def orthanc_and_overlay_node(tmp_path: Path, saliency_model: Path
     extra = 'overlays = "both"\n[saliency]\npositive_only = false\n'
     node = ServeProcess(tmp_path / "node", [("orthanc", "ORTHANC", pacs_dicom)],
                         model=saliency_model, extra=extra)
-    orthanc = _start_orthanc(tmp_path / "orthanc", node.port, pacs_dicom)
+    orthanc = start_orthanc(tmp_path / "orthanc", node.port, pacs_dicom)
     node.start()
     yield orthanc, node
     node.stop()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.e2e.conftest import ServeProcess, make_study, wait_until
+from tests.support.serve import ServeProcess, make_study, wait_until
 
 NAMES = ["derived/CR_hip_RG2_uncompressed_explicitVRLE.dcm", "CR_cspine_tiny16x16_explicitVR.dcm",
          "negative_controls/CT_small.dcm"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fracture_node.ml.model import build_model, save_model_file, sha256_file
-from tests.e2e.conftest import ServeProcess, make_study, wait_until
+from tests.support.serve import ServeProcess, make_study, wait_until
 
 NAMES = ["derived/CR_hip_RG2_uncompressed_explicitVRLE.dcm", "CR_cspine_tiny16x16_explicitVR.dcm"]
 

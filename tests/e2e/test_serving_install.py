@@ -16,7 +16,7 @@ import pytest
 from fracture_node.dicom.report import algorithm_device_uid
 from fracture_node.ml.infer import bundled_model_path
 from fracture_node.ml.model import sha256_file
-from tests.e2e.conftest import ServeProcess, make_study, wait_until
+from tests.support.serve import ServeProcess, make_study, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 TORCH_SIDE = ("torch", "torchvision", "timm", "onnx", "tqdm", "matplotlib")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import BIN, ServeProcess, make_study, wait_until
+from tests.support.serve import BIN, ServeProcess, make_study, wait_until
 
 CR = "CR_cspine_tiny16x16_explicitVR.dcm"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import BIN
+from tests.support.serve import BIN
 
 
 def _train(tmp_path: Path, dataset_dir: Path, env: dict[str, str]) -> str:

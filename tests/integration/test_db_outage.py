@@ -21,8 +21,8 @@ from structlog.testing import capture_logs
 
 from fracture_node.db import migrate
 from fracture_node.db import schema as s
-from tests.integration.conftest import RunningReceiver, node_config
 from tests.support import free_port, postgres_database
+from tests.support.node import RunningReceiver, node_config
 
 TINY = "CR_cspine_tiny16x16_explicitVR.dcm"
 

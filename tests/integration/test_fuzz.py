@@ -37,7 +37,7 @@ from fracture_node.db import schema as s
 from fracture_node.db.store import ClaimedInstance
 from fracture_node.images import letterbox
 from fracture_node.stages.score import Decoded, Failed, decode_instance
-from tests.integration.conftest import TEST_SCOPE, RunningReceiver, node_config
+from tests.support.node import TEST_SCOPE, RunningReceiver, node_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

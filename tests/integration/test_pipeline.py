@@ -13,74 +13,11 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from fracture_node.config import Config, Destination, ScopeConfig
+from fracture_node.config import ScopeConfig
 from fracture_node.db import audit
 from fracture_node.db import schema as s
-from fracture_node.db.store import NewInstance, Store, utcnow
-from fracture_node.dicom.report import AlgorithmInfo
-from fracture_node.ml.infer import Classifier
-from fracture_node.spool import Spool
-from fracture_node.stages.deliver import Deliverer
-from fracture_node.stages.report import Reporter
-from fracture_node.stages.score import Worker
-from tests.integration.conftest import node_config
 from tests.support import free_port, wait_for_port
-
-SAMPLE = "CR_cspine_tiny16x16_explicitVR.dcm"
-
-
-class Node:
-    """The processing half of a node, driven step by step by the test."""
-
-    def __init__(self, config: Config, model: Path) -> None:
-        self.config = config
-        self.store = Store(config.database_url)
-        self.spool = Spool(config.spool_dir, fsync=False)
-        self.classifier = Classifier.load(model, "cpu")
-        self.worker = Worker(config, self.store, self.spool, self.classifier, "test-worker")
-        algo = AlgorithmInfo(self.classifier.name, self.classifier.version,
-                             self.classifier.sha256, 0.5, "balanced")
-        self.reporter = Reporter(config, self.store, self.spool, "test-node", algo)
-        self.deliverer = Deliverer(config, self.store, "test-node")
-
-    def add(self, ds: pydicom.Dataset, association_id: int | None = None) -> int:
-        """Spool a dataset and queue it, as the SCP does."""
-        from io import BytesIO
-
-        buf = BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        data = buf.getvalue()
-        import hashlib
-
-        digest = hashlib.sha256(data).hexdigest()
-        rel = self.spool.relative_path(ds.StudyInstanceUID, ds.SOPInstanceUID, digest)
-        self.spool.write(rel, data)
-        return self.store.add_instance(NewInstance(
-            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-            study_instance_uid=ds.StudyInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
-            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, modality=ds.Modality,
-            size_bytes=len(data), sha256=digest, spool_path=rel, received_at=utcnow(),
-            association_id=association_id))
-
-    def drain(self) -> None:
-        while self.worker.run_once():
-            pass
-
-    def close(self) -> None:
-        self.worker.stop()
-        self.store.dispose()
-
-
-def _study(samples_dir: Path, n: int, study_uid: str | None = None) -> list[pydicom.Dataset]:
-    study_uid = study_uid or generate_uid()
-    out = []
-    for _ in range(n):
-        ds = pydicom.dcmread(samples_dir / SAMPLE)
-        ds.StudyInstanceUID = study_uid
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        out.append(ds)
-    return out
+from tests.support.node import Node, make_node, sample_study
 
 
 @pytest.fixture
@@ -89,31 +26,19 @@ def pacs(storescp: tuple[int, Path]) -> tuple[int, Path]:
     return storescp
 
 
-def _node(tmp_path: Path, db_url: str, model: Path, pacs_port: int | None = None,
-          deadline_s: float = 3600.0, **model_cfg: object) -> Node:
-    config = node_config(tmp_path, db_url)
-    dests = (Destination(name="pacs", ae_title="PACS", host="127.0.0.1",
-                         port=pacs_port or free_port()),)
-    config = dataclasses.replace(
-        config, destinations=dests,
-        model=dataclasses.replace(config.model, path=model, **model_cfg),  # type: ignore[arg-type]
-        study=dataclasses.replace(config.study, stable_after_s=0.0),
-        delivery=dataclasses.replace(config.delivery, first_retry_s=0.2, max_retry_s=0.4,
-                                     timeout_s=3.0, deadline_s=deadline_s))
-    return Node(config.validate(), model)
 
 
 @pytest.fixture
 def node(tmp_path: Path, db_url: str, tiny_model: Path, pacs: tuple[int, Path]
          ) -> Iterator[Node]:
-    n = _node(tmp_path, db_url, tiny_model, pacs[0])
+    n = make_node(tmp_path, db_url, tiny_model, pacs[0])
     yield n
     n.close()
 
 
 def test_worker_scores_every_queued_instance_once(node: Node, samples_dir: Path) -> None:
     """Each queued radiograph gets exactly one result with the model's identity."""
-    for ds in _study(samples_dir, 5):
+    for ds in sample_study(samples_dir, 5):
         node.add(ds)
     node.drain()
     results = node.store.rows(s.Result)
@@ -128,9 +53,9 @@ def test_worker_scores_every_queued_instance_once(node: Node, samples_dir: Path)
 def test_batches_respect_max_batch(tmp_path: Path, sqlite_url: str, tiny_model: Path,
                                    samples_dir: Path) -> None:
     """With max_batch 4, ten instances are scored in batches of at most four."""
-    n = _node(tmp_path, sqlite_url, tiny_model, max_batch=4, max_wait_ms=0)
+    n = make_node(tmp_path, sqlite_url, tiny_model, max_batch=4, max_wait_ms=0)
     try:
-        for ds in _study(samples_dir, 10):
+        for ds in sample_study(samples_dir, 10):
             n.add(ds)
         n.drain()
         sizes = [r.batch_size for r in n.store.rows(s.Result)]
@@ -154,7 +79,7 @@ def test_undecodable_pixel_data_is_recorded_with_reason(node: Node, samples_dir:
     """The malformed samples end as not_processed, reason undecodable, and the worker goes on."""
     for path in sorted((samples_dir / "malformed").glob("*.dcm")):
         node.add(pydicom.dcmread(path))
-    node.add(_study(samples_dir, 1)[0])
+    node.add(sample_study(samples_dir, 1)[0])
     node.drain()
     states = sorted((r.state, r.reason) for r in node.store.rows(s.Instance))
     assert states.count((s.NOT_PROCESSED, "undecodable")) == 2
@@ -163,7 +88,7 @@ def test_undecodable_pixel_data_is_recorded_with_reason(node: Node, samples_dir:
 
 def test_taken_back_claim_is_processed_once(node: Node, samples_dir: Path) -> None:
     """A claim of a dead worker is taken back, processed by another, and recorded once."""
-    node.add(_study(samples_dir, 1)[0])
+    node.add(sample_study(samples_dir, 1)[0])
     [claimed] = node.store.claim_instances("dead-worker", 10)
     assert node.store.take_back_stale_claims(dt.timedelta(0), max_attempts=3) == (1, 0)
     node.drain()
@@ -180,9 +105,9 @@ def test_retry_is_claimed_and_scored_alone(tmp_path: Path, db_url: str, tiny_mod
     """Instances a dead worker held come back as retries: each is claimed and scored alone
     (so an image that crashes the process cannot take its batch to max_attempts with it),
     and the fresh instances behind them still go in full batches."""
-    n = _node(tmp_path, db_url, tiny_model, max_batch=4, max_wait_ms=200)
+    n = make_node(tmp_path, db_url, tiny_model, max_batch=4, max_wait_ms=200)
     try:
-        for ds in _study(samples_dir, 6):
+        for ds in sample_study(samples_dir, 6):
             n.add(ds)
         dead = n.store.claim_instances("dead-worker", 2)
         assert n.store.take_back_stale_claims(dt.timedelta(0), max_attempts=3) == (2, 0)
@@ -203,7 +128,7 @@ def test_retry_is_claimed_and_scored_alone(tmp_path: Path, db_url: str, tiny_mod
 def test_claim_stops_before_a_retry(node: Node, samples_dir: Path) -> None:
     """Fresh instances ahead of a retry are claimed; the claim stops at the retry, which is
     then claimed alone."""
-    for ds in _study(samples_dir, 4):
+    for ds in sample_study(samples_dir, 4):
         node.add(ds)
     ids = sorted(i.id for i in node.store.rows(s.Instance))
     [first, second] = node.store.claim_instances("dead-worker", 2)
@@ -216,7 +141,7 @@ def test_claim_stops_before_a_retry(node: Node, samples_dir: Path) -> None:
 
 def test_stopping_worker_gives_claims_back(node: Node, samples_dir: Path) -> None:
     """Claims the worker holds but has not scored go back to the queue when it stops."""
-    for ds in _study(samples_dir, 3):
+    for ds in sample_study(samples_dir, 3):
         node.add(ds)
     node.worker._refill()
     node.worker.stop()
@@ -226,7 +151,7 @@ def test_stopping_worker_gives_claims_back(node: Node, samples_dir: Path) -> Non
 def test_stable_study_is_reported_and_delivered(node: Node, samples_dir: Path,
                                                 pacs: tuple[int, Path]) -> None:
     """A finished study gets one SR with a probability per image, delivered to the PACS."""
-    study = _study(samples_dir, 3)
+    study = sample_study(samples_dir, 3)
     for ds in study:
         node.add(ds)
     node.drain()
@@ -255,7 +180,7 @@ def test_study_with_open_association_is_not_reported(node: Node, samples_dir: Pa
     """While an association that brought instances is still open, the study waits."""
     assoc = node.store.open_association(node="n", calling_ae_title="A", called_ae_title="B",
                                         peer_address="127.0.0.1", peer_port=1)
-    node.add(_study(samples_dir, 1)[0], association_id=assoc)
+    node.add(sample_study(samples_dir, 1)[0], association_id=assoc)
     node.drain()
     assert node.reporter.run_once() == 0
     node.store.close_association(assoc, "released")
@@ -265,7 +190,7 @@ def test_study_with_open_association_is_not_reported(node: Node, samples_dir: Pa
 def test_late_instance_makes_a_new_version(node: Node, samples_dir: Path,
                                            pacs: tuple[int, Path]) -> None:
     """An instance arriving after the report gives version 2 with the predecessor named."""
-    first, late = _study(samples_dir, 2)
+    first, late = sample_study(samples_dir, 2)
     node.add(first)
     node.drain()
     node.reporter.run_once()
@@ -286,7 +211,7 @@ def test_late_instance_makes_a_new_version(node: Node, samples_dir: Path,
 def test_lease_of_a_stopped_run_is_made_due(node: Node, samples_dir: Path) -> None:
     """A delivery leased by a run that died is sent at once after make_deliveries_due (what
     a SQLite node does at start-up), not after the lease."""
-    for ds in _study(samples_dir, 2):
+    for ds in sample_study(samples_dir, 2):
         node.add(ds)
     node.drain()
     assert node.reporter.run_once() == 1
@@ -304,9 +229,9 @@ def test_unreachable_pacs_is_retried_then_dead_lettered_then_redelivered(
     """Failed deliveries are retried with back-off, dead-lettered at the deadline, and
     delivered after `retry` once the PACS is back."""
     pacs_port = free_port()
-    n = _node(tmp_path, sqlite_url, tiny_model, pacs_port, deadline_s=1.5)
+    n = make_node(tmp_path, sqlite_url, tiny_model, pacs_port, deadline_s=1.5)
     try:
-        n.add(_study(samples_dir, 1)[0])
+        n.add(sample_study(samples_dir, 1)[0])
         n.drain()
         n.reporter.run_once()
         deadline = time.monotonic() + 10
@@ -379,7 +304,7 @@ def test_study_with_nothing_assessed_gets_no_sr(node: Node, samples_dir: Path) -
 def test_nothing_assessed_can_still_be_reported_when_configured(
         tmp_path: Path, sqlite_url: str, tiny_model: Path, samples_dir: Path) -> None:
     """[scope] report_when_nothing_assessed = true sends the SR listing the reasons."""
-    n = _node(tmp_path, sqlite_url, tiny_model)
+    n = make_node(tmp_path, sqlite_url, tiny_model)
     n.reporter.config = dataclasses.replace(
         n.config, scope=dataclasses.replace(n.config.scope, report_when_nothing_assessed=True))
     try:
@@ -396,10 +321,10 @@ def test_nothing_assessed_can_still_be_reported_when_configured(
 def test_default_scope_does_not_score_the_16_pixel_image(
         tmp_path: Path, sqlite_url: str, tiny_model: Path, samples_dir: Path) -> None:
     """With the shipped [scope], the 16 x 16 CR is not_processed (too_small), never scored."""
-    n = _node(tmp_path, sqlite_url, tiny_model)
+    n = make_node(tmp_path, sqlite_url, tiny_model)
     n.worker.config = dataclasses.replace(n.config, scope=ScopeConfig())
     try:
-        for ds in _study(samples_dir, 1):
+        for ds in sample_study(samples_dir, 1):
             n.add(ds)
         n.drain()
         [row] = n.store.rows(s.Instance)

@@ -27,13 +27,13 @@ from fracture_node.db import schema as s
 from fracture_node.db.audit import Audit
 from fracture_node.errors import ReportError, describe
 from fracture_node.stages import report as studies
-from tests.integration.test_pipeline import Node, _node, _study
+from tests.support.node import Node, make_node, sample_study
 
 
 @pytest.fixture
 def failing_node(tmp_path: Path, db_url: str, tiny_model: Path) -> Iterator[Node]:
     """A processing node that retries a failed report after 0.2 s, 0.4 s, and parks it at 3."""
-    n = _node(tmp_path, db_url, tiny_model)
+    n = make_node(tmp_path, db_url, tiny_model)
     n.config = dataclasses.replace(n.config, study=dataclasses.replace(
         n.config.study, report_max_attempts=3, report_first_retry_s=0.2,
         report_max_retry_s=0.4)).validate()
@@ -57,7 +57,7 @@ def test_failed_report_is_recorded_backed_off_parked_and_reprocessed(
     """Every attempt is counted with its reason, the next waits, the third parks the study,
     status shows it, and reprocess (once the cause is fixed) reports it."""
     node = failing_node
-    study = _study(samples_dir, 2)
+    study = sample_study(samples_dir, 2)
     for ds in study:
         node.add(ds)
     node.drain()
@@ -103,7 +103,7 @@ def test_failed_report_is_recorded_backed_off_parked_and_reprocessed(
 def test_new_instance_takes_a_parked_study_back(failing_node: Node, samples_dir: Path) -> None:
     """A parked study gets another chance when a new instance of it arrives."""
     node = failing_node
-    first, second = _study(samples_dir, 2)
+    first, second = sample_study(samples_dir, 2)
     node.add(first)
     node.drain()
     _lose_spool_files(node)
@@ -122,7 +122,7 @@ def test_reprocess_command_takes_parked_studies_back(failing_node: Node, samples
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """``fracture-node reprocess`` makes every parked study due again and says how many."""
     node = failing_node
-    node.add(_study(samples_dir, 1)[0])
+    node.add(sample_study(samples_dir, 1)[0])
     node.drain()
     _lose_spool_files(node)
     for _ in range(3):
@@ -181,7 +181,7 @@ def test_header_values_never_reach_logs_errors_or_sql(
     """Random invalid header values, quoted by the exceptions a failing report raises, appear
     in no log event, no recorded error and no described exception."""
     node = failing_node
-    ds = _study(samples_dir, 1)[0]
+    ds = sample_study(samples_dir, 1)[0]
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the values may be Cyrillic
     ds.PatientName, ds.PatientID = name, patient_id
     ds.PatientBirthDate, ds.InstitutionName = birth, institution
@@ -240,7 +240,7 @@ def test_real_report_path_leaks_no_invalid_header_value(
     the study is reported or its failure recorded, and no value reaches a log event or SQL."""
     monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
     node = failing_node
-    ds = _study(samples_dir, 1)[0]
+    ds = sample_study(samples_dir, 1)[0]
     ds.SpecificCharacterSet = "ISO_IR 192"
     for keyword, value in zip(_COPIED, values, strict=True):
         # As the bytes arrive from a sender: pydicom converts them only when they are read.

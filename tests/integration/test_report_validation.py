@@ -25,6 +25,7 @@ from fracture_node.dicom.report import (
     write_report,
 )
 from fracture_node.saliency import Region
+from tests.support.saliency import dciodvfy
 
 ALGORITHM = AlgorithmInfo("fracture-densenet", "1.4.0", "ab" * 32, 0.42, "balanced")
 SERIES = generate_uid()
@@ -145,12 +146,6 @@ KINDS: list[Callable[[list[pydicom.Dataset]], pydicom.Dataset]] = [
 ]
 
 
-def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
-    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True,
-                         timeout=60)
-    lines = (run.stdout + run.stderr).splitlines()
-    return ([ln for ln in lines if ln.startswith("Error")],
-            [ln for ln in lines if ln.startswith("Warning")])
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=[k.__name__ for k in KINDS])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -16,7 +15,6 @@ from pydicom.uid import (
     Comprehensive3DSRStorage,
     GrayscaleSoftcopyPresentationStateStorage,
     SecondaryCaptureImageStorage,
-    generate_uid,
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
 from structlog.testing import capture_logs
@@ -26,29 +24,9 @@ from fracture_node.db import schema as s
 from fracture_node.dicom.pixels import read_pixels
 from fracture_node.ml.explain import Explainer
 from fracture_node.saliency import SaliencyRecord
-from tests.integration.conftest import node_config
-from tests.integration.test_pipeline import Node
-from tests.integration.test_report_validation import dciodvfy
 from tests.support import free_port, storescp_running
-
-HIP = "derived/CR_hip_RG2_uncompressed_explicitVRLE.dcm"  # 2140 x 1760
-TINY = "CR_cspine_tiny16x16_explicitVR.dcm"  # 16 x 16
-PATIENT = "Saliency^Secret"
-
-
-def _config(tmp_path: Path, db_url: str, model: Path, destinations: list[Destination],
-            operating_point: str = "0.01", **saliency: Any) -> Config:
-    """A node whose every image is positive (0.01) or negative (0.99): the test models score
-    near 0.5."""
-    config = node_config(tmp_path, db_url)
-    return dataclasses.replace(
-        config, destinations=tuple(destinations),
-        model=dataclasses.replace(config.model, path=model, operating_point=operating_point),
-        study=dataclasses.replace(config.study, stable_after_s=0.0),
-        delivery=dataclasses.replace(config.delivery, first_retry_s=0.2, max_retry_s=0.4,
-                                     timeout_s=5.0),
-        saliency=dataclasses.replace(config.saliency, **saliency),
-    ).validate()
+from tests.support.node import Node
+from tests.support.saliency import HIP, PATIENT, TINY, dciodvfy, saliency_config, saliency_study
 
 
 def _dest(name: str, port: int, overlays: str = "none") -> Destination:
@@ -56,18 +34,6 @@ def _dest(name: str, port: int, overlays: str = "none") -> Destination:
                        overlays=overlays)
 
 
-def _study(samples_dir: Path, names: list[str], study_uid: str | None = None
-           ) -> list[pydicom.Dataset]:
-    study_uid = study_uid or generate_uid()
-    out = []
-    for name in names:
-        ds = pydicom.dcmread(samples_dir / name)
-        ds.StudyInstanceUID = study_uid
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PatientName = PATIENT
-        out.append(ds)
-    return out
 
 
 @pytest.fixture
@@ -119,9 +85,9 @@ def test_worker_stores_saliency_in_source_pixels(tmp_path: Path, db_url: str,
                                                  saliency_model: Path, samples_dir: Path,
                                                  make_node: Any) -> None:
     """Each result keeps method, layer, heat map and regions inside its own image's pixels."""
-    node = make_node(_config(tmp_path, db_url, saliency_model, [], method="gradcam",
+    node = make_node(saliency_config(tmp_path, db_url, saliency_model, [], method="gradcam",
                              layer="last"))
-    hip, tiny = _study(samples_dir, [HIP, TINY])
+    hip, tiny = saliency_study(samples_dir, [HIP, TINY])
     node.add(hip)
     node.add(tiny)
     node.drain()
@@ -146,9 +112,9 @@ def test_probabilities_with_saliency_equal_predict_batch(tmp_path: Path, sqlite_
                                                          make_node: Any) -> None:
     """Scoring through the explainer gives predict_batch's probabilities (test-time
     augmentation included)."""
-    node = make_node(_config(tmp_path, sqlite_url, saliency_model, []))
+    node = make_node(saliency_config(tmp_path, sqlite_url, saliency_model, []))
     assert node.classifier.tta and node.worker.explainer is not None
-    study = _study(samples_dir, [HIP, TINY, HIP])
+    study = saliency_study(samples_dir, [HIP, TINY, HIP])
     for ds in study:
         node.add(ds)
     node.drain()
@@ -163,9 +129,9 @@ def test_probabilities_with_saliency_equal_predict_batch(tmp_path: Path, sqlite_
 def test_saliency_off_stores_null(tmp_path: Path, sqlite_url: str, saliency_model: Path,
                                   samples_dir: Path, make_node: Any) -> None:
     """With [saliency] enabled = false the worker scores without an explainer, saliency NULL."""
-    node = make_node(_config(tmp_path, sqlite_url, saliency_model, [], enabled=False))
+    node = make_node(saliency_config(tmp_path, sqlite_url, saliency_model, [], enabled=False))
     assert node.worker.explainer is None
-    node.add(_study(samples_dir, [TINY])[0])
+    node.add(saliency_study(samples_dir, [TINY])[0])
     node.drain()
     [result] = node.store.rows(s.Result)
     assert result.saliency is None and 0.0 <= result.probability <= 1.0
@@ -183,12 +149,12 @@ def test_saliency_failure_keeps_the_score(tmp_path: Path, sqlite_url: str,
                                           make_node: Any) -> None:
     """When the explainer fails, the image is still scored (as predict_batch would), saliency
     NULL, and the log names the failure without patient data."""
-    config = _config(tmp_path, sqlite_url, saliency_model, [])
+    config = saliency_config(tmp_path, sqlite_url, saliency_model, [])
     node = make_node(config)
     node.worker.stop()
     node.worker = type(node.worker)(config, node.store, node.spool, node.classifier,
                                     "test-worker", explainer=_OutOfMemory(node.classifier))
-    [ds] = _study(samples_dir, [TINY])
+    [ds] = saliency_study(samples_dir, [TINY])
     node.add(ds)
     with capture_logs() as logs:
         node.drain()
@@ -209,8 +175,8 @@ def test_sr_carries_the_stored_regions_of_positive_images(tmp_path: Path, db_url
                                                           samples_dir: Path,
                                                           make_node: Any) -> None:
     """Every stored region of a positive image is a TID 1410 polygon on that image in the SR."""
-    node = make_node(_config(tmp_path, db_url, saliency_model, []))
-    study = _study(samples_dir, [HIP, TINY])
+    node = make_node(saliency_config(tmp_path, db_url, saliency_model, []))
+    study = saliency_study(samples_dir, [HIP, TINY])
     for ds in study:
         node.add(ds)
     node.drain()
@@ -227,8 +193,8 @@ def test_negative_images_have_no_regions_in_the_sr(tmp_path: Path, sqlite_url: s
                                                    saliency_model: Path, samples_dir: Path,
                                                    make_node: Any) -> None:
     """With positive_only (the default), a negative image's regions stay in SQL, not in the SR."""
-    node = make_node(_config(tmp_path, sqlite_url, saliency_model, [], operating_point="0.99"))
-    node.add(_study(samples_dir, [HIP])[0])
+    node = make_node(saliency_config(tmp_path, sqlite_url, saliency_model, [], operating_point="0.99"))
+    node.add(saliency_study(samples_dir, [HIP])[0])
     node.drain()
     node.reporter.run_once()
     assert all(rec["regions"] for rec in _saliency(node).values())
@@ -240,9 +206,9 @@ def test_positive_only_false_reports_regions_of_negatives(tmp_path: Path, sqlite
                                                           samples_dir: Path,
                                                           make_node: Any) -> None:
     """With positive_only = false, a negative image's regions are in the SR too."""
-    node = make_node(_config(tmp_path, sqlite_url, saliency_model, [], operating_point="0.99",
+    node = make_node(saliency_config(tmp_path, sqlite_url, saliency_model, [], operating_point="0.99",
                              positive_only=False))
-    [hip] = _study(samples_dir, [HIP])
+    [hip] = saliency_study(samples_dir, [HIP])
     node.add(hip)
     node.drain()
     node.reporter.run_once()
@@ -275,10 +241,10 @@ def test_overlays_go_only_to_the_destinations_that_ask(
         storescp: tuple[int, Path], second_pacs: tuple[int, Path]) -> None:
     """A destination with overlays = both gets the SR, a Secondary Capture and a GSPS per image
     with regions, all valid and in the study; one with none gets the SR alone; SQL shows each."""
-    node = make_node(_config(tmp_path, db_url, saliency_model,
+    node = make_node(saliency_config(tmp_path, db_url, saliency_model,
                              [_dest("plain", storescp[0]),
                               _dest("viewer", second_pacs[0], "both")]))
-    study = _study(samples_dir, [HIP, TINY])
+    study = saliency_study(samples_dir, [HIP, TINY])
     for ds in study:
         node.add(ds)
     node.drain()
@@ -353,9 +319,9 @@ def test_refused_overlay_is_retried_without_sending_the_sr_again(
         make_node: Any, picky_pacs: _PickyPacs) -> None:
     """A refused GSPS leaves the delivery pending with the SR and SC recorded as stored; the
     retry sends only the GSPS."""
-    node = make_node(_config(tmp_path, sqlite_url, saliency_model,
+    node = make_node(saliency_config(tmp_path, sqlite_url, saliency_model,
                              [_dest("pacs", picky_pacs.port, "both")]))
-    node.add(_study(samples_dir, [HIP])[0])
+    node.add(saliency_study(samples_dir, [HIP])[0])
     node.drain()
     node.reporter.run_once()
     assert node.deliverer.run_once() == 0
@@ -383,9 +349,9 @@ def test_new_report_version_reuses_the_overlay_uids(tmp_path: Path, sqlite_url: 
                                                     saliency_model: Path, samples_dir: Path,
                                                     make_node: Any) -> None:
     """A late image gives SR version 2; the first image's overlays keep their UIDs and series."""
-    node = make_node(_config(tmp_path, sqlite_url, saliency_model,
+    node = make_node(saliency_config(tmp_path, sqlite_url, saliency_model,
                              [_dest("pacs", free_port(), "both")]))
-    first, late = _study(samples_dir, [HIP, TINY])
+    first, late = saliency_study(samples_dir, [HIP, TINY])
     node.add(first)
     node.drain()
     node.reporter.run_once()
@@ -412,9 +378,9 @@ def test_new_version_does_not_resend_overlays_the_pacs_holds(
     """Version 2 of a study sends its SR and the late image's overlays; the first image's
     overlays, stored by version 1's delivery under the same UIDs, are recorded as stored then
     and not sent again."""
-    node = make_node(_config(tmp_path, db_url, saliency_model,
+    node = make_node(saliency_config(tmp_path, db_url, saliency_model,
                              [_dest("pacs", storescp[0], "both")]))
-    first, late = _study(samples_dir, [HIP, TINY])
+    first, late = saliency_study(samples_dir, [HIP, TINY])
     node.add(first)
     node.drain()
     assert node.reporter.run_once() == 1
@@ -460,9 +426,9 @@ def test_discarded_report_takes_its_overlays_and_leaves_the_winners(
     stay."""
     from fracture_node.stages.report import Reporter
 
-    node = make_node(_config(tmp_path, sqlite_url, saliency_model,
+    node = make_node(saliency_config(tmp_path, sqlite_url, saliency_model,
                              [_dest("pacs", free_port(), "both")]))
-    [hip] = _study(samples_dir, [HIP])
+    [hip] = saliency_study(samples_dir, [HIP])
     node.add(hip)
     node.drain()
     winner = Reporter(node.config, node.store, node.spool, "other-node", node.reporter.algorithm)
@@ -501,9 +467,9 @@ def test_unreadable_pixels_drop_the_secondary_capture_only(
         make_node: Any) -> None:
     """An image whose spooled pixel data can no longer be read (a damaged file) gets no
     Secondary Capture, but its GSPS and the SR with its regions are still made."""
-    node = make_node(_config(tmp_path, sqlite_url, saliency_model,
+    node = make_node(saliency_config(tmp_path, sqlite_url, saliency_model,
                              [_dest("pacs", free_port(), "both")]))
-    [hip] = _study(samples_dir, [HIP])
+    [hip] = saliency_study(samples_dir, [HIP])
     node.add(hip)
     node.drain()
     [instance] = node.store.rows(s.Instance)
@@ -522,8 +488,8 @@ def test_stored_heat_map_matches_the_source_image(tmp_path: Path, sqlite_url: st
                                                   saliency_model: Path, samples_dir: Path,
                                                   make_node: Any) -> None:
     """The stored heat map turns back into a map over the whole source image, peak 1."""
-    node = make_node(_config(tmp_path, sqlite_url, saliency_model, []))
-    [hip] = _study(samples_dir, [HIP])
+    node = make_node(saliency_config(tmp_path, sqlite_url, saliency_model, []))
+    [hip] = saliency_study(samples_dir, [HIP])
     node.add(hip)
     node.drain()
     [result] = node.store.rows(s.Result)
@@ -547,9 +513,9 @@ def test_audit_sql_of_saliency_and_overlays_runs(
 
     from sqlalchemy import text
 
-    node = make_node(_config(tmp_path, db_url, saliency_model,
+    node = make_node(saliency_config(tmp_path, db_url, saliency_model,
                              [_dest("pacs", storescp[0], "gsps")]))
-    [hip] = _study(samples_dir, [HIP])
+    [hip] = saliency_study(samples_dir, [HIP])
     node.add(hip)
     node.drain()
     node.reporter.run_once()

@@ -15,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from fracture_node.db import schema as s
-from tests.integration.conftest import RunningReceiver, node_config
+from tests.support.node import RunningReceiver, node_config
 
 SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "dicom-samples"
 ALL_SAMPLES = sorted(SAMPLES.rglob("*.dcm"))
@@ -272,10 +272,10 @@ def test_orthanc_push_keeps_the_lossless_compressed_syntax(
     """Orthanc, holding JPEG-LS, JPEG lossless and RLE files, pushes them; none is decompressed."""
     import json
 
-    from tests.e2e.test_orthanc import _start_orthanc
     from tests.support import free_port
+    from tests.support.orthanc import start_orthanc
 
-    orthanc = _start_orthanc(tmp_path / "orthanc", sqlite_receiver.port, free_port())
+    orthanc = start_orthanc(tmp_path / "orthanc", sqlite_receiver.port, free_port())
     try:
         names = ["CR_hip_RG2_JLSL.dcm", "CR_hip_RG2_JPLL.dcm", "derived/CR_hip_RG2_RLE.dcm"]
         ids = []

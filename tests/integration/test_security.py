@@ -7,7 +7,6 @@ Peers: pynetdicom (as SCU and SCP) and DCMTK's TLS-enabled echoscu, storescu and
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import ssl
 import struct
@@ -23,16 +22,13 @@ from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from fracture_node.config import Config, Destination, TlsConfig
+from fracture_node.config import Destination, TlsConfig
 from fracture_node.db import schema as s
-from fracture_node.db.store import Store
-from fracture_node.dicom.scp import Receiver, server_tls_context
+from fracture_node.dicom.scp import server_tls_context
 from fracture_node.dicom.send import echo, store
 from fracture_node.errors import ConfigError
-from fracture_node.metrics import Metrics
-from fracture_node.spool import Spool
-from tests.integration.conftest import node_config
 from tests.support import free_port, wait_for_port
+from tests.support.scp import Pki, client_context, tls_config
 
 TINY = "CR_cspine_tiny16x16_explicitVR.dcm"
 
@@ -40,99 +36,21 @@ TINY = "CR_cspine_tiny16x16_explicitVR.dcm"
 # Certificates -------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    rogue_cert: Path
-    rogue_key: Path
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
 
 
-def _issue(folder: Path, name: str, ca: str, subject: str, san: str) -> None:
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-subj",
-             f"/CN={subject}", "-out", f"{name}.csr", cwd=folder)
-    (folder / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-days", "2", "-sha256", "-extfile", f"{name}.ext",
-             "-out", f"{name}.crt", cwd=folder)
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A CA with a server and a client certificate, and a rogue CA with a client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "rogue-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key",
-                 "-subj", f"/CN=Test {ca}", "-days", "2", "-out", f"{ca}.crt", cwd=d)
-    _issue(d, "server", "ca", "localhost", "DNS:localhost,IP:127.0.0.1")
-    _issue(d, "client", "ca", "MODALITY", "DNS:modality.test")
-    _issue(d, "rogue", "rogue-ca", "ROGUE", "DNS:rogue.test")
-    return Pki(ca=d / "ca.crt", server_cert=d / "server.crt", server_key=d / "server.key",
-               client_cert=d / "client.crt", client_key=d / "client.key",
-               rogue_cert=d / "rogue.crt", rogue_key=d / "rogue.key")
 
 
-def _client_ctx(pki: Pki, cert: Path | None, key: Path | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
-    if cert and key:
-        ctx.load_cert_chain(str(cert), str(key))
-    return ctx
 
 
 # A receiver with its metrics ----------------------------------------------------------------
 
 
-class Node:
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.store = Store(config.database_url)
-        self.spool = Spool(config.spool_dir, fsync=True, min_free_bytes=0)
-        self.metrics = Metrics()
-        self.receiver = Receiver(config, self.store, self.spool, metrics=self.metrics)
-        self.receiver.start()
-        self.port = self.receiver.port
-
-    def rejected(self, reason: str) -> float:
-        return self.metrics.registry.get_sample_value(
-            "fracture_node_associations_rejected_total", {"reason": reason}) or 0.0
-
-    def wait_rows(self, *where: Any, timeout: float = 10.0) -> list[Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = self.store.rows(s.Association, *where)
-            if rows or time.monotonic() > deadline:
-                return rows
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.receiver.stop(drain_timeout_s=5)
-        self.store.dispose()
 
 
-@pytest.fixture
-def make_node(tmp_path: Path, sqlite_url: str) -> Iterator[Any]:
-    """Start receivers with node (and TLS) settings over one SQLite database."""
-    nodes: list[Node] = []
-
-    def start(tls: TlsConfig | None = None, **node: Any) -> Node:
-        config = node_config(tmp_path, sqlite_url, **node)
-        if tls is not None:
-            config = dataclasses.replace(config, tls=tls).validate()
-        running = Node(config)
-        nodes.append(running)
-        return running
-
-    yield start
-    for running in nodes:
-        running.stop()
 
 
 def _associate(port: int, aet: str = "TEST_SCU", tls: ssl.SSLContext | None = None,
@@ -153,9 +71,9 @@ def _rj(assoc: Any) -> tuple[int, int, int]:
 # Allow-lists and limits ---------------------------------------------------------------------
 
 
-def test_unknown_calling_ae_title_gets_rj_recorded_and_counted(make_node: Any) -> None:
+def test_unknown_calling_ae_title_gets_rj_recorded_and_counted(scp_node: Any) -> None:
     """A calling AE title outside the allow-list gets A-ASSOCIATE-RJ (1, 1, 3), an SQL row and a metric."""
-    node = make_node(allowed_calling_ae_titles=("PACS",))
+    node = scp_node(allowed_calling_ae_titles=("PACS",))
     assoc = _associate(node.port, aet="ROGUE")
     assert assoc.is_rejected
     assert _rj(assoc) == (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
@@ -170,9 +88,9 @@ def test_unknown_calling_ae_title_gets_rj_recorded_and_counted(make_node: Any) -
     ok.release()
 
 
-def test_peer_outside_allowed_peers_gets_rj_recorded_and_counted(make_node: Any) -> None:
+def test_peer_outside_allowed_peers_gets_rj_recorded_and_counted(scp_node: Any) -> None:
     """A peer address outside allowed_peers gets A-ASSOCIATE-RJ (1, 1, 1), an SQL row and a metric."""
-    node = make_node(allowed_peers=("10.77.0.0/16",))
+    node = scp_node(allowed_peers=("10.77.0.0/16",))
     assoc = _associate(node.port, aet="SOMEONE")
     assert assoc.is_rejected
     assert _rj(assoc) == (0x01, 0x01, 0x01)  # permanent, service user, no reason given
@@ -182,17 +100,17 @@ def test_peer_outside_allowed_peers_gets_rj_recorded_and_counted(make_node: Any)
     assert node.rejected("peer_not_allowed") == 1
 
 
-def test_allowed_peer_network_is_accepted(make_node: Any) -> None:
+def test_allowed_peer_network_is_accepted(scp_node: Any) -> None:
     """A peer inside an allowed network (CIDR) associates normally."""
-    node = make_node(allowed_peers=("127.0.0.0/8",), allowed_calling_ae_titles=("TEST_SCU",))
+    node = scp_node(allowed_peers=("127.0.0.0/8",), allowed_calling_ae_titles=("TEST_SCU",))
     assoc = _associate(node.port)
     assert assoc.is_established
     assoc.release()
 
 
-def test_dcmtk_echoscu_with_wrong_ae_title_is_rejected(make_node: Any) -> None:
+def test_dcmtk_echoscu_with_wrong_ae_title_is_rejected(scp_node: Any) -> None:
     """DCMTK echoscu with a calling AE title outside the allow-list fails and is recorded."""
-    node = make_node(allowed_calling_ae_titles=("PACS",))
+    node = scp_node(allowed_calling_ae_titles=("PACS",))
     proc = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "FRACTURE_NODE", "127.0.0.1",
                            str(node.port)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
@@ -201,9 +119,9 @@ def test_dcmtk_echoscu_with_wrong_ae_title_is_rejected(make_node: Any) -> None:
     assert row.outcome == "rejected"
 
 
-def test_association_limit_rejects_transient_local_limit(make_node: Any) -> None:
+def test_association_limit_rejects_transient_local_limit(scp_node: Any) -> None:
     """Past max_associations a caller gets A-ASSOCIATE-RJ (2, 3, 2), recorded and counted."""
-    node = make_node(max_associations=1)
+    node = scp_node(max_associations=1)
     first = _associate(node.port, aet="FIRST")
     assert first.is_established
     try:
@@ -220,18 +138,18 @@ def test_association_limit_rejects_transient_local_limit(make_node: Any) -> None
     third.release()
 
 
-def test_maximum_pdu_is_announced(make_node: Any) -> None:
+def test_maximum_pdu_is_announced(scp_node: Any) -> None:
     """The A-ASSOCIATE-AC announces [node] max_pdu_bytes as our maximum PDU length."""
-    node = make_node(max_pdu_bytes=16384)
+    node = scp_node(max_pdu_bytes=16384)
     assoc = _associate(node.port)
     assert assoc.is_established
     assert assoc.acceptor.maximum_length == 16384
     assoc.release()
 
 
-def test_pdu_longer_than_announced_aborts_before_it_is_read(make_node: Any) -> None:
+def test_pdu_longer_than_announced_aborts_before_it_is_read(scp_node: Any) -> None:
     """A P-DATA PDU declared longer than max_pdu_bytes closes the association at its header."""
-    node = make_node(max_pdu_bytes=16384)
+    node = scp_node(max_pdu_bytes=16384)
     assoc = _associate(node.port, aet="BIG_PDU")
     assert assoc.is_established
     raw = assoc.dul.socket.socket
@@ -262,9 +180,9 @@ def _padded(samples_dir: Path, extra_bytes: int) -> pydicom.Dataset:
     return ds
 
 
-def test_object_over_max_object_bytes_gets_a701(make_node: Any, samples_dir: Path) -> None:
+def test_object_over_max_object_bytes_gets_a701(scp_node: Any, samples_dir: Path) -> None:
     """An object a little over max_object_bytes is answered 0xA701 with a reason and no file."""
-    node = make_node(max_object_bytes=20_000)
+    node = scp_node(max_object_bytes=20_000)
     ds = _padded(samples_dir, 40_000)
     assoc = _associate(node.port, contexts=(ds.SOPClassUID,))
     assert assoc.is_established
@@ -277,10 +195,10 @@ def test_object_over_max_object_bytes_gets_a701(make_node: Any, samples_dir: Pat
     assert [p for p in node.spool.root.rglob("*") if p.is_file()] == []
 
 
-def test_object_far_over_max_object_bytes_aborts_while_arriving(make_node: Any,
+def test_object_far_over_max_object_bytes_aborts_while_arriving(scp_node: Any,
                                                                 samples_dir: Path) -> None:
     """An object more than 1 MiB over max_object_bytes aborts the association mid-transfer."""
-    node = make_node(max_object_bytes=20_000)
+    node = scp_node(max_object_bytes=20_000)
     ds = _padded(samples_dir, 3 << 20)
     assoc = _associate(node.port, aet="HUGE", contexts=(ds.SOPClassUID,))
     assert assoc.is_established
@@ -295,17 +213,14 @@ def test_object_far_over_max_object_bytes_aborts_while_arriving(make_node: Any,
 # TLS on the SCP ------------------------------------------------------------------------------
 
 
-def _tls(pki: Pki, **kw: Any) -> TlsConfig:
-    return TlsConfig(enabled=True, certificate=pki.server_cert, private_key=pki.server_key,
-                     ca_certificates=pki.ca, **kw)
 
 
-def test_tls_scp_accepts_a_client_with_a_trusted_certificate(make_node: Any, pki: Pki,
+def test_tls_scp_accepts_a_client_with_a_trusted_certificate(scp_node: Any, pki: Pki,
                                                             samples_dir: Path) -> None:
     """Over mutual TLS, a pynetdicom caller with a CA-signed certificate echoes and stores."""
-    node = make_node(tls=_tls(pki))
+    node = scp_node(tls=tls_config(pki))
     ds = pydicom.dcmread(samples_dir / TINY)
-    assoc = _associate(node.port, tls=_client_ctx(pki, pki.client_cert, pki.client_key),
+    assoc = _associate(node.port, tls=client_context(pki, pki.client_cert, pki.client_key),
                        contexts=(Verification, ds.SOPClassUID))
     assert assoc.is_established
     assert int(assoc.send_c_echo().Status) == 0
@@ -316,19 +231,19 @@ def test_tls_scp_accepts_a_client_with_a_trusted_certificate(make_node: Any, pki
 
 
 @pytest.mark.parametrize("caller", ["plain_tcp", "no_certificate", "rogue_certificate"])
-def test_tls_scp_refuses_callers_without_a_trusted_certificate(make_node: Any, pki: Pki,
+def test_tls_scp_refuses_callers_without_a_trusted_certificate(scp_node: Any, pki: Pki,
                                                                caller: str) -> None:
     """Plain TCP, TLS without a certificate, or a certificate of another CA: refused and recorded."""
-    node = make_node(tls=_tls(pki))
+    node = scp_node(tls=tls_config(pki))
     tls = {"plain_tcp": None,
-           "no_certificate": _client_ctx(pki, None, None),
-           "rogue_certificate": _client_ctx(pki, pki.rogue_cert, pki.rogue_key)}[caller]
+           "no_certificate": client_context(pki, None, None),
+           "rogue_certificate": client_context(pki, pki.rogue_cert, pki.rogue_key)}[caller]
     assoc = _associate(node.port, tls=tls)
     assert not assoc.is_established
     [row] = node.wait_rows(s.Association.outcome == "rejected")
     assert row.reason.startswith("TLS handshake failed")
     assert node.rejected("tls_handshake_failed") == 1
-    good = _associate(node.port, tls=_client_ctx(pki, pki.client_cert, pki.client_key))
+    good = _associate(node.port, tls=client_context(pki, pki.client_cert, pki.client_key))
     assert good.is_established  # one failed handshake does not stop the server
     good.release()
 
@@ -340,18 +255,18 @@ def test_tls_key_that_does_not_match_is_a_config_error(pki: Pki) -> None:
                                      private_key=pki.client_key, ca_certificates=pki.ca))
 
 
-def test_tls_handshake_does_not_block_other_callers(make_node: Any, pki: Pki) -> None:
+def test_tls_handshake_does_not_block_other_callers(scp_node: Any, pki: Pki) -> None:
     """A caller that connects and says nothing does not hold up other TLS callers."""
-    node = make_node(tls=_tls(pki))
+    node = scp_node(tls=tls_config(pki))
     with socket.create_connection(("127.0.0.1", node.port)):
-        assoc = _associate(node.port, tls=_client_ctx(pki, pki.client_cert, pki.client_key))
+        assoc = _associate(node.port, tls=client_context(pki, pki.client_cert, pki.client_key))
         assert assoc.is_established
         assoc.release()
 
 
-def test_dcmtk_echoscu_and_storescu_over_tls(make_node: Any, pki: Pki, samples_dir: Path) -> None:
+def test_dcmtk_echoscu_and_storescu_over_tls(scp_node: Any, pki: Pki, samples_dir: Path) -> None:
     """DCMTK echoscu and storescu with +tls and the CA file reach the TLS SCP."""
-    node = make_node(tls=_tls(pki))
+    node = scp_node(tls=tls_config(pki))
     tls = ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca)]
     proc = subprocess.run(["echoscu", *tls, "-aec", "FRACTURE_NODE", "127.0.0.1",
                            str(node.port)], capture_output=True, text=True, timeout=60)

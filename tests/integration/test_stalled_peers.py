@@ -28,11 +28,8 @@ from pynetdicom.sop_class import Verification
 
 from fracture_node import logs
 from fracture_node.db import schema as s
-from tests.integration import test_security as _security
-from tests.integration.test_security import TINY, Pki, _client_ctx, _tls
-
-pki = _security.pki  # fixtures shared with the access and TLS tests
-make_node = _security.make_node
+from tests.support.node import SAMPLE as TINY
+from tests.support.scp import Pki, client_context, tls_config
 
 
 def _raw(port: int, source: str, payload: bytes = b"") -> socket.socket:
@@ -95,10 +92,10 @@ def _ended_rows(node: Any, aet: str, start: float, within: float) -> list[Any]:
     return rows
 
 
-def test_ten_stalled_connections_do_not_lock_out_storescu(make_node: Any,
+def test_ten_stalled_connections_do_not_lock_out_storescu(scp_node: Any,
                                                           samples_dir: Path) -> None:
     """Ten peers sending 3 header bytes or half a request: storescu still stores, at once."""
-    node = make_node(acse_timeout_s=6.0)  # max_associations stays 10
+    node = scp_node(acse_timeout_s=6.0)  # max_associations stays 10
     stallers = [_raw(node.port, f"127.0.0.{2 + i}", b"\x01\x00\x00" if i % 2 else
                      _half_request()) for i in range(10)]
     time.sleep(0.5)  # every staller is in the node's recv
@@ -121,9 +118,9 @@ def test_ten_stalled_connections_do_not_lock_out_storescu(make_node: Any,
     assert node.rejected("stalled_connection") == 10
 
 
-def test_stalled_request_is_cut_at_acse_timeout_from_connection(make_node: Any) -> None:
+def test_stalled_request_is_cut_at_acse_timeout_from_connection(scp_node: Any) -> None:
     """Half an A-ASSOCIATE-RQ, then silence: closed about acse_timeout_s after connecting."""
-    node = make_node(acse_timeout_s=2.0)
+    node = scp_node(acse_timeout_s=2.0)
     sock = _raw(node.port, "127.0.0.2", _half_request())
     took = _closed_within(sock, 8.0)
     sock.close()
@@ -133,9 +130,9 @@ def test_stalled_request_is_cut_at_acse_timeout_from_connection(make_node: Any) 
                          "([node] acse_timeout_s)"
 
 
-def test_silent_connection_is_closed_and_recorded(make_node: Any) -> None:
+def test_silent_connection_is_closed_and_recorded(scp_node: Any) -> None:
     """A connection that sends nothing is closed at acse_timeout_s and leaves a row."""
-    node = make_node(acse_timeout_s=2.0)
+    node = scp_node(acse_timeout_s=2.0)
     sock = _raw(node.port, "127.0.0.3")
     took = _closed_within(sock, 8.0)
     sock.close()
@@ -144,9 +141,9 @@ def test_silent_connection_is_closed_and_recorded(make_node: Any) -> None:
     assert row.peer_address == "127.0.0.3" and row.reason.startswith("stalled: no A-ASSOCIATE-RQ")
 
 
-def test_connect_and_close_leaves_no_row(make_node: Any) -> None:
+def test_connect_and_close_leaves_no_row(scp_node: Any) -> None:
     """A port check (connect, close without a byte) is not an association: no row."""
-    node = make_node()
+    node = scp_node()
     _raw(node.port, "127.0.0.2").close()
     time.sleep(1.0)
     assoc = _associate(node.port)
@@ -156,9 +153,9 @@ def test_connect_and_close_leaves_no_row(make_node: Any) -> None:
     assert [r.outcome for r in rows] == ["released"]
 
 
-def test_partial_p_data_after_association_is_cut(make_node: Any) -> None:
+def test_partial_p_data_after_association_is_cut(scp_node: Any) -> None:
     """After a good association, part of a P-DATA PDU and silence: cut at dimse_timeout_s."""
-    node = make_node(dimse_timeout_s=2.0)
+    node = scp_node(dimse_timeout_s=2.0)
     assoc = _associate(node.port, aet="HALF_PDATA")
     assert assoc.is_established
     raw = assoc.dul.socket.socket
@@ -176,9 +173,9 @@ def test_partial_p_data_after_association_is_cut(make_node: Any) -> None:
     again.release()
 
 
-def test_slow_drip_of_a_pdu_is_cut_at_its_deadline(make_node: Any) -> None:
+def test_slow_drip_of_a_pdu_is_cut_at_its_deadline(scp_node: Any) -> None:
     """One byte a second keeps no PDU alive: the deadline counts from the PDU's first byte."""
-    node = make_node(dimse_timeout_s=2.0)
+    node = scp_node(dimse_timeout_s=2.0)
     assoc = _associate(node.port, aet="DRIP")
     assert assoc.is_established
     raw = assoc.dul.socket.socket
@@ -197,10 +194,10 @@ def test_slow_drip_of_a_pdu_is_cut_at_its_deadline(make_node: Any) -> None:
     assoc.abort()
 
 
-def test_message_trickled_in_whole_pdus_is_cut(make_node: Any) -> None:
+def test_message_trickled_in_whole_pdus_is_cut(scp_node: Any) -> None:
     """Whole, valid P-DATA PDUs of a C-STORE command, one every half second, each in time:
     the message as a whole misses its deadline and the association is cut."""
-    node = make_node(dimse_timeout_s=2.0)
+    node = scp_node(dimse_timeout_s=2.0)
     assoc = _associate(node.port, aet="TRICKLE")
     assert assoc.is_established
     context_id = assoc.accepted_contexts[0].context_id
@@ -222,11 +219,11 @@ def test_message_trickled_in_whole_pdus_is_cut(make_node: Any) -> None:
     assoc.abort()
 
 
-def test_stall_after_tls_handshake_is_cut_and_recorded(make_node: Any, pki: Pki) -> None:
+def test_stall_after_tls_handshake_is_cut_and_recorded(scp_node: Any, pki: Pki) -> None:
     """A TLS handshake, then three bytes of a PDU header and silence: closed and recorded."""
-    node = make_node(tls=_tls(pki), acse_timeout_s=2.0)
+    node = scp_node(tls=tls_config(pki), acse_timeout_s=2.0)
     raw = _raw(node.port, "127.0.0.4")
-    ctx = _client_ctx(pki, pki.client_cert, pki.client_key)
+    ctx = client_context(pki, pki.client_cert, pki.client_key)
     tls = ctx.wrap_socket(raw, server_hostname="localhost")
     tls.sendall(b"\x01\x00\x00")
     start = time.monotonic()
@@ -239,15 +236,15 @@ def test_stall_after_tls_handshake_is_cut_and_recorded(make_node: Any, pki: Pki)
     tls.close()
     [row] = _stalled_rows(node, 1)
     assert row.peer_address == "127.0.0.4" and row.reason.startswith("stalled: 3 of 6 bytes")
-    good = _associate(node.port, tls=_client_ctx(pki, pki.client_cert, pki.client_key))
+    good = _associate(node.port, tls=client_context(pki, pki.client_cert, pki.client_key))
     assert good.is_established
     good.release()
 
 
-def test_one_address_over_its_share_is_refused_and_others_are_served(make_node: Any) -> None:
+def test_one_address_over_its_share_is_refused_and_others_are_served(scp_node: Any) -> None:
     """Past max_connections_per_peer from one address, its next connection is closed and
     recorded while another address still associates."""
-    node = make_node(max_connections_per_peer=3, acse_timeout_s=30.0)
+    node = scp_node(max_connections_per_peer=3, acse_timeout_s=30.0)
     held = [_raw(node.port, "127.0.0.2", b"\x01") for _ in range(3)]
     time.sleep(0.3)
     extra = _raw(node.port, "127.0.0.2")
@@ -263,11 +260,11 @@ def test_one_address_over_its_share_is_refused_and_others_are_served(make_node: 
         sock.close()
 
 
-def test_a_flood_of_refused_connections_is_counted_not_written_row_by_row(make_node: Any
+def test_a_flood_of_refused_connections_is_counted_not_written_row_by_row(scp_node: Any
                                                                           ) -> None:
     """Fifty connections over one address's share: every one counted in the metric, one row
     in SQL, and the node still serves another address at once."""
-    node = make_node(max_connections_per_peer=2, acse_timeout_s=30.0)
+    node = scp_node(max_connections_per_peer=2, acse_timeout_s=30.0)
     held = [_raw(node.port, "127.0.0.2", b"\x01") for _ in range(2)]
     time.sleep(0.3)
     for _ in range(50):
@@ -285,9 +282,9 @@ def test_a_flood_of_refused_connections_is_counted_not_written_row_by_row(make_n
         sock.close()
 
 
-def test_connections_over_max_connections_are_refused(make_node: Any) -> None:
+def test_connections_over_max_connections_are_refused(scp_node: Any) -> None:
     """Past max_connections in all, a new connection is closed at once and recorded."""
-    node = make_node(max_connections=4, max_connections_per_peer=4, acse_timeout_s=30.0)
+    node = scp_node(max_connections=4, max_connections_per_peer=4, acse_timeout_s=30.0)
     held = [_raw(node.port, f"127.0.0.{2 + i}", b"\x01") for i in range(4)]
     time.sleep(0.3)
     assoc = _associate(node.port, aet="LATE")
@@ -307,10 +304,10 @@ def test_connections_over_max_connections_are_refused(make_node: Any) -> None:
         raise AssertionError("no slot came back after the held connections closed")
 
 
-def test_stalled_requests_do_not_count_as_associations(make_node: Any) -> None:
+def test_stalled_requests_do_not_count_as_associations(scp_node: Any) -> None:
     """With max_associations = 1, a connection sending its request slowly does not take the
     one association slot."""
-    node = make_node(max_associations=1, acse_timeout_s=30.0)
+    node = scp_node(max_associations=1, acse_timeout_s=30.0)
     staller = _raw(node.port, "127.0.0.2", _half_request())
     time.sleep(0.3)
     assoc = _associate(node.port)
@@ -319,10 +316,10 @@ def test_stalled_requests_do_not_count_as_associations(make_node: Any) -> None:
     staller.close()
 
 
-def test_storescu_store_is_unaffected_by_receive_deadlines(make_node: Any,
+def test_storescu_store_is_unaffected_by_receive_deadlines(scp_node: Any,
                                                            samples_dir: Path) -> None:
     """A whole object in many PDUs, over a node with short deadlines, is stored intact."""
-    node = make_node(acse_timeout_s=2.0, dimse_timeout_s=2.0, max_pdu_bytes=4096)
+    node = scp_node(acse_timeout_s=2.0, dimse_timeout_s=2.0, max_pdu_bytes=4096)
     ds = pydicom.dcmread(samples_dir / TINY)
     assoc = _associate(node.port, contexts=(ds.SOPClassUID,))
     assert assoc.is_established
@@ -371,11 +368,11 @@ def json_log() -> Iterator[io.StringIO]:
     root.setLevel(level)
 
 
-def test_library_errors_from_bad_peers_are_bounded_json_lines(make_node: Any,
+def test_library_errors_from_bad_peers_are_bounded_json_lines(scp_node: Any,
                                                               json_log: io.StringIO) -> None:
     """A stalled peer and a 60 KB garbage request make pynetdicom log errors: every line is
     JSON, and none repeats more than a bounded part of what the peer sent."""
-    node = make_node(acse_timeout_s=2.0)
+    node = scp_node(acse_timeout_s=2.0)
     staller = _raw(node.port, "127.0.0.2", b"\x01\x00\x00")
     garbage = b"\x01\x00" + struct.pack(">L", 60_000) + b"PHI-LIKE-PEER-TEXT " * 3158
     bad = _raw(node.port, "127.0.0.3", garbage[:60_006])

@@ -21,7 +21,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
 from fracture_node.db import schema as s
-from tests.integration.conftest import RunningReceiver, node_config
+from tests.support.node import RunningReceiver, node_config
 
 TINY = "CR_cspine_tiny16x16_explicitVR.dcm"
 

@@ -24,10 +24,10 @@ from fracture_node.metrics import Metrics
 from fracture_node.spool import Spool
 from fracture_node.web.server import HttpServer, node_server
 from fracture_node.web.stow import stow_service
-from tests.integration.conftest import node_config
-from tests.integration.test_security import Pki, pki  # noqa: F401 - the certificates fixture
-from tests.integration.web_support import PASSWORDS, basic, web_config
-from tests.orthanc_web import orthanc_web
+from tests.support.node import node_config
+from tests.support.orthanc import orthanc_web
+from tests.support.scp import Pki
+from tests.support.web import PASSWORDS, basic, web_config
 
 SAMPLE = "CR_cspine_tiny16x16_explicitVR.dcm"
 DICOM_JSON = "application/dicom+json"

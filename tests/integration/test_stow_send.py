@@ -22,11 +22,10 @@ from fracture_node.destination import Destination
 from fracture_node.dicom.report import AlgorithmInfo, ImageFinding, build_report, write_report
 from fracture_node.dicom.stow import stow_many
 from fracture_node.metrics import Metrics
-from tests.integration.conftest import node_config
-from tests.integration.test_pipeline import Node, _study
-from tests.orthanc_web import OrthancWeb, orthanc_web
-from tests.stow_fake import fake_stow, response
 from tests.support import free_port
+from tests.support.node import Node, node_config, sample_study
+from tests.support.orthanc import OrthancWeb, orthanc_web
+from tests.support.stow_fake import fake_stow, response
 
 PASSWORD = "s3cret-Pa55"
 
@@ -249,7 +248,7 @@ def test_report_is_delivered_into_the_study_in_orthanc(
                        username="fn", secret_file=secret)
     node = _web_node(tmp_path, db_url, tiny_model, dest)
     try:
-        study = _study(samples_dir, 2)
+        study = sample_study(samples_dir, 2)
         for ds in study:
             node.add(ds)
         node.drain()
@@ -280,7 +279,7 @@ def test_refused_stow_is_retried_dead_lettered_audited_and_counted(
         node = _web_node(tmp_path, sqlite_url, tiny_model, web(server.url), deadline_s=1.5,
                          metrics=metrics)
         try:
-            node.add(_study(samples_dir, 1)[0])
+            node.add(sample_study(samples_dir, 1)[0])
             node.drain()
             node.reporter.run_once()
             deadline = time.monotonic() + 15
@@ -314,12 +313,11 @@ def test_sr_and_both_overlays_arrive_in_the_study_in_orthanc(
         orthanc: OrthancWeb) -> None:
     """overlays = "both": the SR, a Secondary Capture and a GSPS per image reach the study in
     Orthanc by STOW-RS, each delivery object recorded as stored."""
-    from tests.integration.test_saliency import HIP, TINY, _config
-    from tests.integration.test_saliency import _study as saliency_study
+    from tests.support.saliency import HIP, TINY, saliency_config, saliency_study
 
     dest = Destination(name="viewer", dicomweb_url=orthanc.dicomweb_url, auth="basic",
                        username="fn", secret_env="ORTHANC_PW", overlays="both")
-    config = _config(tmp_path, sqlite_url, saliency_model, [dest])
+    config = saliency_config(tmp_path, sqlite_url, saliency_model, [dest])
     node = Node(config, saliency_model)
     try:
         study = saliency_study(samples_dir, [HIP, TINY])

@@ -18,8 +18,10 @@ from fracture_node.cli import operations as audit_cli
 from fracture_node.db import migrate
 from fracture_node.db import schema as s
 from fracture_node.web.server import HttpServer
-from tests.integration.test_pipeline import Node
-from tests.integration.web_node import (
+from tests.support import postgres_database, storescp_running
+from tests.support.node import Node
+from tests.support.web import basic, login, serving, web_config
+from tests.support.web_node import (
     ACCESSION,
     PATIENT_ID,
     PATIENT_NAME,
@@ -27,8 +29,6 @@ from tests.integration.web_node import (
     populate,
     populated_config,
 )
-from tests.integration.web_support import basic, login, serving, web_config
-from tests.support import postgres_database, storescp_running
 
 
 @dataclass

@@ -16,8 +16,8 @@ from fracture_node.db import migrate
 from fracture_node.errors import ConfigError
 from fracture_node.web.auth import SESSION_COOKIE
 from fracture_node.web.server import HttpServer
-from tests.integration.test_security import Pki, pki  # noqa: F401 - the certificates fixture
-from tests.integration.web_support import PASSWORDS, basic, csrf_of, login, serving, web_config
+from tests.support.scp import Pki
+from tests.support.web import PASSWORDS, basic, csrf_of, login, serving, web_config
 
 
 @pytest.fixture

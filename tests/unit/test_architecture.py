@@ -95,3 +95,24 @@ def test_every_error_class_lives_in_errors_py() -> None:
                     for b in node.bases):
                 elsewhere.append(f"{path.relative_to(REPO)}:{node.name}")
     assert not elsewhere, elsewhere
+
+
+def test_tests_share_helpers_only_through_tests_support() -> None:
+    """No test module imports another test module or a conftest: what tests share lives in
+    ``tests/support/``."""
+    import ast
+
+    wrong = []
+    for path in (REPO / "tests").rglob("*.py"):
+        if "support" in path.relative_to(REPO / "tests").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "tests" and (parts[-1].startswith(("test_", "conftest"))
+                                            or (len(parts) > 1 and parts[1] in
+                                                ("unit", "integration", "e2e"))):
+                    wrong.append(f"{path.relative_to(REPO)}: {name}")
+    assert not wrong, wrong

@@ -1,3 +1,5 @@
+"""A real ``fracture-node serve`` process with its own configuration, and studies to push at it."""
+
 from __future__ import annotations
 
 import os
@@ -90,4 +92,4 @@ def make_study(samples_dir: Path, out: Path, names: list[str], patient: str = "D
     return paths
 
 
-__all__ = ["ServeProcess", "make_study", "wait_until", "os"]
+__all__ = ["BIN", "ServeProcess", "make_study", "wait_until"]

@@ -15,9 +15,8 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from fracture_node.config import Config, Destination
-from tests.integration.conftest import node_config
-from tests.integration.test_pipeline import Node
 from tests.support import free_port
+from tests.support.node import Node, node_config
 
 HIP = "derived/CR_hip_RG2_uncompressed_explicitVRLE.dcm"  # 2140 x 1760
 TINY = "CR_cspine_tiny16x16_explicitVR.dcm"  # 16 x 16

@@ -81,3 +81,46 @@ def orthanc_web(workdir: Path, users: dict[str, str] | None = None,
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+class Orthanc:
+    """A running Orthanc server (see :func:`start_orthanc`)."""
+
+    http: int
+    dicom: int
+    proc: subprocess.Popen[bytes]
+    log: object
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> object:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=body,
+                                     method=method)
+        with urllib.request.urlopen(req, timeout=120) as rsp:
+            return json.loads(rsp.read() or b"null")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()  # type: ignore[attr-defined]
+
+
+def start_orthanc(workdir: Path, node_port: int, dicom_port: int) -> Orthanc:
+    """Start Orthanc on a fixed DICOM port (the node's configuration names it)."""
+    orthanc = Orthanc.__new__(Orthanc)
+    orthanc.http, orthanc.dicom = free_port(), dicom_port
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "test-pacs", "StorageDirectory": str(workdir / "db"),
+        "IndexDirectory": str(workdir / "db"), "HttpPort": orthanc.http,
+        "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+        "DicomModalities": {"fracture": ["FRACTURE_NODE", "127.0.0.1", node_port]},
+        "DicomAlwaysAllowStore": True,
+    }
+    path = workdir / "orthanc.json"
+    path.write_text(json.dumps(config))
+    orthanc.log = (workdir / "orthanc.log").open("wb")
+    orthanc.proc = subprocess.Popen([ORTHANC, str(path)], stdout=orthanc.log,
+                                    stderr=subprocess.STDOUT)
+    wait_for_port(orthanc.http, timeout=60)
+    wait_for_port(dicom_port, timeout=60)
+    return orthanc
