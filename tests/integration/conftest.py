@@ -7,7 +7,7 @@ import pytest
 
 from fracture_node.db import migrate
 from tests.support import postgres_database
-from tests.support.node import RunningReceiver, node_config
+from tests.support.node import Node, RunningReceiver, make_node, node_config
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -42,3 +42,17 @@ def receiver(tmp_path: Path, db_url: str) -> Iterator[RunningReceiver]:
     running = RunningReceiver(node_config(tmp_path, db_url))
     yield running
     running.stop()
+
+
+@pytest.fixture
+def pacs(storescp: tuple[int, Path]) -> tuple[int, Path]:
+    """The PACS of these tests: DCMTK storescp (see tests/conftest.py)."""
+    return storescp
+
+
+@pytest.fixture
+def node(tmp_path: Path, db_url: str, tiny_model: Path, pacs: tuple[int, Path]
+         ) -> Iterator[Node]:
+    n = make_node(tmp_path, db_url, tiny_model, pacs[0])
+    yield n
+    n.close()

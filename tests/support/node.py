@@ -4,6 +4,7 @@ real database and spool, and studies made from the DICOM samples."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -120,3 +121,10 @@ def make_node(tmp_path: Path, db_url: str, model: Path, pacs_port: int | None = 
         delivery=dataclasses.replace(config.delivery, first_retry_s=0.2, max_retry_s=0.4,
                                      timeout_s=3.0, deadline_s=deadline_s))
     return Node(config.validate(), model)
+
+
+def walk(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    """Every content item of an SR, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from walk(item)
