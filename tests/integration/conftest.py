@@ -6,21 +6,15 @@ from pathlib import Path
 import pytest
 
 from fracture_node.db import migrate
-from tests.support import postgres_database
+from tests.support import migrated_database
 from tests.support.node import Node, RunningReceiver, make_node, node_config
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A migrated, empty database: a real SQLite file, then a real PostgreSQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'node.db'}"
-        migrate.upgrade(url)
+    with migrated_database(request.param, tmp_path) as url:
         yield url
-    else:
-        with postgres_database() as url:
-            migrate.upgrade(url)
-            yield url
 
 
 @pytest.fixture

@@ -25,14 +25,13 @@ from sqlalchemy.orm import Session
 from structlog.testing import capture_logs
 
 from fracture_node.config import Config, Destination, NodeConfig, StorageConfig
-from fracture_node.db import migrate
 from fracture_node.db import schema as s
 from fracture_node.db.store import NewInstance, Store
 from fracture_node.metrics import Metrics
 from fracture_node.spool import Spool
 from fracture_node.stages.deliver import Deliverer
 from fracture_node.stages.housekeeping import Housekeeping
-from tests.support import postgres_database
+from tests.support import migrated_database
 
 NOW = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.UTC)
 OLD = NOW - dt.timedelta(days=40)
@@ -44,14 +43,8 @@ NODE = "test-host:11112:1"
 def module_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[str]:
     """One migrated database per backend for the whole module (emptied before each test)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('hk') / 'node.db'}"
-        migrate.upgrade(url)
+    with migrated_database(request.param, tmp_path_factory.mktemp("hk")) as url:
         yield url
-    else:
-        with postgres_database() as url:
-            migrate.upgrade(url)
-            yield url
 
 
 @pytest.fixture

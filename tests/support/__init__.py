@@ -74,3 +74,19 @@ def storescp_running(out: Path, aet: str = "PACS") -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextlib.contextmanager
+def migrated_database(backend: str, folder: Path) -> Iterator[str]:
+    """A migrated, empty database of ``backend`` ("sqlite": a file in ``folder``; "postgres": a
+    fresh database, dropped afterwards); yields its URL."""
+    from fracture_node.db import migrate
+
+    if backend == "sqlite":
+        url = f"sqlite:///{folder / 'node.db'}"
+        migrate.upgrade(url)
+        yield url
+        return
+    with postgres_database() as url:
+        migrate.upgrade(url)
+        yield url
