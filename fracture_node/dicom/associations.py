@@ -23,7 +23,7 @@ from pynetdicom.pdu_primitives import A_RELEASE
 from fracture_node.config import Config
 from fracture_node.db.store import Store, utcnow
 from fracture_node.dicom.connections import ReceiveGuard
-from fracture_node.dicom.intake import Intake
+from fracture_node.dicom.intake import Intake, peer_allowed
 from fracture_node.errors import DatabaseError, describe
 from fracture_node.logs import get_logger
 
@@ -120,15 +120,6 @@ class Associations:
         """Bound, never served: nothing to record."""
         self._recorder.shutdown(wait=False)
 
-    def _peer_allowed(self, address: str) -> bool:
-        if not self._networks:
-            return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self._networks)
-
     def _on_conn_open(self, event: Any) -> None:
         """Install the receive limits on the new connection's socket."""
         node = self.config.node
@@ -158,7 +149,7 @@ class Associations:
                 conn.requested = True
                 negotiating = sum(1 for c in self._conns.values() if c.requested)
             result, source = REJECTED_PERMANENT, SOURCE_SERVICE_USER
-            if not self._peer_allowed(address):
+            if not peer_allowed(address, self._networks):
                 reason = f"peer address {address} is not in [node] allowed_peers"
                 diagnostic = NO_REASON_GIVEN
             elif self._allowed_aets and calling not in self._allowed_aets:

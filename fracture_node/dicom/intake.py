@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 import pydicom
@@ -28,6 +30,8 @@ from fracture_node.db.store import NewInstance, Store, utcnow
 from fracture_node.errors import DatabaseError, StorageError
 from fracture_node.logs import get_logger
 from fracture_node.spool import Spool
+
+IPNetwork = IPv4Network | IPv6Network
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -222,3 +226,15 @@ def clean_uid(value: Any) -> str | None:
         return None
     text = str(value).strip().rstrip("\x00").strip()
     return text[:64] or None
+
+
+def peer_allowed(address: str, networks: Sequence[IPNetwork]) -> bool:
+    """``[node] allowed_peers``: True when ``networks`` is empty or holds ``address`` (the
+    same check for a C-STORE caller and a STOW-RS client)."""
+    if not networks:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)

@@ -36,7 +36,13 @@ from starlette.requests import ClientDisconnect
 
 from fracture_node.config import Config
 from fracture_node.db.store import Store
-from fracture_node.dicom.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Intake, Received
+from fracture_node.dicom.intake import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    Intake,
+    Received,
+    peer_allowed,
+)
 from fracture_node.dicom.scp import node_name
 from fracture_node.dicom.stow import DICOM_JSON, InstanceResult, store_response, store_status
 from fracture_node.errors import DatabaseError
@@ -71,13 +77,7 @@ class StowService:
         return self.intake.store
 
     def allowed(self, address: str) -> bool:
-        if not self.networks:
-            return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.networks)
+        return peer_allowed(address, self.networks)
 
 
     def refuse_peer(self, request: Request, user: str) -> None:

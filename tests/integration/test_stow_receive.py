@@ -24,12 +24,11 @@ from fracture_node.metrics import Metrics
 from fracture_node.spool import Spool
 from fracture_node.web.server import HttpServer, node_server
 from fracture_node.web.stow import stow_service
-from tests.support.node import node_config
+from tests.support.node import node_config, sample_study
 from tests.support.orthanc import orthanc_web
 from tests.support.scp import Pki
 from tests.support.web import PASSWORDS, basic, web_config
 
-SAMPLE = "CR_cspine_tiny16x16_explicitVR.dcm"
 DICOM_JSON = "application/dicom+json"
 BOUNDARY = "fn-test-boundary-1234"
 
@@ -77,13 +76,8 @@ def sqlite_node(tmp_path: Path, sqlite_url: str) -> Iterator[WebNode]:
 
 def _instances(samples_dir: Path, n: int, study_uid: str | None = None) -> list[bytes]:
     """``n`` PS3.10 files of one study, made from the 16 x 16 CR sample."""
-    study_uid = study_uid or generate_uid()
     out = []
-    for _ in range(n):
-        ds = pydicom.dcmread(samples_dir / SAMPLE)
-        ds.StudyInstanceUID = study_uid
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for ds in sample_study(samples_dir, n, study_uid):
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         out.append(buf.getvalue())

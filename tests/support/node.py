@@ -97,16 +97,26 @@ class Node:
         self.store.dispose()
 
 
-def sample_study(samples_dir: Path, n: int, study_uid: str | None = None) -> list[pydicom.Dataset]:
+def study_of(samples_dir: Path, names: list[str], study_uid: str | None = None,
+             **attributes: object) -> list[pydicom.Dataset]:
+    """Copies of the named samples made into one study (new SOP Instance UIDs), with
+    ``attributes`` set on each (e.g. ``PatientName``)."""
     study_uid = study_uid or generate_uid()
     out = []
-    for _ in range(n):
-        ds = pydicom.dcmread(samples_dir / SAMPLE)
+    for name in names:
+        ds = pydicom.dcmread(samples_dir / name)
         ds.StudyInstanceUID = study_uid
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
         out.append(ds)
     return out
+
+
+def sample_study(samples_dir: Path, n: int, study_uid: str | None = None) -> list[pydicom.Dataset]:
+    """``n`` instances of one study, made from the 16 x 16 CR sample."""
+    return study_of(samples_dir, [SAMPLE] * n, study_uid)
 
 
 def make_node(tmp_path: Path, db_url: str, model: Path, pacs_port: int | None = None,

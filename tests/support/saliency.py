@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.uid import generate_uid
 
 from fracture_node.config import Config, Destination
-from tests.support.node import node_config
+from tests.support.node import node_config, study_of
 
 HIP = "derived/CR_hip_RG2_uncompressed_explicitVRLE.dcm"  # 2140 x 1760
 
@@ -41,16 +40,7 @@ def saliency_config(tmp_path: Path, db_url: str, model: Path, destinations: list
 def saliency_study(samples_dir: Path, names: list[str], study_uid: str | None = None
                    ) -> list[pydicom.Dataset]:
     """Copies of the named samples made into one study of the patient :data:`PATIENT`."""
-    study_uid = study_uid or generate_uid()
-    out = []
-    for name in names:
-        ds = pydicom.dcmread(samples_dir / name)
-        ds.StudyInstanceUID = study_uid
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PatientName = PATIENT
-        out.append(ds)
-    return out
+    return study_of(samples_dir, names, study_uid, PatientName=PATIENT)
 
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:

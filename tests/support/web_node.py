@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from fracture_node.config import Config, Destination
 from tests.support import free_port
-from tests.support.node import Node, node_config
+from tests.support.node import Node, node_config, study_of
 
 HIP = "derived/CR_hip_RG2_uncompressed_explicitVRLE.dcm"  # 2140 x 1760
 TINY = "CR_cspine_tiny16x16_explicitVR.dcm"  # 16 x 16
@@ -39,17 +39,8 @@ class Studies:
 
 
 def _datasets(samples_dir: Path, names: list[str], study_uid: str) -> list[pydicom.Dataset]:
-    out = []
-    for name in names:
-        ds = pydicom.dcmread(samples_dir / name)
-        ds.StudyInstanceUID = study_uid
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PatientName = PATIENT_NAME
-        ds.PatientID = PATIENT_ID
-        ds.AccessionNumber = ACCESSION
-        out.append(ds)
-    return out
+    return study_of(samples_dir, names, study_uid, PatientName=PATIENT_NAME,
+                    PatientID=PATIENT_ID, AccessionNumber=ACCESSION)
 
 
 def populated_config(state: Path, db_url: str, model: Path, pacs_port: int) -> Config:
