@@ -13,7 +13,11 @@ and TTA + saliency. Engines:
   saliency is the explainer's backward pass;
 - ``torch_compile`` (``--compile``): ``torch.compile`` of the network, channels-last;
 - ``onnxruntime``: the graph exported from the model file (CPU execution provider, all graph
-  optimisations), as ``[model] engine = "onnxruntime"`` runs it; saliency is its second output.
+  optimisations), as ``[model] engine = "onnxruntime"`` runs it; saliency is its second output;
+- ``openvino`` / ``openvino_bf16`` (where the ``openvino`` package is installed; it is not a
+  dependency of the project): the same graph compiled by OpenVINO for the CPU, f32 (the
+  precision the parity tests demand) and bf16 (its default on CPUs with native bf16, printed
+  with its logit difference so that the price of its speed is in the same line).
 
 Prints one JSON line per measurement, then a summary object with the ratios to ``torch_cl``
 and the largest logit difference between onnxruntime and torch on the batch.
@@ -24,6 +28,7 @@ and the largest logit difference between onnxruntime and torch on the batch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -55,6 +60,7 @@ from fracture_node.ml.model import (  # noqa: E402
     save_model_file,
 )
 from fracture_node.ml.onnx_export import export_onnx  # noqa: E402
+from fracture_node.ml.ort_engine import EVIDENCE, INPUT, LOGIT, onnx_path_for  # noqa: E402
 
 MODES = (("plain", False, False), ("tta", True, False), ("saliency", False, True),
          ("tta+saliency", True, True))
@@ -77,6 +83,36 @@ def build(spec: str, folder: Path) -> Path:
         "normalisation": {"mean": mean, "std": std}, "tta": True,
         "weights": "imagenet" if pretrained else "random"})
     return path
+
+
+class OpenVinoRunner:
+    """The exported graph compiled by OpenVINO for the CPU, run the way
+    :class:`fracture_node.ml.ort_engine.OrtRunner` runs it (both views in one call with TTA)."""
+
+    def __init__(self, path: Path, threads: int, precision: str) -> None:
+        import openvino as ov  # ImportError: not installed (not a project dependency)
+
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision,
+                                  "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, images: np.ndarray, tta: bool, evidence: bool
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+        n = images.shape[0]
+        x = np.ascontiguousarray(images, dtype=np.float32)[:, None]
+        if tta:
+            x = np.concatenate([x, np.ascontiguousarray(x[..., ::-1])])
+        out = self.request.infer({INPUT: x})
+        logits = np.asarray(out[self.compiled.output(LOGIT)]).reshape(-1)
+        if tta:
+            logits = (logits[:n] + logits[n:]) / 2
+        if not evidence:
+            return logits, None
+        ev = np.maximum(np.asarray(out[self.compiled.output(EVIDENCE)]), 0.0)
+        return logits, (ev[:n] + ev[n:, :, ::-1] if tta else ev)
 
 
 def val_batch(size: int, n: int) -> np.ndarray:
@@ -120,7 +156,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: default)")
     p.add_argument("--seconds", type=float, default=8.0, help="time per measurement")
     p.add_argument("--compile", action="store_true", help="also torch.compile")
-    p.add_argument("--engines", default="torch,torch_cl,onnxruntime")
+    p.add_argument("--engines", default="torch,torch_cl,onnxruntime,openvino,openvino_bf16",
+                   help="openvino*: measured only where the openvino package imports")
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="fn-engines-"))
@@ -140,6 +177,16 @@ def main() -> int:
                           saliency=("hirescam", "last"))
     batch = val_batch(ref.input_size, args.batch)
     engines = args.engines.split(",") + (["torch_compile"] if args.compile else [])
+    ov_runners: dict[str, OpenVinoRunner] = {}
+    for engine in [e for e in engines if e.startswith("openvino")]:
+        try:
+            ov_runners[engine] = OpenVinoRunner(
+                onnx_path_for(model), args.threads,
+                "bf16" if engine.endswith("bf16") else "f32")
+        except ImportError:
+            print(json.dumps({"benchmark": "engines", "engine": engine,
+                              "skipped": "the openvino package is not installed"}), flush=True)
+            engines.remove(engine)
     results: dict[str, dict[str, float]] = {}
     common = {"model": ref.name, "architecture": ref.card["architecture"],
               "weights": ref.card.get("weights", "trained"), "model_sha256": ref.sha256[:12],
@@ -154,19 +201,21 @@ def main() -> int:
     for engine in engines:
         results[engine] = {}
         for mode, tta, saliency in MODES:
+            fn: Callable[[], Any]
             clf = ort if engine == "onnxruntime" else ref
             clf.tta = tta
-            if engine == "onnxruntime":
+            if engine in ov_runners:
+                fn = functools.partial(ov_runners[engine].run, batch, tta, saliency)
+            elif engine == "onnxruntime":
                 if saliency:
-                    explainer = Explainer(ort, "hirescam", "last")
-                    fn: Callable[[], Any] = lambda e=explainer: e.explain_batch(batch)  # noqa: E731
+                    fn = functools.partial(Explainer(ort, "hirescam", "last").explain_batch,
+                                           batch)
                 else:
                     fn = lambda: ort.predict_batch(batch)  # noqa: E731
             elif saliency:
                 if engine != "torch_cl":
                     continue  # the explainer runs the classifier's (channels-last) network
-                explainer = Explainer(ref, "hirescam", "last")
-                fn = lambda e=explainer: e.explain_batch(batch)  # noqa: E731
+                fn = functools.partial(Explainer(ref, "hirescam", "last").explain_batch, batch)
             else:
                 fn = torch_forward(nets[engine], ref, batch, tta, engine != "torch")
             started = time.perf_counter()
@@ -181,6 +230,8 @@ def main() -> int:
         x = (torch.from_numpy(batch)[:, None] - ref._mean) / ref._std
         torch_logits = ((ref._net(x) + ref._net(torch.flip(x, dims=[3]))) / 2).squeeze(1)
     ort_logits, _ = ort._runner.run(batch, True, evidence=False)  # type: ignore[union-attr]
+    differences = {name: float(np.max(np.abs(r.run(batch, True, False)[0] - torch_logits.numpy())))
+                   for name, r in ov_runners.items()}
     base = results.get("torch_cl", {})
     summary = {
         "benchmark": "engines_summary", "date": time.strftime("%Y-%m-%d"),
@@ -193,6 +244,12 @@ def main() -> int:
             for mode in results.get("onnxruntime", {}) if mode in base},
         "max_abs_logit_difference": float(np.max(np.abs(
             ort_logits - torch_logits.numpy()))),
+        **({"openvino": __import__("openvino").__version__,
+            "ratio_openvino_to_onnxruntime": {
+                name: {mode: round(results[name][mode] / results["onnxruntime"][mode], 2)
+                       for mode in results[name] if mode in results.get("onnxruntime", {})}
+                for name in ov_runners},
+            "max_abs_logit_difference_openvino": differences} if ov_runners else {}),
     }
     print(json.dumps(summary))
     return 0
