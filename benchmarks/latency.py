@@ -67,13 +67,7 @@ def main() -> int:
     pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(tmp / "pacs"),
                              str(pacs_port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    import shutil
-
-    from fracture_node.ml.infer import bundled_model_path
-
-    model = tmp / "model" / "fracture-model.pt"
-    model.parent.mkdir()
-    shutil.copy(args.model or bundled_model_path(), model)
+    model = private_model(tmp, args.model)
     model_line = (f'path = "{model}"\nengine = "{args.engine}"\nthreads = {args.threads}\n')
     config = tmp / "fn.toml"
     config.write_text(
@@ -121,10 +115,10 @@ def main() -> int:
         node.wait(60)
         pacs.terminate()
     lat, sr_lat = [], []
-    for study, attempted, duration_ms, sr_stored in rows:
-        lat.append(_ts(attempted) + duration_ms / 1000 - ends[study] - args.stable_after)
+    for study_uid, attempted, duration_ms, sr_stored in rows:
+        lat.append(_ts(attempted) + duration_ms / 1000 - ends[study_uid] - args.stable_after)
         if sr_stored is not None:
-            sr_lat.append(_ts(sr_stored) - ends[study] - args.stable_after)
+            sr_lat.append(_ts(sr_stored) - ends[study_uid] - args.stable_after)
     arr = np.array(sorted(lat))
     sr = np.array(sorted(sr_lat)) if sr_lat else np.array([np.nan])
     print(json.dumps({
@@ -143,6 +137,20 @@ def main() -> int:
         "load_average": os.getloadavg()[0],
     }))
     return 0
+
+
+def private_model(tmp: Path, source: Path | None = None) -> Path:
+    """A copy of the model file (the bundled one unless ``source``) in ``tmp/model``: the
+    onnxruntime engine exports its graph beside the file it loads, here, never beside the
+    bundled model; :func:`engine_used` looks there."""
+    import shutil
+
+    from fracture_node.ml.infer import bundled_model_path
+
+    model = tmp / "model" / "fracture-model.pt"
+    model.parent.mkdir(parents=True)
+    shutil.copy(source or bundled_model_path(), model)
+    return model
 
 
 def engine_used(tmp: Path) -> str:
