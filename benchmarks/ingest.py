@@ -7,23 +7,44 @@ so that a change of machine load hits both. fracture-node runs as ``fracture-nod
 receiver`` (no model in the way: the worker's speed is ``benchmarks/pipeline.py``'s subject) and
 does more than storescp: it fsyncs every object and commits a SQL row before answering. Prints one
 JSON object with the median times and ``ratio`` = fracture-node / storescp (target: at most 1.0).
+
+    .venv/bin/python benchmarks/ingest.py --busy [--backlog 300] [--engine auto]
+
+``--busy`` adds a third receiver: a full ``fracture-node serve`` (role ``all``: receiver and
+worker, the bundled model copied to the temporary folder as ``benchmarks/latency.py`` does,
+``[model] engine`` from ``--engine``, whose ``auto`` is onnxruntime on a CPU, saliency on) whose
+worker scores throughout each of its rounds: before the rounds, and again before each of its
+rounds, dataset radiographs (``benchmarks/pipeline.py``'s small CR objects) are pushed to it
+until ``--backlog`` instances wait in its queue. Its rounds get new UIDs (a duplicate would be
+acknowledged without a write). Outside its rounds the process is paused (SIGSTOP), so that the
+storescp and receiver-only rounds run on an otherwise quiet machine, as without ``--busy``. Also
+printed: ``busy_node_s``, ``ratio_busy_to_idle`` = busy node / receiver-only (target: at most
+1.0: the receiver must not slow down while the worker is busy), ``ratio_busy_to_storescp``, and
+per busy round the node's queue (``queued``, ``claimed``) from SQL before and after, the
+instances it finished and the CPU seconds it spent during the round, and its resident memory;
+``worker_busy_every_round`` says whether the worker held a claimed batch at both ends of every
+round with instances still queued after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -86,14 +107,157 @@ def push(port: int, aet: str, files: list[Path]) -> float:
     return time.perf_counter() - started
 
 
+def renew_uids(files: list[Path]) -> None:
+    """New SOP Instance UIDs (and one new study) in place: a node that stored the old ones would
+    acknowledge them again without a write."""
+    study = generate_uid()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(path, enforce_file_format=True)
+
+
+class BusyNode:
+    """``fracture-node serve`` with its worker (bundled model, saliency on) kept scoring a backlog
+    of queued radiographs; paused (SIGSTOP) between its rounds."""
+
+    def __init__(self, folder: Path, engine: str) -> None:
+        sys.path.insert(0, str(REPO))
+        from benchmarks.latency import private_model
+        from benchmarks.pipeline import sources
+
+        self.folder, self.port = folder, free_port()
+        model = private_model(folder)
+        self.db = folder / "fn" / "fracture-node.db"
+        config = folder / "fn.toml"
+        config.write_text(
+            f'[node]\nport = {self.port}\nbind_address = "127.0.0.1"\n'
+            f'state_dir = "{folder / "fn"}"\nrole = "all"\n'
+            f'[model]\npath = "{model}"\nengine = "{engine}"\n[saliency]\nenabled = true\n'
+            '[logging]\nlevel = "warning"\n[metrics]\nenabled = false\n')
+        # a dozen test-split radiographs as uncompressed CR objects, pushed again and again
+        self.templates = [pydicom.dcmread(io.BytesIO(b)) for b in sources("dataset", 12)]
+        self.pushed = 0
+        self.proc = subprocess.Popen([str(BIN), "serve", "--config", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def top_up(self, backlog: int) -> int:
+        """Push radiographs (studies of three) until ``backlog`` instances are queued; the first
+        call waits for the model to load (the port is bound before, callers wait)."""
+        from pynetdicom import AE
+
+        need = backlog - self.probe()["queued"]
+        if need <= 0:
+            return 0
+        ae = AE(ae_title="MODALITY")
+        ae.acse_timeout = 900
+        ae.add_requested_context(self.templates[0].SOPClassUID, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="FRACTURE_NODE")
+        if not assoc.is_established:
+            raise RuntimeError(f"the busy node on port {self.port} refused the association")
+        try:
+            for i in range(need):
+                if i % 3 == 0:
+                    study = generate_uid()
+                ds = self.templates[(self.pushed + i) % len(self.templates)]
+                ds.StudyInstanceUID, ds.SOPInstanceUID = study, generate_uid()
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                status = assoc.send_c_store(ds)
+                if getattr(status, "Status", None) != 0:
+                    raise RuntimeError(f"the busy node answered C-STORE with {status}")
+        finally:
+            assoc.release()
+        self.pushed += need
+        return need
+
+    def wait_scoring(self, timeout: float = 900) -> None:
+        """Until the worker has finished its first instance (model loaded, graph exported)."""
+        deadline = time.monotonic() + timeout
+        while self.probe()["finished"] == 0:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise TimeoutError("the busy node's worker finished nothing")
+            time.sleep(0.5)
+
+    def probe(self) -> dict[str, Any]:
+        """The queue from SQL, and the process's CPU seconds and resident memory."""
+        from fracture_node.db import schema as s
+
+        counts: dict[str, int] = {}
+        if self.db.is_file():
+            with closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as conn:
+                counts = dict(conn.execute(
+                    "SELECT state, count(*) FROM instances GROUP BY state").fetchall())
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        rss = next(int(line.split()[1]) for line in
+                   Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+                   if line.startswith("VmRSS:"))
+        return {"queued": counts.get(s.QUEUED, 0), "claimed": counts.get(s.CLAIMED, 0),
+                "finished": sum(counts.get(state, 0) for state in s.FINAL_INSTANCE_STATES),
+                "cpu_s": (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK"),
+                "rss_mib": round(rss / 1024, 1)}
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.resume()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def engine_used(self) -> str:
+        from benchmarks.latency import engine_used
+
+        return engine_used(self.folder)
+
+
+def busy_round(busy: BusyNode, files: list[Path], backlog: int) -> tuple[float, dict[str, Any]]:
+    """One push to the busy node, its backlog topped up first; the node paused again after."""
+    renew_uids(files)
+    busy.resume()
+    topped_up = busy.top_up(backlog)
+    before = busy.probe()
+    took = push(busy.port, "FRACTURE_NODE", files)
+    after = busy.probe()
+    busy.pause()
+    cpu = after["cpu_s"] - before["cpu_s"]
+    return took, {
+        "topped_up": topped_up,
+        "queued_before": before["queued"], "queued_after": after["queued"],
+        "claimed_before": before["claimed"], "claimed_after": after["claimed"],
+        "finished_during": after["finished"] - before["finished"],
+        "cpu_s": round(cpu, 2), "cpu_per_wall": round(cpu / took, 2),
+        "rss_mib": after["rss_mib"],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--busy", action="store_true",
+                        help="also push to a full node whose worker is scoring a backlog")
+    parser.add_argument("--backlog", type=int, default=300,
+                        help="with --busy: instances kept queued before each busy round")
+    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                        help="with --busy: the busy node's [model] engine (default: auto)")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="fn-ingest-"))
     files = make_instances(tmp / "in", args.instances)
     size = sum(f.stat().st_size for f in files)
+    busy = BusyNode(tmp / "busy", args.engine) if args.busy else None
+    busy_times: list[float] = []
+    busy_rounds: list[dict[str, Any]] = []
 
     scp_port, fn_port = free_port(), free_port()
     (tmp / "scp").mkdir()
@@ -109,6 +273,11 @@ def main() -> int:
     try:
         wait_port(scp_port)
         wait_port(fn_port)
+        if busy is not None:
+            wait_port(busy.port)
+            busy.top_up(args.backlog)
+            busy.wait_scoring()
+            busy.pause()
         times: dict[str, list[float]] = {"storescp": [], "fracture_node": []}
         for r in range(args.rounds):
             times["storescp"].append(push(scp_port, "STORESCP", files))
@@ -120,6 +289,10 @@ def main() -> int:
             node.send_signal(signal.SIGTERM)
             node.wait(60)
             shutil.rmtree(tmp / "fn")
+            if busy is not None:
+                took, seen = busy_round(busy, files, args.backlog)
+                busy_times.append(took)
+                busy_rounds.append(seen)
             if r + 1 < args.rounds:
                 node = subprocess.Popen([str(BIN), "serve", "--config", str(config)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -128,9 +301,11 @@ def main() -> int:
         storescp.terminate()
         if node.poll() is None:
             node.terminate()
+        if busy is not None:
+            busy.stop()
     scp_med = statistics.median(times["storescp"])
     fn_med = statistics.median(times["fracture_node"])
-    print(json.dumps({
+    result: dict[str, Any] = {
         "benchmark": "ingest", "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "instances": len(files), "mib_per_round": round(size / 2**20, 1),
@@ -141,7 +316,24 @@ def main() -> int:
         "fracture_node_mib_per_s": round(size / 2**20 / fn_med, 1),
         "ratio": round(fn_med / scp_med, 3),
         "load_average": os.getloadavg()[0],
-    }))
+    }
+    if busy is not None:
+        busy_med = statistics.median(busy_times)
+        result.update({
+            "busy": True, "engine_used": busy.engine_used(), "saliency": "on",
+            "backlog": args.backlog,
+            "busy_node_s": [round(t, 3) for t in busy_times],
+            "busy_node_mib_per_s": round(size / 2**20 / busy_med, 1),
+            "ratio_busy_to_idle": round(busy_med / fn_med, 3),
+            "ratio_busy_to_storescp": round(busy_med / scp_med, 3),
+            "busy_rounds": busy_rounds,
+            "worker_busy_every_round": all(
+                b["claimed_before"] > 0 and b["claimed_after"] > 0 and b["queued_after"] > 0
+                for b in busy_rounds),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        })
+    print(json.dumps(result))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
