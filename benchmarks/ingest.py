@@ -217,7 +217,7 @@ class BusyNode:
     def engine_used(self) -> str:
         from benchmarks.latency import engine_used
 
-        return engine_used(self.folder)
+        return engine_used(self.proc.pid)
 
 
 def busy_round(busy: BusyNode, files: list[Path], backlog: int) -> tuple[float, dict[str, Any]]:
@@ -258,6 +258,7 @@ def main() -> int:
     busy = BusyNode(tmp / "busy", args.engine) if args.busy else None
     busy_times: list[float] = []
     busy_rounds: list[dict[str, Any]] = []
+    busy_engine = "unknown"
 
     scp_port, fn_port = free_port(), free_port()
     (tmp / "scp").mkdir()
@@ -293,6 +294,7 @@ def main() -> int:
                 took, seen = busy_round(busy, files, args.backlog)
                 busy_times.append(took)
                 busy_rounds.append(seen)
+                busy_engine = busy.engine_used()
             if r + 1 < args.rounds:
                 node = subprocess.Popen([str(BIN), "serve", "--config", str(config)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -320,7 +322,7 @@ def main() -> int:
     if busy is not None:
         busy_med = statistics.median(busy_times)
         result.update({
-            "busy": True, "engine_used": busy.engine_used(), "saliency": "on",
+            "busy": True, "engine_used": busy_engine, "saliency": "on",
             "backlog": args.backlog,
             "busy_node_s": [round(t, 3) for t in busy_times],
             "busy_node_mib_per_s": round(size / 2**20 / busy_med, 1),

@@ -80,6 +80,7 @@ def main() -> int:
     node = subprocess.Popen([str(BIN), "serve", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ends: dict[str, float] = {}
+    engine = "unknown"
     try:
         wait_port(pacs_port)
         wait_port(fn_port, timeout=300)
@@ -110,6 +111,7 @@ def main() -> int:
             if len(rows) >= len(ends):
                 break
             time.sleep(0.5)
+        engine = engine_used(node.pid)
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(60)
@@ -124,7 +126,7 @@ def main() -> int:
     print(json.dumps({
         "benchmark": "latency", "date": time.strftime("%Y-%m-%d"),
         "saliency": args.saliency, "overlays": args.overlays, "engine": args.engine,
-        "engine_used": engine_used(tmp),
+        "engine_used": engine,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "studies": len(ends), "reported": len(lat), "stable_after_s": args.stable_after,
         "p50_s": round(float(np.percentile(arr, 50)), 3),
@@ -140,22 +142,32 @@ def main() -> int:
 
 
 def private_model(tmp: Path, source: Path | None = None) -> Path:
-    """A copy of the model file (the bundled one unless ``source``) in ``tmp/model``: the
-    onnxruntime engine exports its graph beside the file it loads, here, never beside the
-    bundled model; :func:`engine_used` looks there."""
+    """A copy of the model file (the bundled one unless ``source``) in ``tmp/model``, with its
+    ONNX graph when one lies beside it (as the serving install ships the bundled model): the
+    node never writes beside the bundled model, and a node on the onnxruntime engine runs the
+    graph without importing torch, as a hospital's would; without a graph it exports one there."""
     import shutil
 
     from fracture_node.ml.infer import bundled_model_path
 
+    source = source or bundled_model_path()
     model = tmp / "model" / "fracture-model.pt"
     model.parent.mkdir(parents=True)
-    shutil.copy(source or bundled_model_path(), model)
+    shutil.copy(source, model)
+    if source.with_suffix(".onnx").is_file():
+        shutil.copy(source.with_suffix(".onnx"), model.with_suffix(".onnx"))
     return model
 
 
-def engine_used(tmp: Path) -> str:
-    """The engine the node ran: onnxruntime leaves its graph beside the copied model file."""
-    return "onnxruntime" if (tmp / "model" / "fracture-model.onnx").is_file() else "torch"
+def engine_used(pid: int) -> str:
+    """The engine a running node loaded, read from its memory map: ``onnxruntime`` when only
+    ONNX Runtime's library is mapped, ``torch`` when only torch's, ``both`` when both are."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return "unknown"
+    ort, torch = "libonnxruntime" in maps or "onnxruntime_pybind11" in maps, "libtorch" in maps
+    return "both" if ort and torch else "onnxruntime" if ort else "torch" if torch else "unknown"
 
 
 def _ts(value: str) -> float:
