@@ -67,13 +67,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+GPU_DEVICE_FILES: tuple[str, ...] = ("/dev/nvidiactl", "/dev/kfd")
+"""The device files a GPU driver creates (NVIDIA's, AMD ROCm's): torch's CUDA (or ROCm) backend
+finds no GPU where none of them exists."""
+
+
 def cpu_without_torch(device: str) -> bool:
     """True when ``device`` is the CPU whatever torch says: ``cpu``, or ``auto`` where torch is
-    not installed (a serving install). Imports torch only to ask CUDA (``auto``)."""
+    not installed (a serving install) or no GPU driver is loaded (:data:`GPU_DEVICE_FILES`).
+    Imports torch only to ask CUDA (``auto`` with a GPU driver present), so that a CPU server
+    with torch installed does not carry it in memory."""
     if device == "cpu":
         return True
     if device != "auto":
         return False
+    if not any(Path(f).exists() for f in GPU_DEVICE_FILES):
+        return True
     try:
         import torch
     except ImportError:

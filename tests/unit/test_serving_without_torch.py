@@ -108,3 +108,34 @@ def test_model_export_without_torch_says_what_is_missing(tmp_path: Path) -> None
     assert proc.returncode == 2
     assert "model export needs torch and onnx" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+TORCH_INSTALLED = """
+import json, sys
+import fracture_node.ml.infer as infer
+infer.GPU_DEVICE_FILES = tuple(sys.argv[2:])
+clf = infer.Classifier.load(sys.argv[1], "auto", engine="auto")
+print(json.dumps({"engine": clf.engine, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("driver", [False, True])
+def test_auto_on_a_cpu_server_with_torch_installed_leaves_torch_out(tmp_path: Path,
+                                                                    driver: bool) -> None:
+    """torch installed (a training or GPU install) but no GPU driver's device file: `auto`
+    serves the graph on onnxruntime without importing torch (hundreds of MiB, seconds of
+    start-up); where a driver's file exists, torch is asked whether CUDA works."""
+    model = _model(tmp_path / "model.pt", seed=14)
+    export_onnx(model)
+    device_file = tmp_path / ("nvidiactl" if driver else "absent")
+    if driver:
+        device_file.write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-c", TORCH_INSTALLED, str(model), str(device_file)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1])
+    assert out["torch"] is driver
+    if not torch.cuda.is_available():
+        assert out["engine"] == "onnxruntime"
