@@ -7,6 +7,13 @@ never holds up a report. Every job runs through a guard that logs its errors (``
 instead of losing them in APScheduler's logger and counts the jobs running, so that
 :meth:`Scheduler.stop` waits for them without holding APScheduler's locks (its
 ``shutdown(wait=True)`` does, and a job that touches the scheduler would then never end).
+
+A job is hurried by :meth:`Scheduler.poke` (run now) and :meth:`Scheduler.poke_at` (run at a
+given moment, e.g. when the next study becomes stable); either only ever moves the next run
+earlier. A hurry that comes while a run of the job is in APScheduler's hands (from its
+``EVENT_JOB_SUBMITTED`` to its end: APScheduler would skip an overlapping run,
+``max_instances=1``) is kept and applied once that run has ended, so it is not lost. The interval
+stays the fallback: nothing relies on a hurry being heard (a restart forgets them).
 """
 
 from __future__ import annotations
@@ -15,6 +22,13 @@ import datetime as dt
 import threading
 from collections.abc import Callable
 
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MISSED,
+    EVENT_JOB_SUBMITTED,
+    JobEvent,
+)
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -39,6 +53,14 @@ class Scheduler:
         self._running: dict[str, int] = {}
         self._idle = threading.Condition()
         self._stopped = threading.Event()
+        self._flight = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+        """Runs submitted to a pool and not ended, per job (counted from APScheduler's events,
+        which may come in either order)."""
+        self._hurry: dict[str, dt.datetime] = {}
+        """The earliest moment asked for each job in flight, applied when its run ends."""
+        self._scheduler.add_listener(self._on_run, EVENT_JOB_SUBMITTED | EVENT_JOB_EXECUTED
+                                     | EVENT_JOB_ERROR | EVENT_JOB_MISSED)
 
     def add(self, name: str, fn: Callable[[], object], every_s: float, *, pool: str = STAGES,
             first_in_s: float | None = None, misfire_grace_s: int | None = 30) -> None:
@@ -59,13 +81,46 @@ class Scheduler:
             log.debug("job_not_removed", job=name, error=type(exc).__name__)
 
     def poke(self, name: str) -> None:
-        """Run ``name`` now rather than at its next interval; nothing once stopping."""
+        """Run ``name`` now rather than at its next interval (right after the run in progress,
+        when there is one); nothing once stopping."""
+        self.poke_at(name, dt.datetime.now(dt.UTC))
+
+    def poke_at(self, name: str, when: dt.datetime) -> None:
+        """Run ``name`` at ``when`` (timezone-aware) if that is before its next run; a run
+        planned earlier stays. While a run of ``name`` is in flight, ``when`` is kept until that
+        run ends (then a moment already past means at once). Nothing once stopping."""
         if self._stopped.is_set():
             return
-        try:
-            self._scheduler.modify_job(name, next_run_time=dt.datetime.now(dt.UTC))
-        except Exception as exc:  # a stopped scheduler, a job removed: nothing to hurry
-            log.debug("job_not_hurried", job=name, error=type(exc).__name__)
+        # One step under the lock: a run that starts meanwhile cannot make the move a skip.
+        with self._flight:
+            if self._in_flight.get(name, 0) > 0:
+                kept = self._hurry.get(name)
+                self._hurry[name] = when if kept is None else min(kept, when)
+                return
+            try:
+                job = self._scheduler.get_job(name)
+                if job is None or job.next_run_time is None or job.next_run_time <= when:
+                    return
+                self._scheduler.modify_job(name, next_run_time=when)
+            except Exception as exc:  # a stopped scheduler, a job removed: nothing to hurry
+                log.debug("job_not_hurried", job=name, error=type(exc).__name__)
+
+    def next_run(self, name: str) -> dt.datetime | None:
+        """When ``name`` runs next (None: not scheduled)."""
+        job = self._scheduler.get_job(name)
+        return None if job is None else job.next_run_time
+
+    def _on_run(self, event: JobEvent) -> None:
+        """APScheduler's listener: count the runs in flight; apply a hurry kept for a run that
+        ended (APScheduler has then released the run: a new one is not skipped)."""
+        name = event.job_id
+        with self._flight:
+            left = self._in_flight.get(name, 0) + (1 if event.code == EVENT_JOB_SUBMITTED
+                                                    else -1)
+            self._in_flight[name] = left
+            hurry = self._hurry.pop(name, None) if left <= 0 else None
+        if hurry is not None:
+            self.poke_at(name, hurry)
 
     def start(self) -> None:
         self._scheduler.start()

@@ -1,7 +1,9 @@
-"""The node's one scheduler: pools kept apart, errors logged, poke, stop waits for runs."""
+"""The node's one scheduler: pools kept apart, errors logged, poke and poke_at, stop waits
+for runs."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 
@@ -78,3 +80,56 @@ def test_stop_waits_for_the_run_in_progress_and_nothing_runs_after() -> None:
     sched.poke("report")
     time.sleep(0.3)
     assert len(count) == runs
+
+
+def test_poke_at_moves_the_next_run_earlier() -> None:
+    """A job due in an hour is moved to the moment poke_at names when that comes first."""
+    sched = Scheduler()
+    sched.add("report", lambda: None, 3600.0)
+    sched.start()
+    try:
+        when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=600)
+        sched.poke_at("report", when)
+        assert sched.next_run("report") == when
+    finally:
+        sched.stop(5)
+
+
+def test_poke_at_never_delays_a_run() -> None:
+    """A later moment than the run already planned leaves that run where it was."""
+    sched = Scheduler()
+    sched.add("report", lambda: None, 3600.0)
+    sched.start()
+    try:
+        planned = sched.next_run("report")
+        assert planned is not None
+        sched.poke_at("report", planned + dt.timedelta(seconds=600))
+        assert sched.next_run("report") == planned
+        earlier = planned - dt.timedelta(seconds=1800)
+        sched.poke_at("report", earlier)
+        sched.poke_at("report", earlier + dt.timedelta(seconds=60))
+        assert sched.next_run("report") == earlier
+    finally:
+        sched.stop(5)
+
+
+def test_a_poke_during_a_run_runs_the_job_again_after_it() -> None:
+    """A poke while the job runs (a run APScheduler would skip) gives one more run after it."""
+    sched = Scheduler()
+    release = threading.Event()
+    runs: list[int] = []
+
+    def job() -> None:
+        runs.append(1)
+        release.wait(5)
+
+    sched.add("report", job, 3600.0, first_in_s=0)
+    sched.start()
+    try:
+        wait_until(lambda: runs, timeout=5, what="the first run")
+        sched.poke("report")
+        release.set()
+        wait_until(lambda: len(runs) >= 2, timeout=5, what="a second run")
+    finally:
+        release.set()
+        sched.stop(5)
