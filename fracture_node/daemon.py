@@ -179,7 +179,8 @@ class Daemon:
                           threshold=classifier.threshold(cfg.model.operating_point),
                           operating_point=cfg.model.operating_point),
             metrics=self.metrics,
-            on_report=lambda: scheduler.poke("deliver"))
+            on_report=lambda: scheduler.poke("deliver"),
+            on_quiet_at=lambda when: scheduler.poke_at("report", when))
         self.worker = Worker(cfg, self.store, spool, classifier, node, wake=self.wake,
                              metrics=self.metrics, on_batch=lambda: scheduler.poke("report"))
         scheduler.add("report", self.reporter.run_once, 0.25)

@@ -202,10 +202,13 @@ class ReportingQueries:
         random.shuffle(due)
         return due
 
-    def next_stability_time(self) -> dt.datetime | None:
-        """The earliest last arrival among studies due for a report (to plan the next check)."""
+    def next_stability_time(self, stable_before: dt.datetime) -> dt.datetime | None:
+        """The earliest last arrival after ``stable_before`` among studies due for a report and
+        not parked: the study that becomes quiet next (to plan the next report pass)."""
         return self.db.run(lambda ses: ses.execute(
-            select(func.min(s.Study.last_received_at)).where(s.Study.report_due.is_(True))
+            select(func.min(s.Study.last_received_at))
+            .where(s.Study.report_due.is_(True), s.Study.last_received_at > stable_before,
+                   s.Study.report_parked_at.is_(None))
         ).scalar_one())
 
     def study_snapshot(self, study_uid: str) -> StudySnapshot | None:

@@ -87,7 +87,8 @@ class Reporter:
 
     def __init__(self, config: Config, store: Store, spool: Spool, node: str,
                  algorithm: AlgorithmInfo | None, metrics: Any | None = None,
-                 on_report: Callable[[], None] | None = None) -> None:
+                 on_report: Callable[[], None] | None = None,
+                 on_quiet_at: Callable[[dt.datetime], None] | None = None) -> None:
         self.config = config
         self.store = store
         self.spool = spool
@@ -95,6 +96,7 @@ class Reporter:
         self.algorithm = algorithm
         self.metrics = metrics
         self.on_report = on_report or (lambda: None)
+        self.on_quiet_at = on_quiet_at or (lambda when: None)
         self.reports_dir = config.reports_dir
         self.reports_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.device_uid = generate_uid(entropy_srcs=["fracture-node device",
@@ -103,8 +105,14 @@ class Reporter:
         self.overlay_kinds = frozenset().union(*self.overlays.values())
 
     def run_once(self) -> int:
-        """Report every study that is due now; returns how many reports were made."""
-        stable_before = utcnow() - dt.timedelta(seconds=self.config.study.stable_after_s)
+        """Report every study that is due now; returns how many reports were made.
+
+        Then ``on_quiet_at`` is told when the next study not yet quiet becomes so (its last
+        arrival + ``[study] stable_after_s``), so that the next pass can run at that moment
+        rather than at the next interval; the interval stays the fallback.
+        """
+        stable_after = dt.timedelta(seconds=self.config.study.stable_after_s)
+        stable_before = utcnow() - stable_after
         made = 0
         silence = self.config.node.network_timeout_s + self.config.node.dimse_timeout_s
         for study_uid in self.store.due_studies(stable_before, association_silence_s=silence):
@@ -112,6 +120,9 @@ class Reporter:
                 made += self.report_study(study_uid)
             except DatabaseError as exc:
                 log.error("report_not_saved", study_instance_uid=study_uid, error=str(exc))
+        quiet_from = self.store.next_stability_time(stable_before)
+        if quiet_from is not None:
+            self.on_quiet_at(quiet_from + stable_after)
         return made
 
     def report_study(self, study_uid: str) -> int:

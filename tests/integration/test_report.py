@@ -12,6 +12,7 @@ from pydicom.uid import generate_uid
 
 from fracture_node.db import audit
 from fracture_node.db import schema as s
+from fracture_node.stages.report import Reporter
 from tests.support.node import Node, make_node, sample_study
 
 
@@ -24,6 +25,36 @@ def test_study_with_open_association_is_not_reported(node: Node, samples_dir: Pa
     assert node.reporter.run_once() == 0
     node.store.close_association(assoc, "released")
     assert node.reporter.run_once() == 1
+
+
+def test_a_study_not_yet_quiet_names_the_moment_it_will_be(node: Node,
+                                                          samples_dir: Path) -> None:
+    """A pass that finds a study not yet quiet tells on_quiet_at its last arrival plus
+    stable_after_s (when the next pass should run) and reports nothing."""
+    config = dataclasses.replace(
+        node.config, study=dataclasses.replace(node.config.study, stable_after_s=600.0))
+    told: list[dt.datetime] = []
+    reporter = Reporter(config, node.store, node.spool, "test-node", node.reporter.algorithm,
+                        on_quiet_at=told.append)
+    node.add(sample_study(samples_dir, 1)[0])
+    node.drain()
+    assert reporter.run_once() == 0
+    (study,) = node.store.rows(s.Study)
+    assert told == [study.last_received_at + dt.timedelta(seconds=600)]
+
+
+def test_a_quiet_study_held_back_names_no_moment(node: Node, samples_dir: Path) -> None:
+    """A study already quiet but held back (its association still open) names no moment to
+    on_quiet_at: one already past would run the pass again at once, over and over."""
+    told: list[dt.datetime] = []
+    reporter = Reporter(node.config, node.store, node.spool, "test-node",
+                        node.reporter.algorithm, on_quiet_at=told.append)
+    assoc = node.store.open_association(node="n", calling_ae_title="A", called_ae_title="B",
+                                        peer_address="127.0.0.1", peer_port=1)
+    node.add(sample_study(samples_dir, 1)[0], association_id=assoc)
+    node.drain()
+    assert reporter.run_once() == 0
+    assert told == []
 
 
 def test_late_instance_makes_a_new_version(node: Node, samples_dir: Path,
@@ -51,7 +82,7 @@ def test_late_instance_makes_a_new_version(node: Node, samples_dir: Path,
 
 def _same_study(samples_dir: Path, names: list[str]) -> list[pydicom.Dataset]:
     study_uid = generate_uid()
-    out = []
+    out: list[pydicom.Dataset] = []
     for name in names:
         ds = pydicom.dcmread(samples_dir / name)
         ds.StudyInstanceUID = study_uid
