@@ -85,6 +85,9 @@ def main() -> int:
         wait_port(pacs_port)
         wait_port(fn_port, timeout=300)
         ae = AE(ae_title="MODALITY")
+        # The port is bound before the model loads (slow on a busy machine): the first
+        # association waits in the backlog until the node serves, past pynetdicom's 30 s.
+        ae.acse_timeout = 300
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
         for i in range(args.studies):
             study = generate_uid()
