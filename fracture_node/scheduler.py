@@ -91,19 +91,22 @@ class Scheduler:
         run ends (then a moment already past means at once). Nothing once stopping."""
         if self._stopped.is_set():
             return
-        # One step under the lock: a run that starts meanwhile cannot make the move a skip.
         with self._flight:
             if self._in_flight.get(name, 0) > 0:
                 kept = self._hurry.get(name)
                 self._hurry[name] = when if kept is None else min(kept, when)
                 return
-            try:
-                job = self._scheduler.get_job(name)
-                if job is None or job.next_run_time is None or job.next_run_time <= when:
-                    return
-                self._scheduler.modify_job(name, next_run_time=when)
-            except Exception as exc:  # a stopped scheduler, a job removed: nothing to hurry
-                log.debug("job_not_hurried", job=name, error=type(exc).__name__)
+        # Not under self._flight: APScheduler may call _on_run while it holds its own lock (a
+        # run that ended before its submission returned), so holding both here could deadlock.
+        # A run submitted in between started after the caller's change, so it serves a poke;
+        # the move may then be skipped as an overlap, and the interval covers that.
+        try:
+            job = self._scheduler.get_job(name)
+            if job is None or job.next_run_time is None or job.next_run_time <= when:
+                return
+            self._scheduler.modify_job(name, next_run_time=when)
+        except Exception as exc:  # a stopped scheduler, a job removed: nothing to hurry
+            log.debug("job_not_hurried", job=name, error=type(exc).__name__)
 
     def next_run(self, name: str) -> dt.datetime | None:
         """When ``name`` runs next (None: not scheduled)."""
@@ -112,7 +115,8 @@ class Scheduler:
 
     def _on_run(self, event: JobEvent) -> None:
         """APScheduler's listener: count the runs in flight; apply a hurry kept for a run that
-        ended (APScheduler has then released the run: a new one is not skipped)."""
+        ended (APScheduler has then released the run: a new one is not skipped). Called from
+        APScheduler's threads, sometimes under its lock: it takes self._flight only briefly."""
         name = event.job_id
         with self._flight:
             left = self._in_flight.get(name, 0) + (1 if event.code == EVENT_JOB_SUBMITTED
