@@ -119,8 +119,8 @@ class Scheduler:
         APScheduler's threads, sometimes under its lock: it takes self._flight only briefly."""
         name = event.job_id
         with self._flight:
-            left = self._in_flight.get(name, 0) + (1 if event.code == EVENT_JOB_SUBMITTED
-                                                    else -1)
+            left = max(0, self._in_flight.get(name, 0) + (1 if event.code == EVENT_JOB_SUBMITTED
+                                                           else -1))
             self._in_flight[name] = left
             hurry = self._hurry.pop(name, None) if left <= 0 else None
         if hurry is not None:
