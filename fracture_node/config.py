@@ -158,6 +158,10 @@ class ModelConfig:
     claim_timeout_s: float = 600.0
     """A claim older than this is taken back from a worker that stopped."""
     max_attempts: int = 3
+    nice: int = 10
+    """Niceness (0-19) of the scoring threads (the worker, its decode threads and the engine's
+    pool): the receiver and the report and delivery passes get the CPU first
+    (:mod:`fracture_node.priority`); 0 runs them like the rest of the node."""
 
     def validate(self) -> None:
         if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device):
@@ -190,6 +194,11 @@ class ModelConfig:
             _check_positive(f"[model] {key}", getattr(self, key))
         _check_positive("[model] max_wait_ms", self.max_wait_ms, allow_zero=True)
         _check_positive("[model] claim_timeout_s", self.claim_timeout_s)
+        if not 0 <= self.nice <= 19:
+            raise ConfigError(
+                f"config: [model] nice = {self.nice!r} is out of range; "
+                "fix: use 0 (the node's own priority) to 19 (the lowest)"
+            )
 
 
 @dataclass(frozen=True)

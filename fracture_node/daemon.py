@@ -25,6 +25,7 @@ from fracture_node.db.store import Store
 from fracture_node.dicom.scp import Receiver, node_name
 from fracture_node.errors import StartupError, describe
 from fracture_node.metrics import Metrics, MetricsServer
+from fracture_node.priority import call_niced
 from fracture_node.scheduler import Scheduler
 from fracture_node.spool import Spool
 from fracture_node.stages import claims
@@ -106,12 +107,14 @@ class Daemon:
             # Load the model before serving: a node that cannot score must not accept.
             from fracture_node.ml.infer import Classifier
 
-            classifier = Classifier.load(
+            # Loaded in a thread at the worker's niceness: an engine's thread pool, created
+            # with its session, inherits it (fracture_node/priority.py).
+            classifier = call_niced(lambda: Classifier.load(
                 cfg.model.path, cfg.model.device, engine=cfg.model.engine,
                 threads=cfg.model.threads,
                 saliency=((cfg.saliency.method, cfg.saliency.layer) if cfg.saliency.enabled
                           else None),
-                cache_dir=cfg.node.state_dir / "models")
+                cache_dir=cfg.node.state_dir / "models"), cfg.model.nice, "model-load")
         if self.receiver is not None:
             closed = self.store.interrupt_open_associations(self.receiver.node)
             if closed:

@@ -43,6 +43,7 @@ from fracture_node.dicom.pixels import check_scope, read_pixels
 from fracture_node.dicom.scope import check_anatomy
 from fracture_node.errors import DatabaseError, NotProcessable
 from fracture_node.logs import get_logger
+from fracture_node.priority import lower_current_thread
 from fracture_node.saliency import SaliencyRecord
 from fracture_node.spool import Spool
 from fracture_node.stages import claims
@@ -214,6 +215,7 @@ class Worker:
         return len(claimed)
 
     def _run(self) -> None:
+        lower_current_thread(self.config.model.nice)  # its decode threads inherit it
         while not self._stop.is_set():
             try:
                 if not self.run_once():
