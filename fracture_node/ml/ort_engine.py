@@ -19,6 +19,10 @@ The graph's ``metadata_props`` carry the sha256 of the model file it was exporte
 single source of truth: a graph whose recorded sha256 is not that of the model file is never run
 (:func:`check_source`).
 
+:class:`GraphRunner` is what every engine of this graph shares (metadata, card, the test-time
+views and maps combined); :class:`OrtRunner` runs it on ONNX Runtime and
+:class:`fracture_node.ml.ov_engine.OvRunner` on OpenVINO.
+
 This module imports no torch.
 """
 
@@ -88,7 +92,79 @@ def available() -> bool:
     return True
 
 
-class OrtRunner:
+class GraphRunner:
+    """What every engine of the exported graph shares: the graph's metadata checked and read,
+    its card, and :meth:`run` (the test-time views and the maps combined). A subclass opens the
+    graph (:attr:`engine` names it), then calls :meth:`_adopt` with the graph's metadata and
+    output names, and runs the graph in :meth:`_infer`."""
+
+    engine = ""
+    path: Path
+    metadata: dict[str, str]
+    outputs: tuple[str, ...]
+    has_evidence: bool
+    source_sha256: str
+    evidence_layer: str
+
+    def _adopt(self, metadata: dict[str, str], outputs: tuple[str, ...]) -> None:
+        """Keep the graph's metadata and outputs; refuse a graph not written by fracture-node.
+
+        Raises
+        ------
+        ModelError
+            The graph's recorded format is not :data:`FORMAT`.
+        """
+        if metadata.get(META_FORMAT) != FORMAT:
+            raise ModelError(f"ONNX graph {self.path.name} was not written by fracture-node "
+                             f"(format {metadata.get(META_FORMAT)!r}, expected {FORMAT!r})")
+        self.metadata = metadata
+        self.outputs = outputs
+        self.has_evidence = EVIDENCE in outputs
+        self.source_sha256 = metadata.get(META_SHA256, "")
+        self.evidence_layer = metadata.get(META_EVIDENCE_LAYER, "")
+
+    def card(self) -> dict[str, Any]:
+        """The card of the model file the graph was exported from."""
+        try:
+            card = json.loads(self.metadata[META_CARD])
+        except (KeyError, ValueError) as exc:
+            raise ModelError(f"ONNX graph {self.path.name} carries no readable card") from exc
+        if not isinstance(card, dict):
+            raise ModelError(f"ONNX graph {self.path.name} carries no readable card")
+        return card
+
+    def _infer(self, x: NDArray[np.float32], wanted: list[str]) -> list[NDArray[np.float32]]:
+        """The graph's outputs named ``wanted`` for input ``x`` (arrays the caller may keep)."""
+        raise NotImplementedError
+
+    def run(self, images: NDArray[np.float32], tta: bool, evidence: bool
+            ) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
+        """Logits ``[N]`` and, with ``evidence``, class activation maps ``[N, h, w]``.
+
+        With ``tta`` the horizontally flipped images run in the same call; the logits are the
+        mean of both views and the maps the sum of both views' positive parts (the flipped
+        view's map flipped back), as :class:`fracture_node.ml.explain.Explainer` does.
+        """
+        n = images.shape[0]
+        x = np.ascontiguousarray(images, dtype=np.float32)[:, None]
+        if tta:
+            x = np.concatenate([x, np.ascontiguousarray(x[..., ::-1])])
+        wanted = [LOGIT, EVIDENCE] if evidence else [LOGIT]
+        if evidence and not self.has_evidence:
+            raise ModelError(f"ONNX graph {self.path.name} has no evidence output "
+                             "(its architecture's head is not pooling + linear)")
+        out = self._infer(x, wanted)
+        logits: NDArray[np.float32] = np.asarray(out[0], dtype=np.float32).reshape(-1)
+        if tta:
+            logits = ((logits[:n] + logits[n:]) / np.float32(2)).astype(np.float32)
+        if not evidence:
+            return logits, None
+        ev = np.maximum(np.asarray(out[1], dtype=np.float32), 0.0)
+        cams = ev[:n] + ev[n:, :, ::-1] if tta else ev
+        return logits, np.ascontiguousarray(cams)
+
+
+class OrtRunner(GraphRunner):
     """An exported graph in an ONNX Runtime session on the CPU.
 
     Parameters
@@ -103,6 +179,8 @@ class OrtRunner:
     ModelError
         onnxruntime is missing, or the file is not a graph written by ``fracture-node``.
     """
+
+    engine = "onnxruntime"
 
     def __init__(self, path: Path, threads: int = 0) -> None:
         try:
@@ -126,54 +204,15 @@ class OrtRunner:
             raise ModelError(f"ONNX graph {self.path.name} cannot be loaded by onnxruntime "
                              f"({type(exc).__name__}); export it again with "
                              "`fracture-node model export`") from exc
-        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        if self.metadata.get(META_FORMAT) != FORMAT:
-            raise ModelError(f"ONNX graph {self.path.name} was not written by fracture-node "
-                             f"(format {self.metadata.get(META_FORMAT)!r}, expected {FORMAT!r})")
-        self.outputs = tuple(o.name for o in self.session.get_outputs())
-        self.has_evidence = EVIDENCE in self.outputs
-        self.source_sha256 = self.metadata.get(META_SHA256, "")
-        self.evidence_layer = self.metadata.get(META_EVIDENCE_LAYER, "")
+        self._adopt(dict(self.session.get_modelmeta().custom_metadata_map),
+                    tuple(o.name for o in self.session.get_outputs()))
 
-    def card(self) -> dict[str, Any]:
-        """The card of the model file the graph was exported from."""
-        try:
-            card = json.loads(self.metadata[META_CARD])
-        except (KeyError, ValueError) as exc:
-            raise ModelError(f"ONNX graph {self.path.name} carries no readable card") from exc
-        if not isinstance(card, dict):
-            raise ModelError(f"ONNX graph {self.path.name} carries no readable card")
-        return card
-
-    def run(self, images: NDArray[np.float32], tta: bool, evidence: bool
-            ) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
-        """Logits ``[N]`` and, with ``evidence``, class activation maps ``[N, h, w]``.
-
-        With ``tta`` the horizontally flipped images run in the same call; the logits are the
-        mean of both views and the maps the sum of both views' positive parts (the flipped
-        view's map flipped back), as :class:`fracture_node.ml.explain.Explainer` does.
-        """
-        n = images.shape[0]
-        x = np.ascontiguousarray(images, dtype=np.float32)[:, None]
-        if tta:
-            x = np.concatenate([x, np.ascontiguousarray(x[..., ::-1])])
-        wanted = [LOGIT, EVIDENCE] if evidence else [LOGIT]
-        if evidence and not self.has_evidence:
-            raise ModelError(f"ONNX graph {self.path.name} has no evidence output "
-                             "(its architecture's head is not pooling + linear)")
-        out = self.session.run(wanted, {INPUT: x})
-        logits: NDArray[np.float32] = np.asarray(out[0], dtype=np.float32).reshape(-1)
-        if tta:
-            logits = ((logits[:n] + logits[n:]) / np.float32(2)).astype(np.float32)
-        if not evidence:
-            return logits, None
-        ev = np.maximum(np.asarray(out[1], dtype=np.float32), 0.0)
-        cams = ev[:n] + ev[n:, :, ::-1] if tta else ev
-        return logits, np.ascontiguousarray(cams)
+    def _infer(self, x: NDArray[np.float32], wanted: list[str]) -> list[NDArray[np.float32]]:
+        return list(self.session.run(wanted, {INPUT: x}))
 
 
-def check_source(runner: OrtRunner, model_sha256: str) -> None:
-    """Refuse a graph that was not exported from the model file with this sha256.
+def check_source(runner: GraphRunner, model_sha256: str) -> None:
+    """Refuse a graph that was not exported from the model file with this sha256 (any engine).
 
     Raises
     ------
