@@ -146,8 +146,9 @@ class ModelConfig:
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
     engine: str = "auto"
-    """What runs the network: ``auto`` (ONNX Runtime on the CPU when the model file's ONNX graph
-    can serve the configured saliency, torch on a GPU), ``torch`` or ``onnxruntime`` (CPU)."""
+    """What runs the network: ``auto`` (on the CPU the model file's ONNX graph on OpenVINO, or
+    on ONNX Runtime where OpenVINO is not installed, when the graph can serve the configured
+    saliency; torch on a GPU), ``torch``, ``openvino`` or ``onnxruntime`` (both CPU only)."""
     threads: int = 0
     """Intra-op threads of the engine (0: its default, one per physical core)."""
     operating_point: str = "balanced"
@@ -169,14 +170,15 @@ class ModelConfig:
                 f"config: [model] device = {self.device!r} is unknown; "
                 "fix: use 'auto', 'cpu', 'cuda' or 'cuda:0'"
             )
-        if self.engine not in ("auto", "torch", "onnxruntime"):
+        if self.engine not in ("auto", "torch", "onnxruntime", "openvino"):
             raise ConfigError(
                 f"config: [model] engine = {self.engine!r} is unknown; "
-                "fix: use 'auto', 'torch' or 'onnxruntime'"
+                "fix: use 'auto', 'torch', 'openvino' or 'onnxruntime'"
             )
-        if self.engine == "onnxruntime" and self.device.startswith("cuda"):
+        if self.engine in ("onnxruntime", "openvino") and self.device.startswith("cuda"):
             raise ConfigError(
-                f"config: [model] engine = 'onnxruntime' runs on the CPU, not on {self.device!r}; "
+                f"config: [model] engine = {self.engine!r} runs on the CPU, "
+                f"not on {self.device!r}; "
                 "fix: set device = 'cpu' (or 'auto'), or engine = 'torch'"
             )
         _check_positive("[model] threads", self.threads, allow_zero=True)

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model file tools (export the ONNX graph)")
     model.add_argument("action", choices=["export"],
                        help="export: write the ONNX graph of a model file (<model>.onnx beside "
-                            "it), which the onnxruntime engine runs")
+                            "it), which the openvino and onnxruntime engines run")
     model.add_argument("--model", help="model file (default: the bundled model)")
     model.add_argument("--out", help="where to write the graph (default: beside the model file)")
 

@@ -52,9 +52,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "standard error")
     p.add_argument("--model", type=Path, default=None, help="model file (default: bundled)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime"],
-                   help="what runs the network (as [model] engine): auto takes onnxruntime on "
-                        "the CPU, exporting <model>.onnx beside the model file when needed")
+    p.add_argument("--engine", default="auto",
+                   choices=["auto", "torch", "openvino", "onnxruntime"],
+                   help="what runs the network (as [model] engine): auto takes openvino (else "
+                        "onnxruntime) on the CPU, exporting <model>.onnx beside the model file "
+                        "when needed")
     p.add_argument("--threads", type=int, default=0,
                    help="intra-op threads of the engine (0: its default)")
     p.add_argument("--operating-point", default="balanced",

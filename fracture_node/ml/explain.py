@@ -266,16 +266,19 @@ class Explainer:
         self.layer = layer
         self.input_size: int = int(classifier.input_size)
         self.architecture = str(classifier.card["architecture"])
-        # onnxruntime engine: the graph's class-evidence map is the HiResCAM (= Grad-CAM) map
-        # of the last stage for a pooling + linear head (fracture_node.ml.ort_engine).
-        self._from_graph = getattr(classifier, "engine", "torch") == "onnxruntime"
+        # A graph engine (onnxruntime, openvino): the graph's class-evidence map is the HiResCAM
+        # (= Grad-CAM) map of the last stage for a pooling + linear head
+        # (fracture_node.ml.ort_engine).
+        from fracture_node.ml.ort_engine import EVIDENCE_METHODS, GRAPH_ENGINES
+
+        engine = getattr(classifier, "engine", "torch")
+        self._from_graph = engine in GRAPH_ENGINES
         if self._from_graph:
-            from fracture_node.ml.ort_engine import EVIDENCE_METHODS
 
             if layer != "last" or method not in EVIDENCE_METHODS or not classifier.has_evidence:
                 raise ModelError(
                     f"saliency {method}@{layer} of architecture {self.architecture} needs the "
-                    f"torch engine; the onnxruntime engine gives {' or '.join(EVIDENCE_METHODS)}"
+                    f"torch engine; the {engine} engine gives {' or '.join(EVIDENCE_METHODS)}"
                     " at layer last for pooling + linear heads")
             self.layer_name = str(classifier.evidence_layer or "last")
             self._layers = []
@@ -351,7 +354,7 @@ class Explainer:
 
     def _from_evidence(self, arr: NDArray[np.float32], methods: Sequence[str]
                        ) -> tuple[NDArray[np.float64], dict[str, HeatMaps]]:
-        """onnxruntime engine: one run of the graph gives the logits and the maps (no torch)."""
+        """A graph engine: one run of the graph gives the logits and the maps (no torch)."""
         from fracture_node.ml.ort_engine import EVIDENCE_METHODS, upsample_cams
 
         unsupported = [m for m in methods if m not in EVIDENCE_METHODS]

@@ -3,13 +3,14 @@
 The daemon's worker calls :meth:`Classifier.prepare` on decode threads (pure numpy) and
 :meth:`Classifier.predict_batch` on stacked batches.
 
-Two engines run the same model file (:data:`ENGINES`, ``[model] engine``): ``torch`` (the
-training engine, and the one for a GPU) and ``onnxruntime`` (the CPU serving engine,
-:mod:`fracture_node.ml.ort_engine`: several times torch's images per second on a CPU,
-docs/benchmarks.md), which runs the graph exported from the model file
-(:func:`fracture_node.ml.onnx_export.export_onnx`, ``<model>.onnx``). ``auto`` takes onnxruntime
-on the CPU when the graph can serve what is asked (its saliency included) and torch on a GPU. A
-graph is only run when the sha256 it records is that of the model file: otherwise it is exported
+Three engines run the same model file (:data:`ENGINES`, ``[model] engine``): ``torch`` (the
+training engine, and the one for a GPU), and the two CPU serving engines of the graph exported
+from the model file (:func:`fracture_node.ml.onnx_export.export_onnx`, ``<model>.onnx``):
+``openvino`` (:mod:`fracture_node.ml.ov_engine`) and ``onnxruntime``
+(:mod:`fracture_node.ml.ort_engine`), several times torch's images per second on a CPU
+(docs/benchmarks.md). ``auto`` takes a graph engine on the CPU (openvino when it can be imported,
+else onnxruntime: :data:`GRAPH_ENGINES`) when the graph can serve what is asked (its saliency
+included), and torch on a GPU. A graph is only run when the sha256 it records is that of the model file: otherwise it is exported
 again (torch present) or refused, with a logged event naming both hashes. Whatever the engine,
 the classifier's identity (:attr:`Classifier.sha256`, recorded with every result) is the model
 file's sha256.
@@ -40,7 +41,8 @@ log = get_logger("ml.infer")
 
 BUNDLED_NAME = "fracture-model.pt"
 OPERATING_POINTS = ("balanced", "high_sensitivity")
-ENGINES = ("auto", "torch", "onnxruntime")
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+GRAPH_ENGINES = oe.GRAPH_ENGINES
 
 
 def bundled_model_path() -> Path:
@@ -90,6 +92,35 @@ def cpu_without_torch(device: str) -> bool:
     return not torch.cuda.is_available()
 
 
+def graph_engine_available(engine: str) -> bool:
+    """True when the package of a graph engine (:data:`GRAPH_ENGINES`) can be imported here."""
+    if engine == "openvino":
+        from fracture_node.ml import ov_engine
+
+        return ov_engine.available()
+    return oe.available()
+
+
+def cpu_graph_engine() -> str | None:
+    """The graph engine ``auto`` takes on a CPU: the first of :data:`GRAPH_ENGINES` installed."""
+    return next((e for e in GRAPH_ENGINES if graph_engine_available(e)), None)
+
+
+def open_graph(engine: str, path: Path, threads: int = 0) -> oe.GraphRunner:
+    """A graph file opened by a graph engine (:data:`GRAPH_ENGINES`).
+
+    Raises
+    ------
+    ModelError
+        The engine's package is missing, or the file is not a graph written by fracture-node.
+    """
+    if engine == "openvino":
+        from fracture_node.ml.ov_engine import OvRunner
+
+        return OvRunner(path, threads)
+    return oe.OrtRunner(path, threads)
+
+
 @dataclass(frozen=True)
 class GraphModel:
     """A model file known through its ONNX graph: its path, the card recorded in the graph, and
@@ -101,15 +132,16 @@ class GraphModel:
 
 
 def find_graph(model_path: Path, sha256: str, threads: int = 0,
-               cache_dir: Path | None = None, quiet: bool = False) -> oe.OrtRunner | None:
+               cache_dir: Path | None = None, quiet: bool = False,
+               engine: str = "onnxruntime") -> oe.GraphRunner | None:
     """The graph exported from the model file with this sha256, beside it or in ``cache_dir``,
-    in an onnxruntime session; None when there is none. Graphs of another model file are
+    opened by ``engine``; None when there is none. Graphs of another model file are
     logged (``onnx_stale``, both hashes; unless ``quiet``) and never returned."""
     for place in _graph_places(model_path, cache_dir):
         if not place.is_file():
             continue
         try:
-            runner = oe.OrtRunner(place, threads)
+            runner = open_graph(engine, place, threads)
         except ModelError as exc:
             if not quiet:
                 log.warning("onnx_unreadable", path=str(place), error=str(exc))
@@ -123,12 +155,12 @@ def find_graph(model_path: Path, sha256: str, threads: int = 0,
     return None
 
 
-def _stale_notes(places: list[Path]) -> list[str]:
+def _stale_notes(places: list[Path], engine: str = "onnxruntime") -> list[str]:
     """What the graphs in ``places`` record as their source, for an error message."""
     notes = []
     for place in places:
         try:
-            recorded = oe.OrtRunner(place).source_sha256 if place.is_file() else None
+            recorded = open_graph(engine, place).source_sha256 if place.is_file() else None
         except ModelError:
             recorded = None
         if recorded is not None:
@@ -143,15 +175,18 @@ def _graph_places(model_path: Path, cache_dir: Path | None) -> list[Path]:
     return places
 
 
-def onnx_unfit(model_file: ModelFile | GraphModel, saliency: tuple[str, str] | None
-               ) -> str | None:
-    """Why the onnxruntime engine cannot serve this model (with this saliency), or None."""
-    if not oe.available():
-        return "onnxruntime is not installed"
+def onnx_unfit(model_file: ModelFile | GraphModel, saliency: tuple[str, str] | None,
+               engine: str | None = "onnxruntime") -> str | None:
+    """Why the graph engine ``engine`` cannot serve this model (with this saliency), or None
+    (``engine`` None: no graph engine is installed)."""
+    if engine is None:
+        return f"none of {', '.join(GRAPH_ENGINES)} is installed"
+    if not graph_engine_available(engine):
+        return f"{engine} is not installed"
     if saliency is not None:
         method, layer = saliency
         if layer != "last" or method not in oe.EVIDENCE_METHODS:
-            return (f"saliency {method}@{layer} needs the torch engine (onnxruntime gives "
+            return (f"saliency {method}@{layer} needs the torch engine ({engine} gives "
                     f"{' or '.join(oe.EVIDENCE_METHODS)} at layer last)")
         arch = str(model_file.card["architecture"])
         if not oe.has_evidence_map(arch):
@@ -160,9 +195,9 @@ def onnx_unfit(model_file: ModelFile | GraphModel, saliency: tuple[str, str] | N
     return None
 
 
-def obtain_graph(model_file: ModelFile, threads: int = 0, cache_dir: Path | None = None
-                 ) -> oe.OrtRunner:
-    """The ONNX graph of a model file in an onnxruntime session, exported when needed.
+def obtain_graph(model_file: ModelFile, threads: int = 0, cache_dir: Path | None = None,
+                 engine: str = "onnxruntime") -> oe.GraphRunner:
+    """The ONNX graph of a model file opened by ``engine``, exported when needed.
 
     Looks beside the model file (``<model>.onnx``), then in ``cache_dir``. A graph recorded as
     exported from another model file is logged (``onnx_stale``, both hashes) and replaced by a
@@ -174,16 +209,16 @@ def obtain_graph(model_file: ModelFile, threads: int = 0, cache_dir: Path | None
         No graph of this model file can be found or exported (the message names the hashes).
     """
     places = _graph_places(model_file.path, cache_dir)
-    found = find_graph(model_file.path, model_file.sha256, threads, cache_dir)
+    found = find_graph(model_file.path, model_file.sha256, threads, cache_dir, engine=engine)
     if found is not None:
         return found
-    stale = _stale_notes(places)
+    stale = _stale_notes(places, engine)
     errors: list[str] = []
     for place in places:
         try:
             from fracture_node.ml.onnx_export import export_onnx
 
-            runner = oe.OrtRunner(export_onnx(model_file, place), threads)
+            runner = open_graph(engine, export_onnx(model_file, place), threads)
             oe.check_source(runner, model_file.sha256)
             return runner
         except (ModelError, ImportError) as exc:
@@ -201,16 +236,19 @@ def _without_torch(target: Path, engine: str, saliency: tuple[str, str] | None,
     if engine == "torch":
         return ("[model] engine = torch needs torch, which is not installed here: install the "
                 "torch extra (pip install 'fracture-node[torch]'; scripts/setup.sh does when "
-                "nvidia-smi finds a GPU), or set engine = \"auto\" to serve on onnxruntime")
-    if not oe.available():
-        return (f"[model] engine = {engine} needs onnxruntime or torch, and neither is installed "
-                "here: reinstall fracture-node (scripts/setup.sh)")
+                "nvidia-smi finds a GPU), or set engine = \"auto\" to serve on openvino or "
+                "onnxruntime")
+    graph = engine if engine in GRAPH_ENGINES else cpu_graph_engine()
+    if graph is None or not graph_engine_available(graph):
+        return (f"[model] engine = {engine} needs {graph or 'openvino, onnxruntime'} or torch, "
+                "and neither is installed here: reinstall fracture-node (scripts/setup.sh)")
     sha256 = oe.file_sha256(target)
-    runner = find_graph(target, sha256, cache_dir=cache_dir)  # logs onnx_stale, both hashes
+    # logs onnx_stale, both hashes
+    runner = find_graph(target, sha256, cache_dir=cache_dir, engine=graph)
     if runner is not None:
-        why = str(onnx_unfit(GraphModel(target, runner.card(), sha256), saliency))
+        why = str(onnx_unfit(GraphModel(target, runner.card(), sha256), saliency, graph))
     else:
-        notes = _stale_notes(_graph_places(target, cache_dir))
+        notes = _stale_notes(_graph_places(target, cache_dir), graph)
         why = (f"its ONNX graph was exported from another model file ({'; '.join(notes)})"
                if notes else "it has no ONNX graph")
     return (f"model file {target.name} (sha256 {sha256}) cannot be served without torch: {why}; "
@@ -222,11 +260,12 @@ class Classifier:
     """A fracture model ready to score batches of prepared images.
 
     Use :meth:`load`; ``predict_batch`` is serialised by a lock, ``prepare`` is thread-safe.
-    ``engine`` says what runs the network (``torch`` or ``onnxruntime``, with ``runner``).
+    ``engine`` says what runs the network (``torch``, or a graph engine of
+    :data:`GRAPH_ENGINES` with ``runner``).
     """
 
     def __init__(self, model_file: ModelFile | GraphModel, device: Any, engine: str = "torch",
-                 runner: oe.OrtRunner | None = None) -> None:
+                 runner: oe.GraphRunner | None = None) -> None:
         card = model_file.card
         self.card: dict[str, Any] = card
         self.name: str = str(card["name"])
@@ -249,9 +288,9 @@ class Classifier:
         self._runner = runner
         self.onnx_path: Path | None = None
         self._net: Any = None
-        if engine == "onnxruntime":
-            if runner is None or str(device) != "cpu":
-                raise ModelError("the onnxruntime engine needs its graph and the CPU")
+        if engine in GRAPH_ENGINES:
+            if runner is None or runner.engine != engine or str(device) != "cpu":
+                raise ModelError(f"the {engine} engine needs its graph and the CPU")
             oe.check_source(runner, self.sha256)
             self.onnx_path = runner.path
             self.has_evidence: bool = runner.has_evidence
@@ -278,9 +317,10 @@ class Classifier:
         Parameters
         ----------
         engine:
-            ``torch``, ``onnxruntime`` (CPU only), or ``auto``: onnxruntime on the CPU when
-            :func:`onnx_unfit` finds nothing against it and its graph can be found or
-            exported (:func:`obtain_graph`), torch otherwise (each choice logged).
+            ``torch``, ``openvino`` or ``onnxruntime`` (CPU only), or ``auto``: on the CPU the
+            graph engine of :func:`cpu_graph_engine` when :func:`onnx_unfit` finds nothing
+            against it and its graph can be found or exported (:func:`obtain_graph`), torch
+            otherwise (each choice logged).
         threads:
             Intra-op threads of the engine (0: the engine's default).
         saliency:
@@ -291,23 +331,26 @@ class Classifier:
         Raises
         ------
         ModelError
-            The file is missing, corrupt or of another format, the device is unusable, or the
-            onnxruntime engine was asked for and cannot serve this model.
+            The file is missing, corrupt or of another format, the device is unusable, or a
+            graph engine was asked for and cannot serve this model.
         """
         if engine not in ENGINES:
             raise ModelError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
         target = Path(path) if path is not None else bundled_model_path()
-        if engine == "onnxruntime" and device == "auto":
+        if engine in GRAPH_ENGINES and device == "auto":
             device = "cpu"
-        if engine != "torch" and oe.available() and cpu_without_torch(device):
+        graph = engine if engine in GRAPH_ENGINES else None
+        if engine == "auto" and cpu_without_torch(device):
+            graph = cpu_graph_engine()
+        if graph is not None and graph_engine_available(graph) and cpu_without_torch(device):
             # The graph of this very file (its sha256) carries the card: no torch needed.
             sha256 = oe.file_sha256(target)
-            runner = find_graph(target, sha256, threads, cache_dir, quiet=True)
+            runner = find_graph(target, sha256, threads, cache_dir, quiet=True, engine=graph)
             if runner is not None:
                 known = GraphModel(target, runner.card(), sha256)
-                if onnx_unfit(known, saliency) is None:
-                    return cls._loaded(cls(known, "cpu", "onnxruntime", runner), engine,
-                                       "configured" if engine == "onnxruntime" else "auto: cpu")
+                if onnx_unfit(known, saliency, graph) is None:
+                    return cls._loaded(cls(known, "cpu", graph, runner), engine,
+                                       "configured" if engine == graph else "auto: cpu")
         try:
             from fracture_node.ml.model import load_model_file
         except ImportError as exc:  # a serving install without torch
@@ -333,26 +376,27 @@ class Classifier:
     @staticmethod
     def _choose(model_file: ModelFile, device: torch.device, engine: str, threads: int,
                 saliency: tuple[str, str] | None, cache_dir: Path | None
-                ) -> tuple[str, oe.OrtRunner | None, str]:
-        """The engine to run, its graph (onnxruntime), and why."""
+                ) -> tuple[str, oe.GraphRunner | None, str]:
+        """The engine to run, its graph (a graph engine), and why."""
         if engine == "torch":
             return "torch", None, "configured"
         if device.type != "cpu":
-            if engine == "onnxruntime":
-                raise ModelError(f"[model] engine = onnxruntime runs on the CPU, not on "
+            if engine in GRAPH_ENGINES:
+                raise ModelError(f"[model] engine = {engine} runs on the CPU, not on "
                                  f"{device}; set device = \"cpu\" or engine = \"torch\"")
             return "torch", None, f"auto: {device.type} device"
-        unfit = onnx_unfit(model_file, saliency)
-        if engine == "onnxruntime":
+        graph = engine if engine in GRAPH_ENGINES else cpu_graph_engine()
+        unfit = onnx_unfit(model_file, saliency, graph)
+        if engine in GRAPH_ENGINES:
             if unfit:
-                raise ModelError(f"[model] engine = onnxruntime cannot serve model file "
+                raise ModelError(f"[model] engine = {engine} cannot serve model file "
                                  f"{model_file.path.name}: {unfit}; set engine = \"torch\"")
-            return "onnxruntime", obtain_graph(model_file, threads, cache_dir), "configured"
-        if unfit:
+            return engine, obtain_graph(model_file, threads, cache_dir, engine), "configured"
+        if unfit or graph is None:
             log.warning("engine_fallback", engine="torch", reason=unfit)
             return "torch", None, f"auto: {unfit}"
         try:
-            return "onnxruntime", obtain_graph(model_file, threads, cache_dir), "auto: cpu"
+            return graph, obtain_graph(model_file, threads, cache_dir, graph), "auto: cpu"
         except ModelError as exc:
             log.error("engine_fallback", engine="torch", reason=str(exc))
             return "torch", None, "auto: no usable ONNX graph"
@@ -412,10 +456,10 @@ class Classifier:
 
     def evidence_batch(self, batch: NDArray[np.float32]
                        ) -> tuple[NDArray[np.float64], NDArray[np.float32]]:
-        """onnxruntime engine: probabilities and class activation maps ``[N, h, w]`` (>= 0, the
+        """A graph engine: probabilities and class activation maps ``[N, h, w]`` (>= 0, the
         test-time views summed) of prepared images ``[N, S, S]``, from one run of the graph."""
         if self._runner is None:
-            raise ModelError("evidence_batch needs the onnxruntime engine")
+            raise ModelError(f"evidence_batch needs a graph engine ({', '.join(GRAPH_ENGINES)})")
         with self._lock:
             logits, cams = self._runner.run(np.asarray(batch, dtype=np.float32), self.tta,
                                             evidence=True)

@@ -47,6 +47,9 @@ META_EVIDENCE_LAYER = "evidence_layer"
 INPUT = "image"
 LOGIT = "logit"
 EVIDENCE = "evidence"
+GRAPH_ENGINES: tuple[str, ...] = ("openvino", "onnxruntime")
+"""The engines that run the exported graph, in ``auto``'s order of preference on a CPU (OpenVINO
+first: the faster on the measured machines, docs/benchmarks.md)."""
 EVIDENCE_METHODS: tuple[str, ...] = ("hirescam", "gradcam")
 """Saliency methods that the ``evidence`` output gives exactly at ``layer = "last"`` (for a
 global-average-pooling + linear head both equal the class activation map)."""
