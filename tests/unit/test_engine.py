@@ -1,4 +1,5 @@
-"""Engines: torch or onnxruntime chosen for a model file, the graph's source checked, same output."""
+"""Engines: torch, openvino or onnxruntime chosen for a model file, the graph's source checked,
+same output."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fracture_node.config import ModelConfig
 from fracture_node.errors import ConfigError, ModelError
 from fracture_node.ml import ort_engine as oe
 from fracture_node.ml.explain import Explainer, upsample
-from fracture_node.ml.infer import Classifier
+from fracture_node.ml.infer import GRAPH_ENGINES, Classifier, open_graph
 from fracture_node.ml.model import (
     ARCHITECTURES,
     build_model,
@@ -30,6 +31,7 @@ CARD = {"name": "engine-test", "version": "0", "architecture": "resnet18", "inpu
         "normalisation": {"mean": 0.4, "std": 0.2}, "tta": True,
         "calibration": {"method": "platt", "slope": 1.3, "intercept": -0.2}}
 HIRESCAM = ("hirescam", "last")
+each_graph_engine = pytest.mark.parametrize("engine", GRAPH_ENGINES)
 
 
 def _save(path: Path, seed: int, arch: str = "resnet18") -> Path:
@@ -57,25 +59,43 @@ def _images(n: int, size: int = 64) -> np.ndarray:
     return np.random.default_rng(7).random((n, size, size), dtype=np.float32)
 
 
-def test_auto_on_the_cpu_runs_onnxruntime_with_the_model_files_identity(exported: Path) -> None:
-    """auto picks onnxruntime on the CPU; the classifier's sha256 stays the .pt's."""
+def test_auto_on_the_cpu_runs_openvino_with_the_model_files_identity(exported: Path) -> None:
+    """auto picks openvino on the CPU; the classifier's sha256 stays the .pt's."""
+    with capture_logs() as logs:
+        clf = Classifier.load(exported, "cpu", engine="auto", saliency=HIRESCAM)
+    assert clf.engine == "openvino"
+    assert clf.onnx_path == exported.with_suffix(".onnx")
+    assert clf.sha256 == sha256_file(exported)
+    [loaded] = [e for e in logs if e["event"] == "model_loaded"]
+    assert (loaded["engine"], loaded["engine_requested"]) == ("openvino", "auto")
+
+
+def test_auto_on_the_cpu_runs_onnxruntime_without_openvino(
+        exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where openvino cannot be imported, auto picks onnxruntime; asking for openvino then
+    is refused, naming the missing package."""
+    monkeypatch.setitem(sys.modules, "openvino", None)
     clf = Classifier.load(exported, "cpu", engine="auto", saliency=HIRESCAM)
     assert clf.engine == "onnxruntime"
     assert clf.onnx_path == exported.with_suffix(".onnx")
-    assert clf.sha256 == sha256_file(exported)
+    with pytest.raises(ModelError, match="openvino is not installed"):
+        Classifier.load(exported, "cpu", engine="openvino")
 
 
-def test_onnxruntime_probabilities_equal_torchs(exported: Path) -> None:
+@each_graph_engine
+def test_graph_engine_probabilities_equal_torchs(exported: Path, engine: str) -> None:
     """Both engines give the same calibrated, TTA-averaged probabilities."""
-    ort = Classifier.load(exported, "cpu", engine="onnxruntime")
+    ort = Classifier.load(exported, "cpu", engine=engine)
+    assert ort.engine == engine
     ref = Classifier.load(exported, "cpu", engine="torch")
     batch = _images(5)
     np.testing.assert_allclose(ort.predict_batch(batch), ref.predict_batch(batch), atol=1e-5)
 
 
-def test_onnxruntime_saliency_maps_equal_torchs_hirescam(exported: Path) -> None:
+@each_graph_engine
+def test_graph_engine_saliency_maps_equal_torchs_hirescam(exported: Path, engine: str) -> None:
     """The graph's evidence output gives torch's HiResCAM (and Grad-CAM) maps at the last stage."""
-    ort = Explainer(Classifier.load(exported, "cpu", engine="onnxruntime"), method="hirescam")
+    ort = Explainer(Classifier.load(exported, "cpu", engine=engine), method="hirescam")
     ref = Explainer(Classifier.load(exported, "cpu", engine="torch"), method="hirescam")
     batch = _images(4)
     p_ort, maps_ort = ort.explain_methods(batch, ("hirescam", "gradcam"))
@@ -108,10 +128,11 @@ def test_auto_falls_back_to_torch_for_saliency_the_graph_cannot_give(exported: P
     assert "layercam@last" in fallback["reason"]
 
 
-def test_onnxruntime_engine_refuses_saliency_it_cannot_give(exported: Path) -> None:
-    """Asked for explicitly, onnxruntime with a stride-16 map is refused, not degraded."""
+@each_graph_engine
+def test_graph_engine_refuses_saliency_it_cannot_give(exported: Path, engine: str) -> None:
+    """Asked for explicitly, a graph engine with a stride-16 map is refused, not degraded."""
     with pytest.raises(ModelError, match="hirescam@stride16 needs the torch engine"):
-        Classifier.load(exported, "cpu", engine="onnxruntime", saliency=("hirescam", "stride16"))
+        Classifier.load(exported, "cpu", engine=engine, saliency=("hirescam", "stride16"))
 
 
 def test_missing_graph_is_exported_at_load(exported: Path, tmp_path: Path) -> None:
@@ -120,12 +141,14 @@ def test_missing_graph_is_exported_at_load(exported: Path, tmp_path: Path) -> No
     path.with_suffix(".onnx").unlink()
     with capture_logs() as logs:
         clf = Classifier.load(path, "cpu", engine="auto")
-    assert clf.engine == "onnxruntime"
+    assert clf.engine == "openvino"
     assert oe.OrtRunner(path.with_suffix(".onnx")).source_sha256 == sha256_file(path)
     assert any(e["event"] == "onnx_exported" for e in logs)
 
 
-def test_graph_of_changed_weights_is_exported_again(exported: Path, tmp_path: Path) -> None:
+@each_graph_engine
+def test_graph_of_changed_weights_is_exported_again(exported: Path, tmp_path: Path,
+                                                    engine: str) -> None:
     """New weights in the model file: the old graph is logged with both hashes, re-exported,
     and the scores are the new weights' scores."""
     path = _copy(exported, tmp_path)
@@ -134,17 +157,18 @@ def test_graph_of_changed_weights_is_exported_again(exported: Path, tmp_path: Pa
     new = sha256_file(path)
     assert old != new
     with capture_logs() as logs:
-        clf = Classifier.load(path, "cpu", engine="onnxruntime")
+        clf = Classifier.load(path, "cpu", engine=engine)
     [stale] = [e for e in logs if e["event"] == "onnx_stale"]
     assert (stale["onnx_source_sha256"], stale["model_sha256"]) == (old, new)
-    assert oe.OrtRunner(path.with_suffix(".onnx")).source_sha256 == new
+    assert open_graph(engine, path.with_suffix(".onnx")).source_sha256 == new
     batch = _images(3)
     expected = Classifier.load(path, "cpu", engine="torch").predict_batch(batch)
     np.testing.assert_allclose(clf.predict_batch(batch), expected, atol=1e-5)
 
 
+@each_graph_engine
 def test_graph_of_changed_weights_is_refused_when_it_cannot_be_exported(
-        exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
     """Without the exporter (an install without torch), a stale graph is refused, naming both
     hashes; auto then scores with torch rather than with the stale graph."""
     path = _copy(exported, tmp_path)
@@ -153,7 +177,7 @@ def test_graph_of_changed_weights_is_refused_when_it_cannot_be_exported(
     new = sha256_file(path)
     monkeypatch.setitem(sys.modules, "fracture_node.ml.onnx_export", None)
     with pytest.raises(ModelError) as refused:
-        Classifier.load(path, "cpu", engine="onnxruntime")
+        Classifier.load(path, "cpu", engine=engine)
     assert old in str(refused.value) and new in str(refused.value)
     with capture_logs() as logs:
         clf = Classifier.load(path, "cpu", engine="auto")
@@ -161,20 +185,46 @@ def test_graph_of_changed_weights_is_refused_when_it_cannot_be_exported(
     assert any(e["event"] == "onnx_stale" and e["onnx_source_sha256"] == old for e in logs)
 
 
-def test_graph_of_another_model_file_is_never_run(exported: Path, tmp_path: Path) -> None:
+@each_graph_engine
+def test_graph_of_another_model_file_is_never_run(exported: Path, tmp_path: Path,
+                                                  engine: str) -> None:
     """A classifier handed a graph whose recorded source is another file refuses it."""
     other = _save(tmp_path / "other.pt", seed=5)
-    runner = oe.OrtRunner(exported.with_suffix(".onnx"))
+    runner = open_graph(engine, exported.with_suffix(".onnx"))
     with pytest.raises(ModelError, match=sha256_file(other)):
-        Classifier(load_model_file(other), torch.device("cpu"), "onnxruntime", runner)
+        Classifier(load_model_file(other), torch.device("cpu"), engine, runner)
 
 
-def test_graph_is_written_to_the_cache_folder_when_needed(exported: Path, tmp_path: Path) -> None:
+@each_graph_engine
+def test_a_file_that_is_not_our_graph_is_refused(tmp_path: Path, engine: str) -> None:
+    """An unreadable file, and a valid ONNX graph without fracture-node's format, are refused
+    with a ModelError naming the file."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a graph")
+    with pytest.raises(ModelError, match="junk.onnx cannot be loaded"):
+        open_graph(engine, junk)
+    node = helper.make_node("Identity", ["image"], ["logit"])
+    graph = helper.make_graph([node], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("logit", TensorProto.FLOAT, [1])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), foreign)
+    with pytest.raises(ModelError, match="foreign.onnx was not written by fracture-node"):
+        open_graph(engine, foreign)
+
+
+@each_graph_engine
+def test_graph_is_written_to_the_cache_folder_when_needed(exported: Path, tmp_path: Path,
+                                                          engine: str) -> None:
     """When the model's folder cannot take the graph, it goes to the cache folder."""
     path = _copy(exported, tmp_path / "ro")
     path.with_suffix(".onnx").unlink()
     path.with_suffix(".onnx").mkdir()  # something that is not a graph is in the way
-    clf = Classifier.load(path, "cpu", engine="onnxruntime", cache_dir=tmp_path / "cache")
+    clf = Classifier.load(path, "cpu", engine=engine, cache_dir=tmp_path / "cache")
+    assert clf.engine == engine
     assert clf.onnx_path == tmp_path / "cache" / "model.onnx"
 
 
@@ -187,16 +237,25 @@ def test_evidence_architectures_are_trainings() -> None:
 
 
 @pytest.mark.parametrize(("engine", "device", "threads"),
-                         [("tensorrt", "auto", 0), ("onnxruntime", "cuda", 0), ("auto", "auto", -1)])
+                         [("tensorrt", "auto", 0), ("onnxruntime", "cuda", 0),
+                          ("openvino", "cuda:0", 0), ("auto", "auto", -1)])
 def test_config_refuses_impossible_engines(engine: str, device: str, threads: int) -> None:
-    """Unknown engines, onnxruntime on a GPU and negative threads are configuration errors."""
-    with pytest.raises(ConfigError):
+    """Unknown engines, a graph engine on a GPU and negative threads are configuration errors."""
+    with pytest.raises(ConfigError, match="unknown|runs on the CPU|threads"):
         ModelConfig(engine=engine, device=device, threads=threads).validate()
 
 
+@pytest.mark.parametrize("engine", ["auto", "torch", *GRAPH_ENGINES])
+def test_config_accepts_every_engine_on_the_cpu(engine: str) -> None:
+    """Every engine of the classifier is a valid [model] engine on the CPU."""
+    ModelConfig(engine=engine, device="cpu").validate()
+
+
+@each_graph_engine
 def test_predict_gives_the_same_rows_on_both_engines(exported: Path, samples_dir: Path,
-                                                     tmp_path: Path) -> None:
-    """`predict --locate` writes the same labels, probabilities (1e-5) and peaks on either engine."""
+                                                     tmp_path: Path, engine: str) -> None:
+    """`predict --locate` writes the same labels, probabilities (1e-5) and peaks on torch and on
+    a graph engine."""
     import csv
 
     from fracture_node.cli.predict import main as predict
@@ -204,14 +263,14 @@ def test_predict_gives_the_same_rows_on_both_engines(exported: Path, samples_dir
     inputs = [str(samples_dir / n) for n in ("CR_hip_RG2_JLSL.dcm", "CR_chest_RG1_J2KI.dcm",
                                              "CR_extremity_RG3_J2KR.dcm")]
     rows = {}
-    for engine in ("torch", "onnxruntime"):
-        out = tmp_path / f"{engine}.csv"
-        assert predict([*inputs, "--model", str(exported), "--engine", engine, "--locate",
+    for name in ("torch", engine):
+        out = tmp_path / f"{name}.csv"
+        assert predict([*inputs, "--model", str(exported), "--engine", name, "--locate",
                         "--operating-point", "0.5", "--output", str(out)]) == 0
         with out.open() as fh:
-            rows[engine] = list(csv.DictReader(fh))
+            rows[name] = list(csv.DictReader(fh))
     assert len(rows["torch"]) == 3
-    for ref, got in zip(rows["torch"], rows["onnxruntime"], strict=True):
+    for ref, got in zip(rows["torch"], rows[engine], strict=True):
         assert got["status"] == ref["status"] == "ok"
         assert got["label"] == ref["label"]
         assert abs(float(got["probability"]) - float(ref["probability"])) <= 1e-5
