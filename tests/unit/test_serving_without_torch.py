@@ -1,5 +1,6 @@
 """Serving without torch: with its graph in place, a model file is scored and explained on
-onnxruntime in a process where torch, torchvision, timm and onnx cannot be imported."""
+openvino (or on onnxruntime where openvino is missing too) in a process where torch,
+torchvision, timm and onnx cannot be imported."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ import pytest
 import torch
 
 from fracture_node.ml.explain import Explainer
-from fracture_node.ml.infer import Classifier
+from fracture_node.ml.infer import GRAPH_ENGINES, Classifier
 from fracture_node.ml.model import build_model, save_model_file, sha256_file
 from fracture_node.ml.onnx_export import export_onnx
 
 REPO = Path(__file__).resolve().parents[2]
 WITHOUT_TORCH = """
 import json, sys
+BLOCKED = {"torch", "torchvision", "timm", "onnx", *sys.argv[3:]}
 class Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"torch", "torchvision", "timm", "onnx"}:
+        if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is not installed (blocked by the test)")
         return None
 sys.meta_path.insert(0, Blocked())
@@ -52,9 +54,15 @@ def _model(path: Path, seed: int) -> Path:
     return path
 
 
-def _run(model: Path, batch: Path) -> tuple[int, dict[str, object]]:
+def _missing(engine: str) -> list[str]:
+    """The graph engines that must be missing too for ``auto`` to take ``engine``."""
+    return list(GRAPH_ENGINES[:GRAPH_ENGINES.index(engine)])
+
+
+def _run(model: Path, batch: Path, blocked: list[str]) -> tuple[int, dict[str, object]]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(model), str(batch)],
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(model), str(batch),
+                           *blocked],
                           capture_output=True, text=True, timeout=300, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, proc.stderr[-3000:]
@@ -68,14 +76,15 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_exported_model_is_served_without_torch(tmp_path: Path, batch: Path) -> None:
-    """No torch in the process: onnxruntime scores and explains as torch does, with the .pt's
-    sha256."""
+@pytest.mark.parametrize("engine", GRAPH_ENGINES)
+def test_exported_model_is_served_without_torch(tmp_path: Path, batch: Path, engine: str) -> None:
+    """No torch in the process: openvino (onnxruntime where openvino is missing too) scores and
+    explains as torch does, with the .pt's sha256."""
     model = _model(tmp_path / "model.pt", seed=11)
     export_onnx(model)
-    code, out = _run(model, batch)
+    code, out = _run(model, batch, _missing(engine))
     assert code == 0, out
-    assert out["engine"] == "onnxruntime" and out["torch"] is False
+    assert out["engine"] == engine and out["torch"] is False
     assert out["sha256"] == sha256_file(model)
     p_ref, maps_ref = Explainer(Classifier.load(model, "cpu"), "hirescam", "last").explain_batch(
         np.load(batch))
@@ -83,15 +92,16 @@ def test_exported_model_is_served_without_torch(tmp_path: Path, batch: Path) -> 
     assert out["peaks"] == [int(m.argmax()) for m in maps_ref]
 
 
-def test_stale_graph_is_refused_without_torch_naming_both_hashes(tmp_path: Path,
-                                                                 batch: Path) -> None:
+@pytest.mark.parametrize("engine", GRAPH_ENGINES)
+def test_stale_graph_is_refused_without_torch_naming_both_hashes(tmp_path: Path, batch: Path,
+                                                                 engine: str) -> None:
     """Without torch a graph of earlier weights cannot be re-exported: start is refused with
     both hashes in the message."""
     model = _model(tmp_path / "model.pt", seed=12)
     export_onnx(model)
     old = sha256_file(model)
     _model(model, seed=13)
-    code, out = _run(model, batch)
+    code, out = _run(model, batch, _missing(engine))
     assert code == 2
     assert old in str(out["error"]) and sha256_file(model) in str(out["error"])
     assert "without torch" in str(out["error"])
@@ -123,7 +133,7 @@ print(json.dumps({"engine": clf.engine, "torch": "torch" in sys.modules}))
 def test_auto_on_a_cpu_server_with_torch_installed_leaves_torch_out(tmp_path: Path,
                                                                     driver: bool) -> None:
     """torch installed (a training or GPU install) but no GPU driver's device file: `auto`
-    serves the graph on onnxruntime without importing torch (hundreds of MiB, seconds of
+    serves the graph on openvino without importing torch (hundreds of MiB, seconds of
     start-up); where a driver's file exists, torch is asked whether CUDA works."""
     model = _model(tmp_path / "model.pt", seed=14)
     export_onnx(model)
@@ -138,4 +148,4 @@ def test_auto_on_a_cpu_server_with_torch_installed_leaves_torch_out(tmp_path: Pa
     out = json.loads(lines[-1])
     assert out["torch"] is driver
     if not torch.cuda.is_available():
-        assert out["engine"] == "onnxruntime"
+        assert out["engine"] == "openvino"
