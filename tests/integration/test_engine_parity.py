@@ -1,10 +1,11 @@
-"""onnxruntime against torch on real radiographs: logits, decisions and saliency peaks agree.
+"""The graph engines (openvino, onnxruntime) against torch on real radiographs: logits,
+decisions and saliency peaks agree.
 
 Two model files of the kinds the project ships, built with its own helpers (not the bundled
 weights, which change): EfficientNet-Lite0 at 384 px from its ImageNet weights (the grey stem
 folded in), and ResNet-18 at 256 px whose BatchNorm statistics are fitted on train radiographs
 (so that its activations and logits have the scale of a trained network). Each is exported
-and scored by both engines on a few dozen val radiographs and on every DICOM sample that
+and scored by torch and by each graph engine on a few dozen val radiographs and on every DICOM sample that
 decodes (every transfer syntax of ``dicom-samples``).
 """
 
@@ -23,7 +24,7 @@ from fracture_node.images import letterbox, load_image_file
 from fracture_node.inputs import is_dicom, load_any
 from fracture_node.ml.data import load_records, split_records
 from fracture_node.ml.explain import Explainer
-from fracture_node.ml.infer import Classifier
+from fracture_node.ml.infer import GRAPH_ENGINES, Classifier
 from fracture_node.ml.model import IMAGENET, IMAGENET_GREY, build_model, save_model_file
 from fracture_node.ml.onnx_export import export_onnx
 from fracture_node.saliency.geometry import peak_point
@@ -128,15 +129,25 @@ def _score(path: Path, engine: str, files: list[Path]) -> Scored:
                   [(int(i.shape[0]), int(i.shape[1])) for i in images])
 
 
+@pytest.fixture(scope="module")
+def torch_scores() -> dict[tuple[str, str], Scored]:
+    """torch's scores by (architecture, source), kept for every graph engine's comparison."""
+    return {}
+
+
 @pytest.fixture(scope="module", params=[
-    ("efficientnet_lite0", "val"), ("efficientnet_lite0", "dicom"),
-    ("resnet18", "val"), ("resnet18", "dicom")], ids="-".join)
+    (arch, source, engine) for engine in GRAPH_ENGINES
+    for arch, source in (("efficientnet_lite0", "val"), ("efficientnet_lite0", "dicom"),
+                         ("resnet18", "val"), ("resnet18", "dicom"))], ids="-".join)
 def scores(request: pytest.FixtureRequest, models: dict[str, Path], dataset_dir: Path,
-           samples_dir: Path) -> tuple[Scored, Scored]:
-    """torch's and onnxruntime's scores of one model on val radiographs or DICOM samples."""
-    arch, source = request.param
+           samples_dir: Path, torch_scores: dict[tuple[str, str], Scored]
+           ) -> tuple[Scored, Scored]:
+    """torch's and a graph engine's scores of one model on val radiographs or DICOM samples."""
+    arch, source, engine = request.param
     files = _val_images(dataset_dir) if source == "val" else _dicom_samples(samples_dir)
-    return _score(models[arch], "torch", files), _score(models[arch], "onnxruntime", files)
+    if (arch, source) not in torch_scores:
+        torch_scores[arch, source] = _score(models[arch], "torch", files)
+    return torch_scores[arch, source], _score(models[arch], engine, files)
 
 
 def test_dicom_samples_cover_the_transfer_syntaxes(samples_dir: Path) -> None:
@@ -149,7 +160,7 @@ def test_dicom_samples_cover_the_transfer_syntaxes(samples_dir: Path) -> None:
 
 
 def test_logits_agree_within_1e4(scores: tuple[Scored, Scored]) -> None:
-    """Every image's logit from onnxruntime is within 1e-4 of torch's."""
+    """Every image's logit from the graph engine is within 1e-4 of torch's."""
     ref, ort = scores
     assert len(ref.logits) >= 14
     assert np.max(np.abs(ort.logits - ref.logits)) < LOGIT_TOLERANCE
