@@ -1,5 +1,5 @@
 """The serving install (`pip install fracture-node`, what scripts/setup.sh does without a GPU):
-no torch, and the node still scores a study with the bundled model on onnxruntime and reports
+no torch, and the node still scores a study with the bundled model on openvino and reports
 it; the commands that need torch say which install they need."""
 
 from __future__ import annotations
@@ -46,21 +46,23 @@ def node(tmp_path: Path, serving_venv: Path,
 
 
 def test_the_serving_install_has_no_torch(serving_venv: Path) -> None:
-    """None of torch, torchvision, timm, onnx, tqdm or matplotlib is installed, onnxruntime is."""
+    """None of torch, torchvision, timm, onnx, tqdm or matplotlib is installed; openvino and
+    onnxruntime are."""
     code = ("import importlib.util, json; print(json.dumps({n: importlib.util.find_spec(n) is not "
-            f"None for n in {(*TORCH_SIDE, 'onnxruntime')!r}}}))")
+            f"None for n in {(*TORCH_SIDE, 'openvino', 'onnxruntime')!r}}}))")
     out = subprocess.run([str(serving_venv / "bin" / "python"), "-c", code], capture_output=True,
                          text=True, check=True, timeout=60).stdout
     found = json.loads(out)
+    assert found.pop("openvino") is True
     assert found.pop("onnxruntime") is True
     assert found == {name: False for name in TORCH_SIDE}
 
 
-def test_a_study_is_scored_on_onnxruntime_and_reported(
+def test_a_study_is_scored_on_openvino_and_reported(
         node: ServeProcess, storescp: tuple[int, Path], samples_dir: Path,
         tmp_path: Path) -> None:
     """A hip CR pushed by storescu comes back as an SR made by the bundled model (its sha256),
-    scored on onnxruntime from the graph that ships beside it."""
+    scored on openvino from the graph that ships beside it."""
     files = make_study(samples_dir, tmp_path / "study", ["derived/CR_hip_RG2_uncompressed_explicitVRLE.dcm"])
     proc = subprocess.run(["storescu", "-aec", "FRACTURE_NODE", "127.0.0.1", str(node.port),
                            *map(str, files)], capture_output=True, text=True, timeout=120)
@@ -72,7 +74,7 @@ def test_a_study_is_scored_on_onnxruntime_and_reported(
         .StudyInstanceUID
     [loaded] = [json.loads(line) for line in node.log().splitlines()
                 if line.startswith("{") and '"model_loaded"' in line]
-    assert loaded["engine"] == "onnxruntime"
+    assert loaded["engine"] == "openvino"
     assert loaded["sha256"] == sha256_file(bundled_model_path())
     assert algorithm_device_uid(loaded["sha256"]) in [
         e.get("DeviceUID") for e in sr.ContributingEquipmentSequence]
