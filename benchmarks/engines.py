@@ -14,10 +14,11 @@ and TTA + saliency. Engines:
 - ``torch_compile`` (``--compile``): ``torch.compile`` of the network, channels-last;
 - ``onnxruntime``: the graph exported from the model file (CPU execution provider, all graph
   optimisations), as ``[model] engine = "onnxruntime"`` runs it; saliency is its second output;
-- ``openvino`` / ``openvino_bf16`` (where the ``openvino`` package is installed; it is not a
-  dependency of the project): the same graph compiled by OpenVINO for the CPU, f32 (the
-  precision the parity tests demand) and bf16 (its default on CPUs with native bf16, printed
-  with its logit difference so that the price of its speed is in the same line).
+- ``openvino`` / ``openvino_bf16`` (where the ``openvino`` package imports): the same graph
+  compiled by OpenVINO for the CPU, f32 (:class:`fracture_node.ml.ov_engine.OvRunner`, as
+  ``[model] engine = "openvino"`` runs it: the precision the parity tests demand) and bf16 (its
+  default on CPUs with native bf16, printed with its logit difference so that the price of its
+  speed is in the same line).
 
 Prints one JSON line per measurement, then a summary object with the ratios to ``torch_cl``
 and the largest logit difference between onnxruntime and torch on the batch.
@@ -60,7 +61,9 @@ from fracture_node.ml.model import (  # noqa: E402
     save_model_file,
 )
 from fracture_node.ml.onnx_export import export_onnx  # noqa: E402
-from fracture_node.ml.ort_engine import EVIDENCE, INPUT, LOGIT, onnx_path_for  # noqa: E402
+from fracture_node.ml.ort_engine import onnx_path_for  # noqa: E402
+from fracture_node.ml.ov_engine import OvRunner  # noqa: E402
+from fracture_node.ml.ov_engine import available as ov_available  # noqa: E402
 
 MODES = (("plain", False, False), ("tta", True, False), ("saliency", False, True),
          ("tta+saliency", True, True))
@@ -85,34 +88,11 @@ def build(spec: str, folder: Path) -> Path:
     return path
 
 
-class OpenVinoRunner:
-    """The exported graph compiled by OpenVINO for the CPU, run the way
-    :class:`fracture_node.ml.ort_engine.OrtRunner` runs it (both views in one call with TTA)."""
+class OvBf16Runner(OvRunner):
+    """The serving engine's OpenVINO runner compiled in bf16 instead of f32: measured only, to
+    show what its speed costs in logits (never served)."""
 
-    def __init__(self, path: Path, threads: int, precision: str) -> None:
-        import openvino as ov  # ImportError: not installed (not a project dependency)
-
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision,
-                                  "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        self.request = self.compiled.create_infer_request()
-
-    def run(self, images: np.ndarray, tta: bool, evidence: bool
-            ) -> tuple[np.ndarray, np.ndarray | None]:
-        n = images.shape[0]
-        x = np.ascontiguousarray(images, dtype=np.float32)[:, None]
-        if tta:
-            x = np.concatenate([x, np.ascontiguousarray(x[..., ::-1])])
-        out = self.request.infer({INPUT: x})
-        logits = np.asarray(out[self.compiled.output(LOGIT)]).reshape(-1)
-        if tta:
-            logits = (logits[:n] + logits[n:]) / 2
-        if not evidence:
-            return logits, None
-        ev = np.maximum(np.asarray(out[self.compiled.output(EVIDENCE)]), 0.0)
-        return logits, (ev[:n] + ev[n:, :, ::-1] if tta else ev)
+    compile_config = {**OvRunner.compile_config, "INFERENCE_PRECISION_HINT": "bf16"}
 
 
 def val_batch(size: int, n: int) -> np.ndarray:
@@ -177,16 +157,15 @@ def main() -> int:
                           saliency=("hirescam", "last"))
     batch = val_batch(ref.input_size, args.batch)
     engines = args.engines.split(",") + (["torch_compile"] if args.compile else [])
-    ov_runners: dict[str, OpenVinoRunner] = {}
+    ov_runners: dict[str, OvRunner] = {}
     for engine in [e for e in engines if e.startswith("openvino")]:
-        try:
-            ov_runners[engine] = OpenVinoRunner(
-                onnx_path_for(model), args.threads,
-                "bf16" if engine.endswith("bf16") else "f32")
-        except ImportError:
+        if not ov_available():
             print(json.dumps({"benchmark": "engines", "engine": engine,
                               "skipped": "the openvino package is not installed"}), flush=True)
             engines.remove(engine)
+            continue
+        runner_class = OvBf16Runner if engine.endswith("bf16") else OvRunner
+        ov_runners[engine] = runner_class(onnx_path_for(model), args.threads)
     results: dict[str, dict[str, float]] = {}
     common = {"model": ref.name, "architecture": ref.card["architecture"],
               "weights": ref.card.get("weights", "trained"), "model_sha256": ref.sha256[:12],

@@ -9,7 +9,8 @@ t0 = the C-STORE response of its last instance, t1 = the delivery recorded as ac
 Printed: p50/p95/max of t1 - t0 - stable_after_s, i.e. the time the node adds beyond the
 stability wait it is configured to observe; ``sr_p50_s``/``sr_p95_s`` the same up to the SR's own
 acknowledgement (``deliveries.report_delivered_at``), which differs with ``--overlays``.
-``--engine`` is ``[model] engine`` (``auto``, the default, is onnxruntime on a CPU); the model
+``--engine`` is ``[model] engine`` (``auto``, the default, is openvino on a CPU, onnxruntime
+where openvino cannot be imported); the model
 file is copied into the temporary folder first, so that its ONNX graph is exported there, never
 beside the bundled model.
 """
@@ -50,7 +51,8 @@ def main() -> int:
                         help="[saliency] enabled (the daemon's default: on)")
     parser.add_argument("--overlays", choices=["none", "sc", "gsps", "both"], default="none",
                         help="the destination's overlays (the default: none, the SR alone)")
-    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+    parser.add_argument("--engine", choices=["auto", "torch", "openvino", "onnxruntime"],
+                        default="auto",
                         help="[model] engine (the daemon's default: auto)")
     parser.add_argument("--threads", type=int, default=0, help="[model] threads")
     args = parser.parse_args()
@@ -163,14 +165,17 @@ def private_model(tmp: Path, source: Path | None = None) -> Path:
 
 
 def engine_used(pid: int) -> str:
-    """The engine a running node loaded, read from its memory map: ``onnxruntime`` when only
-    ONNX Runtime's library is mapped, ``torch`` when only torch's, ``both`` when both are."""
+    """The engine a running node loaded, read from its memory map: ``openvino``,
+    ``onnxruntime`` or ``torch`` when only that engine's library is mapped, the names joined by
+    ``+`` when several are (``unknown`` when none is)."""
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return "unknown"
-    ort, torch = "libonnxruntime" in maps or "onnxruntime_pybind11" in maps, "libtorch" in maps
-    return "both" if ort and torch else "onnxruntime" if ort else "torch" if torch else "unknown"
+    mapped = {"openvino": "libopenvino" in maps,
+              "onnxruntime": "libonnxruntime" in maps or "onnxruntime_pybind11" in maps,
+              "torch": "libtorch" in maps}
+    return "+".join(name for name, found in mapped.items() if found) or "unknown"
 
 
 def _ts(value: str) -> float:

@@ -138,7 +138,8 @@ def main() -> int:
     parser.add_argument("--db", default="", help="database URL (default: a SQLite file)")
     parser.add_argument("--saliency", choices=["on", "off"], default="on",
                         help="[saliency] enabled in the worker (default on, as in the daemon)")
-    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+    parser.add_argument("--engine", choices=["auto", "torch", "openvino", "onnxruntime"],
+                        default="auto",
                         help="[model] engine (default auto, as in the daemon); the model file is "
                              "copied to a temporary folder, where its ONNX graph is exported")
     parser.add_argument("--threads", type=int, default=0, help="[model] threads")

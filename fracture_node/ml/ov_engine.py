@@ -59,6 +59,10 @@ class OvRunner(GraphRunner):
     """
 
     engine = "openvino"
+    compile_config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32",
+                                      "PERFORMANCE_HINT": "LATENCY"}
+    """What the graph is compiled with (benchmarks/engines.py measures a bf16 variant; serving
+    never changes it)."""
 
     def __init__(self, path: Path, threads: int = 0) -> None:
         try:
@@ -78,8 +82,7 @@ class OvRunner(GraphRunner):
         metadata = {key: str(model.get_rt_info(["framework", key]).astype(str))
                     for key in META_KEYS if model.has_rt_info(["framework", key])}
         self._adopt(metadata, tuple(o.get_any_name() for o in model.outputs))
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32",
-                                  "PERFORMANCE_HINT": "LATENCY"}
+        config = dict(self.compile_config)
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
