@@ -1,4 +1,4 @@
-"""`fracture-node serve` on a CPU picks ONNX Runtime, exports the graph, and keeps the .pt's identity."""
+"""`fracture-node serve` on a CPU picks OpenVINO, exports the graph, and keeps the .pt's identity."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ def model(tmp_path: Path) -> Path:
     return path
 
 
-def test_serve_scores_on_onnxruntime_with_the_model_files_sha256(
+def test_serve_scores_on_openvino_with_the_model_files_sha256(
         tmp_path: Path, model: Path, storescp: tuple[int, Path], samples_dir: Path) -> None:
     """With the default engine (auto) and saliency on, serve exports <model>.onnx at start,
-    scores on ONNX Runtime with saliency, and records the model file's sha256."""
+    scores on OpenVINO with saliency, and records the model file's sha256."""
     node = ServeProcess(tmp_path / "node", [("pacs", "PACS", storescp[0])], model=model)
     node.start()
     try:
@@ -44,7 +44,7 @@ def test_serve_scores_on_onnxruntime_with_the_model_files_sha256(
         node.stop()
     events = [json.loads(line) for line in node.log().splitlines() if line.startswith("{")]
     [loaded] = [e for e in events if e["event"] == "model_loaded"]
-    assert loaded["engine"] == "onnxruntime" and loaded["engine_requested"] == "auto"
+    assert loaded["engine"] == "openvino" and loaded["engine_requested"] == "auto"
     assert any(e["event"] == "onnx_exported" for e in events)
     assert model.with_suffix(".onnx").is_file()
     with sqlite3.connect(tmp_path / "node" / "state" / "fracture-node.db") as conn:
