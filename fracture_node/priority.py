@@ -9,7 +9,7 @@ CPU first, and the model every cycle they leave.
 On Linux the niceness is a property of each thread and a thread starts with its creator's, so
 lowering the worker thread lowers its decode threads too, and an inference engine whose thread
 pool is created inside :func:`call_niced` (ONNX Runtime's intra-op pool, created with its
-session) inherits it as well. Raising one's own niceness needs no privilege; lowering it back
+session; OpenVINO's, with its compiled model) inherits it as well. Raising one's own niceness needs no privilege; lowering it back
 would, so the main thread is never touched. Elsewhere (no ``os.setpriority``) this does nothing.
 """
 

@@ -69,14 +69,16 @@ def test_lower_current_thread_never_raises_priority() -> None:
     assert box == [max(12, thread_nice() or 0)]
 
 
-def test_an_onnxruntime_pool_made_in_call_niced_is_niced(tmp_path: Path) -> None:
-    """The engine's intra-op threads, created with its session, inherit the load thread's
-    niceness: none of the threads the session started runs at the caller's priority."""
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_a_graph_engines_pool_made_in_call_niced_is_niced(tmp_path: Path, engine: str) -> None:
+    """The engine's intra-op threads, created with its session (or compiled model), inherit the
+    load thread's niceness: none of the threads the engine started runs at the caller's
+    priority."""
     import torch
 
+    from fracture_node.ml.infer import open_graph
     from fracture_node.ml.model import build_model, save_model_file
     from fracture_node.ml.onnx_export import export_onnx
-    from fracture_node.ml.ort_engine import OrtRunner
 
     torch.manual_seed(0)
     model = tmp_path / "m.pt"
@@ -86,11 +88,11 @@ def test_an_onnxruntime_pool_made_in_call_niced_is_niced(tmp_path: Path) -> None
         "normalisation": {"mean": 0.4, "std": 0.2}, "tta": False})
     graph = export_onnx(model)
     before = _tids()
-    runner = call_niced(lambda: OrtRunner(graph, threads=2), 11)
+    runner = call_niced(lambda: open_graph(engine, graph, threads=2), 11)
     runner.run(np.zeros((2, 64, 64), dtype=np.float32), tta=False, evidence=False)
     new = _tids() - before
     alive = {t for t in new if Path(f"/proc/self/task/{t}").exists()}
-    assert alive, "onnxruntime started no thread of its own"
+    assert alive, f"{engine} started no thread of its own"
     assert all(_nice_of(t) == 11 for t in alive), {t: _nice_of(t) for t in alive}
 
 
