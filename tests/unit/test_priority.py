@@ -124,7 +124,7 @@ def test_a_running_node_scores_nicer_than_it_receives(tmp_path: Path) -> None:
     daemon = Daemon(config)
     try:
         daemon.start()
-        threads = {t.name: t.native_id for t in threading.enumerate()}
+        threads = {t.name: t.native_id for t in threading.enumerate() if t.native_id is not None}
         assert threads.get("worker") is not None
         assert _nice_of(threads["worker"]) == 8
         scoring = ("worker", "claim-keeper", "decode", "model-load")

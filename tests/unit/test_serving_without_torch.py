@@ -88,7 +88,7 @@ def test_exported_model_is_served_without_torch(tmp_path: Path, batch: Path, eng
     assert out["sha256"] == sha256_file(model)
     p_ref, maps_ref = Explainer(Classifier.load(model, "cpu"), "hirescam", "last").explain_batch(
         np.load(batch))
-    np.testing.assert_allclose(out["p"], p_ref, atol=1e-5)  # type: ignore[arg-type]
+    np.testing.assert_allclose(np.asarray(out["p"], dtype=np.float64), p_ref, atol=1e-5)
     assert out["peaks"] == [int(m.argmax()) for m in maps_ref]
 
 
