@@ -10,10 +10,14 @@ instead of losing them in APScheduler's logger and counts the jobs running, so t
 
 A job is hurried by :meth:`Scheduler.poke` (run now) and :meth:`Scheduler.poke_at` (run at a
 given moment, e.g. when the next study becomes stable); either only ever moves the next run
-earlier. A hurry that comes while a run of the job is in APScheduler's hands (from its
-``EVENT_JOB_SUBMITTED`` to its end: APScheduler would skip an overlapping run,
-``max_instances=1``) is kept and applied once that run has ended, so it is not lost. The interval
-stays the fallback: nothing relies on a hurry being heard (a restart forgets them).
+earlier. Whether a run of the job is in progress is known from the guard itself (set when the
+job's function starts, cleared when it ends), not from APScheduler's events, which can come after
+the run has already begun. A poke during a run makes that run call the job once more when it
+ends; a later moment asked during a run is applied when the run ends. APScheduler allows two
+instances of a job (``max_instances=2``), so a run hurried in the instant after the guard has
+ended, before APScheduler has counted the run as over, is not skipped; an interval tick that
+finds a run in progress is (as APScheduler's own limit would). The interval stays the fallback:
+nothing relies on a hurry being heard (a restart forgets them).
 """
 
 from __future__ import annotations
@@ -22,13 +26,6 @@ import datetime as dt
 import threading
 from collections.abc import Callable
 
-from apscheduler.events import (
-    EVENT_JOB_ERROR,
-    EVENT_JOB_EXECUTED,
-    EVENT_JOB_MISSED,
-    EVENT_JOB_SUBMITTED,
-    JobEvent,
-)
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -49,18 +46,16 @@ class Scheduler:
             timezone=dt.UTC,
             executors={STAGES: ThreadPoolExecutor(max_workers=stage_threads),
                        UPKEEP: ThreadPoolExecutor(max_workers=upkeep_threads)},
-            job_defaults={"coalesce": True, "max_instances": 1})
+            job_defaults={"coalesce": True, "max_instances": 2})
         self._running: dict[str, int] = {}
         self._idle = threading.Condition()
         self._stopped = threading.Event()
-        self._flight = threading.Lock()
-        self._in_flight: dict[str, int] = {}
-        """Runs submitted to a pool and not ended, per job (counted from APScheduler's events,
-        which may come in either order)."""
+        self._active: set[str] = set()
+        """Jobs whose function is running (under ``self._idle``)."""
+        self._again: set[str] = set()
+        """Jobs poked while running: their run calls the function once more."""
         self._hurry: dict[str, dt.datetime] = {}
-        """The earliest moment asked for each job in flight, applied when its run ends."""
-        self._scheduler.add_listener(self._on_run, EVENT_JOB_SUBMITTED | EVENT_JOB_EXECUTED
-                                     | EVENT_JOB_ERROR | EVENT_JOB_MISSED)
+        """The earliest later moment asked for each running job, applied when its run ends."""
 
     def add(self, name: str, fn: Callable[[], object], every_s: float, *, pool: str = STAGES,
             first_in_s: float | None = None, misfire_grace_s: int | None = 30) -> None:
@@ -87,19 +82,22 @@ class Scheduler:
 
     def poke_at(self, name: str, when: dt.datetime) -> None:
         """Run ``name`` at ``when`` (timezone-aware) if that is before its next run; a run
-        planned earlier stays. While a run of ``name`` is in flight, ``when`` is kept until that
-        run ends (then a moment already past means at once). Nothing once stopping."""
+        planned earlier stays. While ``name`` runs, a moment already come makes the run call it
+        once more, and a later one is applied when the run ends. Nothing once stopping."""
         if self._stopped.is_set():
             return
-        with self._flight:
-            if self._in_flight.get(name, 0) > 0:
-                kept = self._hurry.get(name)
-                self._hurry[name] = when if kept is None else min(kept, when)
+        with self._idle:
+            if name in self._active:
+                if when <= dt.datetime.now(dt.UTC):
+                    self._again.add(name)
+                else:
+                    kept = self._hurry.get(name)
+                    self._hurry[name] = when if kept is None else min(kept, when)
                 return
-        # Not under self._flight: APScheduler may call _on_run while it holds its own lock (a
-        # run that ended before its submission returned), so holding both here could deadlock.
-        # A run submitted in between started after the caller's change, so it serves a poke;
-        # the move may then be skipped as an overlap, and the interval covers that.
+        self._move_earlier(name, when)
+
+    def _move_earlier(self, name: str, when: dt.datetime) -> None:
+        # Never under self._idle: APScheduler takes its own lock here.
         try:
             job = self._scheduler.get_job(name)
             if job is None or job.next_run_time is None or job.next_run_time <= when:
@@ -112,19 +110,6 @@ class Scheduler:
         """When ``name`` runs next (None: not scheduled)."""
         job = self._scheduler.get_job(name)
         return None if job is None else job.next_run_time
-
-    def _on_run(self, event: JobEvent) -> None:
-        """APScheduler's listener: count the runs in flight; apply a hurry kept for a run that
-        ended (APScheduler has then released the run: a new one is not skipped). Called from
-        APScheduler's threads, sometimes under its lock: it takes self._flight only briefly."""
-        name = event.job_id
-        with self._flight:
-            left = max(0, self._in_flight.get(name, 0) + (1 if event.code == EVENT_JOB_SUBMITTED
-                                                           else -1))
-            self._in_flight[name] = left
-            hurry = self._hurry.pop(name, None) if left <= 0 else None
-        if hurry is not None:
-            self.poke_at(name, hurry)
 
     def start(self) -> None:
         self._scheduler.start()
@@ -148,14 +133,31 @@ class Scheduler:
     def _guarded(self, name: str, fn: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
             with self._idle:
+                if name in self._active:
+                    return  # a tick during a run: skipped (a poke would have set _again)
+                self._active.add(name)
                 self._running[name] = self._running.get(name, 0) + 1
+            hurry: dt.datetime | None = None
             try:
-                fn()
-            except Exception as exc:
-                log.error("job_failed", job=name, error=describe(exc))
+                while True:
+                    try:
+                        fn()
+                    except Exception as exc:
+                        log.error("job_failed", job=name, error=describe(exc))
+                    with self._idle:
+                        if name in self._again and not self._stopped.is_set():
+                            self._again.discard(name)
+                            continue
+                        self._again.discard(name)
+                        self._active.discard(name)
+                        hurry = self._hurry.pop(name, None)
+                        break
             finally:
                 with self._idle:
+                    self._active.discard(name)
                     self._running[name] -= 1
                     self._idle.notify_all()
+            if hurry is not None and not self._stopped.is_set():
+                self._move_earlier(name, hurry)
 
         return run

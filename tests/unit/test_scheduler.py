@@ -133,3 +133,52 @@ def test_a_poke_during_a_run_runs_the_job_again_after_it() -> None:
     finally:
         release.set()
         sched.stop(5)
+
+
+def test_a_later_moment_asked_during_a_run_is_applied_when_it_ends() -> None:
+    """poke_at with a moment still to come, while the job runs: after the run, the job's next
+    run is that moment (not the interval's), and no extra run happens meanwhile."""
+    sched = Scheduler()
+    release = threading.Event()
+    runs: list[int] = []
+
+    def job() -> None:
+        runs.append(1)
+        release.wait(5)
+
+    sched.add("report", job, 3600.0, first_in_s=0)
+    sched.start()
+    try:
+        wait_until(lambda: runs, timeout=5, what="the first run")
+        when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=600)
+        sched.poke_at("report", when)
+        release.set()
+        wait_until(lambda: sched.next_run("report") == when, timeout=5,
+                   what="the asked moment as the next run")
+        assert len(runs) == 1
+    finally:
+        release.set()
+        sched.stop(5)
+
+
+def test_a_poke_in_the_instant_a_run_starts_is_not_lost() -> None:
+    """Pokes that come as soon as the job's function has started (before APScheduler has even
+    reported the run as submitted) each lead to a run after them."""
+    sched = Scheduler()
+    started = threading.Event()
+    runs: list[int] = []
+
+    def job() -> None:
+        runs.append(1)
+        started.set()
+
+    sched.add("report", job, 3600.0, first_in_s=0)
+    sched.start()
+    try:
+        for k in range(1, 20):
+            assert started.wait(5), f"run {k}"
+            started.clear()
+            sched.poke("report")
+        wait_until(lambda: len(runs) >= 20, timeout=5, what="a run after the last poke")
+    finally:
+        sched.stop(5)
