@@ -2,7 +2,7 @@
 # Set up a development/runtime environment in ./.venv (idempotent).
 #   scripts/setup.sh          the serving install: enough to run the daemon on the CPU with
 #                             onnxruntime and the bundled model's graph, without torch (about
-#                             350 MB); with the `torch` extra (the GPU engine) when nvidia-smi
+#                             555 MB); with the `torch` extra (the GPU engine) when nvidia-smi
 #                             finds a GPU
 #   scripts/setup.sh --train  also torch and what training and evaluating need (`train` extra)
 #   scripts/setup.sh --test   also the test peers: DCMTK, dicom3tools, Orthanc (+ its DICOMweb
