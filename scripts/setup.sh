@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a development/runtime environment in ./.venv (idempotent).
 #   scripts/setup.sh          the serving install: enough to run the daemon on the CPU with
-#                             onnxruntime and the bundled model's graph, without torch (about
+#                             OpenVINO (or onnxruntime) and the bundled model's graph, without torch (about
 #                             555 MB); with the `torch` extra (the GPU engine) when nvidia-smi
 #                             finds a GPU
 #   scripts/setup.sh --train  also torch and what training and evaluating need (`train` extra)
