@@ -102,7 +102,7 @@ def study_of(samples_dir: Path, names: list[str], study_uid: str | None = None,
     """Copies of the named samples made into one study (new SOP Instance UIDs), with
     ``attributes`` set on each (e.g. ``PatientName``)."""
     study_uid = study_uid or generate_uid()
-    out = []
+    out: list[pydicom.Dataset] = []
     for name in names:
         ds = pydicom.dcmread(samples_dir / name)
         ds.StudyInstanceUID = study_uid

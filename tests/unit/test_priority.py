@@ -23,6 +23,21 @@ def _tids() -> set[int]:
     return {int(t) for t in os.listdir("/proc/self/task")}
 
 
+def _small_model(folder: Path) -> Path:
+    """A small resnet18 model file (64 px) with a fixed seed."""
+    import torch
+
+    from fracture_node.ml.model import build_model, save_model_file
+
+    torch.manual_seed(0)
+    model = folder / "m.pt"
+    save_model_file(model, build_model("resnet18"), {
+        "name": "nice-test", "version": "0", "architecture": "resnet18", "input_size": 64,
+        "thresholds": {"balanced": 0.5, "high_sensitivity": 0.3},
+        "normalisation": {"mean": 0.4, "std": 0.2}, "tta": False})
+    return model
+
+
 def test_call_niced_runs_at_the_niceness_and_leaves_the_caller_alone() -> None:
     before = thread_nice()
     assert before is not None and before < 7
@@ -74,19 +89,10 @@ def test_a_graph_engines_pool_made_in_call_niced_is_niced(tmp_path: Path, engine
     """The engine's intra-op threads, created with its session (or compiled model), inherit the
     load thread's niceness: none of the threads the engine started runs at the caller's
     priority."""
-    import torch
-
     from fracture_node.ml.infer import open_graph
-    from fracture_node.ml.model import build_model, save_model_file
     from fracture_node.ml.onnx_export import export_onnx
 
-    torch.manual_seed(0)
-    model = tmp_path / "m.pt"
-    save_model_file(model, build_model("resnet18"), {
-        "name": "nice-test", "version": "0", "architecture": "resnet18", "input_size": 64,
-        "thresholds": {"balanced": 0.5, "high_sensitivity": 0.3},
-        "normalisation": {"mean": 0.4, "std": 0.2}, "tta": False})
-    graph = export_onnx(model)
+    graph = export_onnx(_small_model(tmp_path))
     before = _tids()
     runner = call_niced(lambda: open_graph(engine, graph, threads=2), 11)
     runner.run(np.zeros((2, 64, 64), dtype=np.float32), tta=False, evidence=False)
@@ -101,19 +107,11 @@ def test_a_running_node_scores_nicer_than_it_receives(tmp_path: Path) -> None:
     `[model] nice`; the receiver's server thread and the main thread keep their priority."""
     import dataclasses
 
-    import torch
-
     from fracture_node.daemon import Daemon
-    from fracture_node.ml.model import build_model, save_model_file
     from fracture_node.ml.onnx_export import export_onnx
     from tests.support.node import node_config
 
-    torch.manual_seed(0)
-    model = tmp_path / "m.pt"
-    save_model_file(model, build_model("resnet18"), {
-        "name": "nice-test", "version": "0", "architecture": "resnet18", "input_size": 64,
-        "thresholds": {"balanced": 0.5, "high_sensitivity": 0.3},
-        "normalisation": {"mean": 0.4, "std": 0.2}, "tta": False})
+    model = _small_model(tmp_path)
     export_onnx(model)
     base = node_config(tmp_path, f"sqlite:///{tmp_path / 'fn.db'}")
     config = dataclasses.replace(
