@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import os
+import select
 import signal
 import threading
 import time
@@ -56,6 +57,8 @@ class Daemon:
         self.watchdog: WatchdogThread | None = None
         self.wake = threading.Event()
         self._stopping_part: str | None = None
+        self._signal: int | None = None
+        """The SIGTERM or SIGINT received (set by the signal handler, nothing else is)."""
 
     # Life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -267,24 +270,56 @@ class Daemon:
             log.error("node_stop_failed", part=self._stopping_part, error=describe(exc))
 
     def run(self) -> int:
-        """Start, wait for SIGTERM or SIGINT, stop; the exit code (1 when start-up failed)."""
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("signal_received", signal=signal.Signals(signum).name)
-            self.stopping.set()
+        """Start, wait for SIGTERM or SIGINT, stop; the exit code (1 when start-up failed).
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        The signal handler only records the signal; the main loop, woken through
+        :func:`signal.set_wakeup_fd` (a byte written from C), logs it and stops. A Python signal
+        handler runs on the main thread between two bytecodes, possibly while that thread holds
+        a lock: the log's write lock (structlog's is not reentrant) or the lock inside an
+        ``Event``. A handler that logged or set an Event could wait on that lock for good, and the
+        node would never stop (a SIGTERM that came in the instant the main thread logged did
+        that). A signal during start-up is acted on once start-up ends.
+        """
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        previous_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.start()
-        except Exception as exc:  # one event naming what failed, never a raw traceback
-            part = getattr(exc, "part", None) or _failed_part(exc)
-            log.error("node_start_failed", part=part, error=describe(exc))
-            self.stop(timeout_s=min(10.0, self.config.node.stop_timeout_s))
-            return 1
-        while not self.stopping.wait(1.0):
+            try:
+                self.start()
+            except Exception as exc:  # one event naming what failed, never a raw traceback
+                part = getattr(exc, "part", None) or _failed_part(exc)
+                log.error("node_start_failed", part=part, error=describe(exc))
+                self.stop(timeout_s=min(10.0, self.config.node.stop_timeout_s))
+                return 1
+            while self._signal is None and not self.stopping.is_set():
+                select.select([wake_r], [], [], 1.0)
+                _drain(wake_r)
+            if self._signal is not None:
+                log.info("signal_received", signal=signal.Signals(self._signal).name)
+            self.stop()
+            return 0
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        """SIGTERM or SIGINT: recorded, nothing else (see :meth:`run`)."""
+        self._signal = signum
+
+
+def _drain(fd: int) -> None:
+    """Empty the non-blocking wake-up pipe."""
+    try:
+        while os.read(fd, 512):
             pass
-        self.stop()
-        return 0
+    except BlockingIOError:
+        pass
 
 
 def _now() -> dt.datetime:

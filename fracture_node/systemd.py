@@ -13,7 +13,9 @@ watchdog must be fed; ``sd_watchdog_enabled(3)`` recommends pinging at half that
 
 Outside systemd (no ``$NOTIFY_SOCKET``) every call is a no-op, so the daemon calls these
 unconditionally. Notification is best effort: a failure to send is logged and never raised, since
-a node that cannot talk to systemd should still serve the PACS.
+a node that cannot talk to systemd should still serve the PACS. A send waits at most
+``send_timeout_s``: a datagram socket whose reader has stopped reading blocks the sender once its
+queue is full (``net.unix.max_dgram_qlen``, 10 by default), and a stop must never wait on that.
 """
 
 from __future__ import annotations
@@ -45,14 +47,19 @@ class Notifier:
     ----------
     address:
         The ``$NOTIFY_SOCKET`` value; empty or None makes every call a no-op.
+    send_timeout_s:
+        The longest one notification may wait for room in the manager's queue; after it the
+        notification is dropped (logged once until a send succeeds again).
     """
 
-    def __init__(self, address: str | None) -> None:
+    def __init__(self, address: str | None, send_timeout_s: float = 1.0) -> None:
         self.address = address or None
+        self.send_timeout_s = send_timeout_s
         self._target = _socket_address(address) if address else None
         if address and self._target is None:
             log.warning("notify_socket_unsupported", notify_socket=address)
         self._lock = threading.Lock()
+        self._failing = False
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Notifier:
@@ -70,14 +77,23 @@ class Notifier:
         if self._target is None or not assignments:
             return False
         payload = "\n".join(assignments).encode("utf-8", "replace")
+        message = assignments[0].split("=", 1)[0]
         try:
             with self._lock, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(self.send_timeout_s)
                 sock.sendto(payload, self._target)
-            return True
-        except OSError as exc:
-            log.warning("notify_failed", error=f"{type(exc).__name__}: {exc.strerror or exc}",
-                        message=assignments[0].split("=", 1)[0])
+        except OSError as exc:  # TimeoutError included: the manager's queue stayed full
+            if not self._failing:
+                log.warning("notify_failed", message=message,
+                            error=f"{type(exc).__name__}: {exc.strerror or exc}",
+                            detail="notifications are dropped until the service manager "
+                                   "reads them again")
+            self._failing = True
             return False
+        if self._failing:
+            log.info("notify_resumed", message=message)
+        self._failing = False
+        return True
 
     def ready(self, status: str | None = None) -> bool:
         """Start-up is finished (``READY=1``): systemd marks the unit active."""

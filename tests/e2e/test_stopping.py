@@ -152,3 +152,60 @@ def test_metrics_port_taken_while_a_sender_pushes_stores_nothing(
     assert results and all(rc != 0 for rc in results)
     assert not list((serve.workdir / "state").rglob("*.dcm"))
     assert "instance_stored" not in serve.log()
+
+
+# SIGTERM delivered while the main thread is inside a log write: a Python signal handler runs on
+# the main thread between two bytecodes, here while structlog's (non-reentrant) write lock is
+# held. A handler that logged, or that set an Event, would wait on that lock for good.
+_SIGNAL_INSIDE_A_WRITE = r'''
+import os, signal, sys
+from fracture_node.cli.commands import main
+
+class SignalInsideAWrite:
+    """stdout that raises SIGTERM in the middle of writing the node_started line."""
+    def __init__(self, real):
+        self.real, self.fired = real, False
+    def write(self, text):
+        self.real.write(text)
+        if not self.fired and "node_started" in text:
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100000):  # the Python handler runs in here, inside the write lock
+                pass
+        return len(text)
+    def flush(self):
+        self.real.flush()
+    def isatty(self):
+        return False
+
+sys.stdout = SignalInsideAWrite(sys.stdout)
+sys.exit(main(["serve", "--config", sys.argv[1]]))
+'''
+
+
+@pytest.mark.parametrize("role", ["receiver", "all"])
+def test_sigterm_inside_a_log_write_still_stops_the_node(tmp_path: Path, role: str,
+                                                         tiny_model: Path) -> None:
+    """A SIGTERM that lands while the main thread writes a log line stops the node (exit 0,
+    signal_received and node_stopped logged) instead of hanging it."""
+    from tests.support import free_port
+
+    config = tmp_path / "config.toml"
+    config.write_text("\n".join([
+        "[node]", f'role = "{role}"', f"port = {free_port()}", 'bind_address = "127.0.0.1"',
+        'state_dir = "state"', "stop_timeout_s = 20",
+        "[metrics]", "enabled = false",
+        "[model]", f'path = "{tiny_model}"']) + "\n")
+    script = tmp_path / "signal_inside_a_write.py"
+    script.write_text(_SIGNAL_INSIDE_A_WRITE)
+    try:
+        proc = subprocess.run([str(BIN.with_name("python")), str(script), str(config)],
+                              cwd=tmp_path, capture_output=True, timeout=90)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError("the node hung after a SIGTERM inside a log write:\n"
+                             + (exc.stdout or b"").decode(errors="replace")[-3000:]) from None
+    out = proc.stdout.decode(errors="replace")
+    events = [e["event"] for e in _events(out)]
+    assert proc.returncode == 0, out[-3000:] + proc.stderr.decode(errors="replace")[-3000:]
+    assert events.index("node_started") < events.index("signal_received") \
+        < events.index("node_stopped")

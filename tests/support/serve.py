@@ -63,7 +63,13 @@ class ServeProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"the node did not stop within {timeout} s of signal {sig}:\n"
+                                 + self.log()[-4000:]) from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

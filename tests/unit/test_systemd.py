@@ -185,3 +185,40 @@ def test_watchdog_thread_disabled_without_interval(listener: Listener) -> None:
     thread.stop()
     assert not thread.enabled
     assert listener.receive_all(quiet_s=0.1) == []
+
+
+def test_a_manager_that_stops_reading_never_blocks_a_notification(listener: Listener) -> None:
+    """Once the manager's queue is full, a notification waits at most send_timeout_s and is
+    dropped (logged once), and the stop's STOPPING=1 is not held up behind a blocked ping; when
+    the manager reads again, notifications go through again."""
+    from structlog.testing import capture_logs
+
+    notifier = Notifier(listener.notify_socket, send_timeout_s=0.05)
+    started = time.monotonic()
+    with capture_logs() as logs:
+        sent = [notifier.watchdog() for _ in range(40)]
+        stopping = notifier.stopping("draining")
+    elapsed = time.monotonic() - started
+    assert sent[0] and not sent[-1]
+    assert not stopping
+    assert elapsed < 0.05 * 30 + 5, elapsed  # a blocking send would have hung here for good
+    assert [e["event"] for e in logs].count("notify_failed") == 1
+    queued = listener.receive_all()
+    assert queued and all(m == "WATCHDOG=1" for m in queued)
+    assert len(queued) == sum(sent)
+    with capture_logs() as logs:
+        assert notifier.stopping("draining")
+    assert [e["event"] for e in logs] == ["notify_resumed"]
+    assert listener.receive() == "STOPPING=1\nSTATUS=draining"
+
+
+def test_watchdog_thread_stops_while_the_manager_is_not_reading(listener: Listener) -> None:
+    """A watchdog thread pinging into a full queue still stops within its join time."""
+    thread = WatchdogThread(Notifier(listener.notify_socket, send_timeout_s=0.2), 0.01,
+                            lambda: True)
+    thread.start()
+    time.sleep(0.5)  # far more pings than the queue holds
+    started = time.monotonic()
+    thread.stop()
+    assert time.monotonic() - started < 2.0
+    assert thread._thread is None
