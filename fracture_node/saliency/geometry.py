@@ -154,6 +154,70 @@ class Region:
                          [self.x0, self.y1], [self.x0, self.y0]], dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class _Runs:
+    """The horizontal runs of a boolean mask in raster order, with their component numbers."""
+
+    rows: NDArray[np.intp]
+    starts: NDArray[np.intp]
+    """First column of each run."""
+    ends: NDArray[np.intp]
+    """One past the last column of each run."""
+    component: NDArray[np.intp]
+    """1..count, numbered in raster order of each component's first pixel."""
+    count: int
+
+
+def _component_runs(mask: NDArray[np.bool_]) -> _Runs:
+    """4-connected components of ``mask`` as runs (see :func:`label_components`).
+
+    Runs of adjacent rows that share a column are found with two sorted searches (no loop over
+    rows) and joined with union-find, so the Python work grows with the number of joins.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    empty = np.zeros(0, dtype=np.intp)
+    if h == 0 or w == 0 or not mask.any():
+        return _Runs(empty, empty, empty, empty, 0)
+    padded = np.zeros((h, w + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    edges = np.diff(padded, axis=1)  # +1 where a run starts, -1 one past where it ends
+    # Run a (row r - 1) and run b (row r) share a column when start_a < end_b and start_b <
+    # end_a. On one line of all rows (key = row * stride + column) both the starts and the ends
+    # increase, so the runs of the row above that b touches are one slice [lo, hi).
+    stride = w + 1
+    at = np.flatnonzero(edges)
+    rising = edges.reshape(-1)[at] > 0
+    start_keys, end_keys = at[rising], at[~rising]  # alternate within each row
+    rows, starts = np.divmod(start_keys, stride)
+    ends = end_keys - rows * stride
+    above = (rows - 1) * stride
+    lo = np.searchsorted(end_keys, above + starts, side="right")
+    hi = np.searchsorted(start_keys, above + ends, side="left")
+    joins = np.maximum(hi - lo, 0)
+    parent = list(range(len(rows)))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    if joins.any():
+        b_of = np.repeat(np.arange(len(rows)), joins)
+        a_of = np.repeat(lo - np.cumsum(joins) + joins, joins) + np.arange(int(joins.sum()))
+        for a, b in zip(a_of.tolist(), b_of.tolist(), strict=True):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    roots = [find(k) for k in range(len(parent))]
+    numbers: dict[int, int] = {}
+    component = np.fromiter((numbers.setdefault(root, len(numbers) + 1) for root in roots),
+                            dtype=np.intp, count=len(roots))
+    return _Runs(rows.astype(np.intp), starts.astype(np.intp), ends.astype(np.intp), component,
+                 len(numbers))
+
+
 def label_components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], int]:
     """4-connected components of a boolean mask: labels (0 = background, 1..n) and n.
 
@@ -162,42 +226,12 @@ def label_components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], int]:
     in raster order of each component's first pixel.
     """
     mask = np.asarray(mask, dtype=bool)
-    h, w = mask.shape
-    labels = np.zeros((h, w), dtype=np.int32)
-    if h == 0 or w == 0 or not mask.any():
-        return labels, 0
-    padded = np.zeros((h, w + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    edges = np.diff(padded, axis=1)
-    starts_r, starts_c = np.nonzero(edges == 1)
-    _, ends_c = np.nonzero(edges == -1)  # same row order as the starts
-    parent = list(range(len(starts_r)))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    row_first = np.searchsorted(starts_r, np.arange(h + 1))
-    for r in range(1, h):
-        a, a_end = int(row_first[r - 1]), int(row_first[r])  # runs of the row above
-        b, b_end = a_end, int(row_first[r + 1])
-        while a < a_end and b < b_end:
-            if starts_c[a] < ends_c[b] and starts_c[b] < ends_c[a]:  # columns overlap
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-            if ends_c[a] < ends_c[b]:
-                a += 1
-            else:
-                b += 1
-    roots = [find(k) for k in range(len(parent))]
-    numbers: dict[int, int] = {}
-    for k, root in enumerate(roots):
-        number = numbers.setdefault(root, len(numbers) + 1)
-        labels[starts_r[k], starts_c[k]:ends_c[k]] = number
-    return labels, len(numbers)
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    runs = _component_runs(mask)
+    for r, a, b, k in zip(runs.rows.tolist(), runs.starts.tolist(), runs.ends.tolist(),
+                          runs.component.tolist(), strict=True):
+        labels[r, a:b] = k
+    return labels, runs.count
 
 
 def find_regions(heatmap: NDArray[np.floating[Any]], source_shape: tuple[int, int],
@@ -208,6 +242,8 @@ def find_regions(heatmap: NDArray[np.floating[Any]], source_shape: tuple[int, in
 
     Components are found on the model-input grid (cheap; exact up to one model pixel, i.e.
     ``max(H, W) / S`` source pixels) and their bounding boxes mapped back through the letterbox.
+    Each component's extent, area and peak (its first hottest pixel in raster order) come from
+    its runs (:func:`_component_runs`), without a pass over the whole map per component.
 
     Parameters
     ----------
@@ -233,20 +269,42 @@ def find_regions(heatmap: NDArray[np.floating[Any]], source_shape: tuple[int, in
     crop = _normalised_crop(heatmap, box)
     if crop.max() <= 0:
         return []
-    labels, count = label_components(crop >= threshold)
+    runs = _component_runs(crop >= threshold)
+    count = runs.count
+    lengths = runs.ends - runs.starts
+    k = runs.component - 1
+    area = np.bincount(k, weights=lengths, minlength=count)
+    row0 = np.full(count, crop.shape[0], dtype=np.intp)
+    row1 = np.full(count, -1, dtype=np.intp)
+    col0 = np.full(count, crop.shape[1], dtype=np.intp)
+    col1 = np.full(count, -1, dtype=np.intp)
+    np.minimum.at(row0, k, runs.rows)
+    np.maximum.at(row1, k, runs.rows)
+    np.minimum.at(col0, k, runs.starts)
+    np.maximum.at(col1, k, runs.ends - 1)
+    # Every run's pixels, one after the other: the hottest of each run, then of each component.
+    offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    pixels = (np.repeat(runs.rows * crop.shape[1] + runs.starts - offsets, lengths)
+              + np.arange(int(lengths.sum())))
+    values = crop.reshape(-1)[pixels]
+    run_peak = np.maximum.reduceat(values, offsets)
+    peak = np.full(count, -np.inf, dtype=np.float64)
+    np.maximum.at(peak, k, run_peak)
     pixel_area = box.scale_x * box.scale_y
     regions: list[Region] = []
-    for k in range(1, count + 1):
-        rows, cols = np.nonzero(labels == k)
-        values = crop[rows, cols]
-        i = int(np.argmax(values))
-        x0, y0 = box.to_source(box.left + cols.min(), box.top + rows.min())
-        x1, y1 = box.to_source(box.left + cols.max() + 1, box.top + rows.max() + 1)
-        px, py = box.to_source(box.left + cols[i] + 0.5, box.top + rows[i] + 0.5)
+    for c in range(count):
+        # The first run (raster order) that holds the component's peak, then its first pixel.
+        run = int(np.flatnonzero((k == c) & (run_peak == peak[c]))[0])
+        first = int(offsets[run])
+        at = int(np.argmax(values[first : first + int(lengths[run])]))
+        row, col = int(runs.rows[run]), int(runs.starts[run]) + at
+        x0, y0 = box.to_source(box.left + int(col0[c]), box.top + int(row0[c]))
+        x1, y1 = box.to_source(box.left + int(col1[c]) + 1, box.top + int(row1[c]) + 1)
+        px, py = box.to_source(box.left + col + 0.5, box.top + row + 0.5)
         regions.append(Region(
             x0=max(0.0, x0), y0=max(0.0, y0), x1=min(float(box.width), x1),
-            y1=min(float(box.height), y1), peak=float(values[i]), peak_x=px, peak_y=py,
-            area=float(rows.size * pixel_area)))
+            y1=min(float(box.height), y1), peak=float(values[first + at]), peak_x=px, peak_y=py,
+            area=float(int(area[c]) * pixel_area)))
     regions.sort(key=lambda r: (-r.peak, -r.area))
     image_area = float(box.height * box.width)
     kept = [r for i, r in enumerate(regions) if i == 0 or r.area >= min_fraction * image_area]
@@ -254,10 +312,14 @@ def find_regions(heatmap: NDArray[np.floating[Any]], source_shape: tuple[int, in
 
 
 def heatmap_png(heatmap: NDArray[np.floating[Any]]) -> bytes:
-    """A heat map as an 8-bit grey PNG (a 384 x 384 map takes a few kB), to keep beside results."""
+    """A heat map as an 8-bit grey PNG (a 384 x 384 map takes a few kB), to keep beside results.
+
+    Written with zlib's default effort: ``optimize`` made the worker's 64 x 64 maps 3% smaller
+    (827 against 851 bytes on val maps) for 2.5-5x the time (0.5-1.0 ms against 0.2 ms each).
+    """
     grey = np.round(np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0) * 255)
     out = io.BytesIO()
-    Image.fromarray(grey.astype(np.uint8), mode="L").save(out, format="PNG", optimize=True)
+    Image.fromarray(grey.astype(np.uint8), mode="L").save(out, format="PNG")
     return out.getvalue()
 
 
