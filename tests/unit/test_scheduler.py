@@ -113,8 +113,9 @@ def test_poke_at_never_delays_a_run() -> None:
         sched.stop(5)
 
 
-def test_a_poke_during_a_run_runs_the_job_again_after_it() -> None:
-    """A poke while the job runs (a run APScheduler would skip) gives one more run after it."""
+def _report_job_held_in_its_first_run() -> tuple[Scheduler, threading.Event, list[int]]:
+    """A started scheduler whose hourly "report" job is in its first run until ``release`` is
+    set; ``runs`` gets one entry per run."""
     sched = Scheduler()
     release = threading.Event()
     runs: list[int] = []
@@ -125,8 +126,14 @@ def test_a_poke_during_a_run_runs_the_job_again_after_it() -> None:
 
     sched.add("report", job, 3600.0, first_in_s=0)
     sched.start()
+    wait_until(lambda: runs, timeout=5, what="the first run")
+    return sched, release, runs
+
+
+def test_a_poke_during_a_run_runs_the_job_again_after_it() -> None:
+    """A poke while the job runs (a run APScheduler would skip) gives one more run after it."""
+    sched, release, runs = _report_job_held_in_its_first_run()
     try:
-        wait_until(lambda: runs, timeout=5, what="the first run")
         sched.poke("report")
         release.set()
         wait_until(lambda: len(runs) >= 2, timeout=5, what="a second run")
@@ -138,18 +145,8 @@ def test_a_poke_during_a_run_runs_the_job_again_after_it() -> None:
 def test_a_later_moment_asked_during_a_run_is_applied_when_it_ends() -> None:
     """poke_at with a moment still to come, while the job runs: after the run, the job's next
     run is that moment (not the interval's), and no extra run happens meanwhile."""
-    sched = Scheduler()
-    release = threading.Event()
-    runs: list[int] = []
-
-    def job() -> None:
-        runs.append(1)
-        release.wait(5)
-
-    sched.add("report", job, 3600.0, first_in_s=0)
-    sched.start()
+    sched, release, runs = _report_job_held_in_its_first_run()
     try:
-        wait_until(lambda: runs, timeout=5, what="the first run")
         when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=600)
         sched.poke_at("report", when)
         release.set()
