@@ -46,12 +46,28 @@ def _parser() -> argparse.ArgumentParser:
                       help="use TLS with the [tls] certificates of --config")
     echo.add_argument("--config", "-c", help="configuration with the [tls] section")
 
-    model = sub.add_parser("model", help="model file tools (export the ONNX graph)")
-    model.add_argument("action", choices=["export"],
+    model = sub.add_parser("model", help="model file tools (export the ONNX graph, join an "
+                                         "ensemble)")
+    model.add_argument("action", choices=["export", "ensemble"],
                        help="export: write the ONNX graph of a model file (<model>.onnx beside "
-                            "it), which the openvino and onnxruntime engines run")
-    model.add_argument("--model", help="model file (default: the bundled model)")
-    model.add_argument("--out", help="where to write the graph (default: beside the model file)")
+                            "it), which the openvino and onnxruntime engines run; ensemble: join "
+                            "two or more EfficientNet-Lite model files of one input size into "
+                            "one model file (the mean of their logits), then fix its TTA, "
+                            "calibration and thresholds on the val split of --data")
+    model.add_argument("members", nargs="*", metavar="MEMBER",
+                       help="ensemble: the members' model files")
+    model.add_argument("--model", help="export: model file (default: the bundled model)")
+    model.add_argument("--out", help="export: where to write the graph (default: beside the "
+                                     "model file); ensemble: the model file to write (required)")
+    model.add_argument("--data", help="ensemble: the labelled data set whose val split fixes "
+                                      "TTA, calibration and thresholds (required)")
+    model.add_argument("--name", default="fracture-model", help="ensemble: the model's name")
+    model.add_argument("--version", help="ensemble: the model's version (default: the time, "
+                                         "YYYY.MM.DD-HHMM)")
+    model.add_argument("--cache-dir", default=".cache",
+                       help="ensemble: where the val images are cached")
+    model.add_argument("--val-limit", type=int, default=0,
+                       help="ensemble: use only N val images, drawn at random (tests)")
 
     retry = sub.add_parser("retry", help="resend dead-lettered reports")
     retry.add_argument("--config", "-c")
@@ -205,9 +221,29 @@ def _model(args: argparse.Namespace) -> int:
                          f"({exc.name}): scripts/setup.sh --train, or pip install "
                          "'fracture-node[torch]'") from exc
     logs.configure(stream=sys.stderr)
+    if args.action == "ensemble":
+        return _model_ensemble(args)
+    if args.members:
+        raise ModelError("model export takes the model file as --model, not as an argument")
     source = Path(args.model) if args.model else bundled_model_path()
     written = export_onnx(source, Path(args.out) if args.out else None)
     print(f"{written}: ONNX graph of {source.name} written (verified against torch)")
+    return 0
+
+
+def _model_ensemble(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fracture_node.errors import ModelError
+    from fracture_node.ml.ensemble import build_ensemble
+
+    if len(args.members) < 2 or not args.out or not args.data:
+        raise ModelError("model ensemble needs two or more member model files, --out and --data")
+    out = Path(args.out)
+    sha = build_ensemble([Path(m) for m in args.members], out, Path(args.data), name=args.name,
+                         version=args.version, cache_dir=Path(args.cache_dir),
+                         val_limit=args.val_limit)
+    print(f"{out}: ensemble of {len(args.members)} model files written (sha256 {sha})")
     return 0
 
 

@@ -16,12 +16,13 @@ from torch import nn
 
 from fracture_node.errors import FractureNodeError
 from fracture_node.ml.explain import upsample
-from fracture_node.ml.model import is_lite
+from fracture_node.ml.model import pools_features
 
 
 def supports_evidence_map(arch: str) -> bool:
-    """Architectures whose head is global-average pooling then one linear layer."""
-    return arch.startswith(("resnet", "densenet")) or is_lite(arch)
+    """Architectures whose head is global-average pooling then one linear layer (and ensembles
+    of EfficientNet-Lite, which are one such network: :class:`~fracture_node.ml.model.Ensemble`)."""
+    return pools_features(arch) or arch.startswith(("resnet", "densenet"))
 
 
 def forward_with_map(model: nn.Module, arch: str, x: torch.Tensor
@@ -32,16 +33,16 @@ def forward_with_map(model: nn.Module, arch: str, x: torch.Tensor
     at every position), so this is the network's own forward pass; the map is the last-stage
     HiResCAM / CAM before ReLU and normalisation.
     """
-    if arch.startswith("resnet"):
-        m: Any = model
+    m: Any = model
+    if pools_features(arch):
+        f = m.forward_features(x)
+        head = m.classifier
+    elif arch.startswith("resnet"):
         f = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
         head = m.fc
     elif arch.startswith("densenet"):
-        f = F.relu(model.features(x))  # type: ignore[operator]
-        head = model.classifier
-    elif is_lite(arch):
-        f = model.forward_features(x)  # type: ignore[operator]
-        head = model.classifier
+        f = F.relu(m.features(x))
+        head = m.classifier
     else:
         raise FractureNodeError(f"no class-evidence map for architecture {arch}")
     emap = F.conv2d(f, head.weight[:, :, None, None], head.bias).squeeze(1)

@@ -100,6 +100,11 @@ def target_layer(net: nn.Module, architecture: str, layer: str = "last"
 
     if layer not in ("last", "stride16"):
         raise ModelError(f"unknown saliency layer {layer!r}; choose one of {', '.join(LAYERS)}")
+    if "+" in architecture:  # an ensemble (fracture_node.ml.model.Ensemble)
+        if layer != "last":
+            raise ModelError(f"ensemble {architecture!r} is explained at layer last (its "
+                             f"members' last stages side by side), not {layer}")
+        return "bn2", net.get_submodule("bn2")
     if architecture.startswith("densenet") and layer == "last":
         features = getattr(net, "features", None)
         if not isinstance(features, nn.Module):

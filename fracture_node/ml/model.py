@@ -111,6 +111,95 @@ def is_lite(arch: str) -> bool:
     return arch in _LITE
 
 
+ENSEMBLE_JOIN = "+"
+"""Joins the member architectures in an ensemble's name: ``efficientnet_lite0+efficientnet_lite1``."""
+
+
+def ensemble_members(arch: str) -> list[str] | None:
+    """The member architectures an ensemble's name lists, or None for a single network."""
+    return arch.split(ENSEMBLE_JOIN) if ENSEMBLE_JOIN in arch else None
+
+
+def is_ensemble(arch: str) -> bool:
+    """An :class:`Ensemble` of networks (its name joins theirs with ``+``)."""
+    return ENSEMBLE_JOIN in arch
+
+
+def pools_features(arch: str) -> bool:
+    """Networks with ``forward_features`` (the last stage, stride 32), then global-average
+    pooling and one linear layer, ``classifier``: EfficientNet-Lite and their ensembles."""
+    return is_lite(arch) or is_ensemble(arch)
+
+
+def check_architecture(arch: str) -> None:
+    """Refuse a name that is neither one of :data:`ARCHITECTURES` nor an ensemble of two or more
+    EfficientNet-Lite networks.
+
+    Raises
+    ------
+    ModelError
+        Naming what is wrong.
+    """
+    members = ensemble_members(arch)
+    if members is None:
+        if arch not in _BUILDERS:
+            raise ModelError(f"unknown architecture {arch!r}; choose one of "
+                             f"{', '.join(ARCHITECTURES)}")
+        return
+    wrong = [m for m in members if not is_lite(m)]
+    if len(members) < 2 or wrong:
+        raise ModelError(f"ensemble {arch!r}: an ensemble joins two or more of "
+                         f"{', '.join(_LITE)} with {ENSEMBLE_JOIN!r}"
+                         + (f" ({wrong[0]!r} is not one)" if wrong else ""))
+
+
+class Ensemble(nn.Module):
+    """Networks of one input whose logits are averaged, as one pooling + linear network.
+
+    Every member is an EfficientNet-Lite: its last stage, global-average pooling, one linear
+    layer. The ensemble's features are the members' last-stage features side by side (their
+    channels concatenated; ``bn2``, an identity, is where saliency attaches) and its
+    ``classifier`` holds the members' heads side by side, each divided by the number of members,
+    with the mean of their biases (:meth:`join_heads`). So its logit is exactly the mean of the
+    members' logits and its class-evidence map the mean of theirs, and the saliency, the exported
+    graph and its evidence output treat it as one network of that kind. The members see the
+    same input (size and normalisation), so their maps share one grid.
+    """
+
+    def __init__(self, members: list[str]) -> None:
+        super().__init__()
+        self.architectures = tuple(members)
+        self.members = nn.ModuleList([build_model(m) for m in members])
+        self.bn2 = nn.Identity()
+        self.classifier = nn.Linear(sum(h.in_features for h in self.heads()), 1)
+
+    def heads(self) -> list[nn.Linear]:
+        """The members' own linear heads."""
+        heads = [m.classifier for m in self.members]
+        assert all(isinstance(h, nn.Linear) for h in heads)
+        return heads  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def join_heads(self) -> None:
+        """Set ``classifier`` from the members' heads: the mean of the members' logits."""
+        self.classifier.weight.copy_(self.joined_weight())
+        self.classifier.bias.copy_(self.joined_bias())
+
+    def joined_weight(self) -> torch.Tensor:
+        heads = self.heads()
+        return torch.cat([h.weight for h in heads], dim=1) / len(heads)
+
+    def joined_bias(self) -> torch.Tensor:
+        return torch.stack([h.bias for h in self.heads()]).mean(dim=0)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(torch.cat([m.forward_features(x) for m in self.members],  # type: ignore[operator]
+                                  dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x).mean(dim=(2, 3)))
+
+
 def _grey_conv(conv: nn.Conv2d) -> nn.Conv2d:
     # the same class: timm's Conv2dSame pads as TensorFlow does
     new = type(conv)(1, conv.out_channels, kernel_size=conv.kernel_size,  # type: ignore[arg-type]
@@ -189,8 +278,13 @@ def build_model(arch: str, pretrained: str | Path | None = None) -> nn.Module:
     ModelError
         Unknown architecture, or an unreadable or mismatched weights file.
     """
-    if arch not in _BUILDERS:
-        raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    check_architecture(arch)
+    members = ensemble_members(arch)
+    if members is not None:
+        if pretrained is not None:
+            raise ModelError(f"ensemble {arch!r} is built from its members' model files "
+                             "(fracture-node model ensemble), not from pretrained weights")
+        return Ensemble(members)
     model = _BUILDERS[arch](weights=None)
     parent, attr, conv = _first_conv(model)
     path = (imagenet_weights_path(arch) if str(pretrained) == IMAGENET
@@ -402,7 +496,24 @@ class ModelFile:
                 f"model file {self.path.name}: weights do not match architecture "
                 f"{self.card['architecture']}: {exc}"
             ) from exc
+        if isinstance(model, Ensemble):
+            _check_joined_head(model, self.path)
         return model.eval()
+
+
+def _check_joined_head(model: Ensemble, path: Path) -> None:
+    """An ensemble's head must be its members' heads joined (the mean of their logits), up to
+    the rounding of weights stored in float16."""
+    def near(got: torch.Tensor, want: torch.Tensor, parts: list[torch.Tensor]) -> bool:
+        scale = max(float(p.abs().max()) for p in parts)
+        return bool((got - want).abs().max() <= 2.0 ** -10 * scale + 1e-7)  # float16's epsilon
+
+    heads = model.heads()
+    with torch.no_grad():
+        if not (near(model.classifier.weight, model.joined_weight(), [h.weight for h in heads])
+                and near(model.classifier.bias, model.joined_bias(), [h.bias for h in heads])):
+            raise ModelError(f"model file {path.name}: the ensemble's classifier is not the "
+                             "mean of its members' heads")
 
 
 _REQUIRED_CARD = ("name", "version", "architecture", "input_size", "thresholds")
@@ -440,8 +551,10 @@ def load_model_file(path: str | Path) -> ModelFile:
     missing = [k for k in _REQUIRED_CARD if k not in card]
     if missing:
         raise ModelError(f"model file {path.name}: card lacks {', '.join(missing)}")
-    if card["architecture"] not in _BUILDERS:
-        raise ModelError(f"model file {path.name}: unknown architecture {card['architecture']!r}")
+    try:
+        check_architecture(str(card["architecture"]))
+    except ModelError as exc:
+        raise ModelError(f"model file {path.name}: {exc}") from None
     cal = card.get("calibration")
     if cal is not None:
         try:

@@ -25,7 +25,7 @@ from fracture_node import __version__
 from fracture_node.errors import ModelError
 from fracture_node.logs import get_logger
 from fracture_node.ml import ort_engine as oe
-from fracture_node.ml.model import ModelFile, is_lite, load_model_file
+from fracture_node.ml.model import ModelFile, load_model_file, pools_features
 
 log = get_logger("ml.onnx_export")
 
@@ -40,13 +40,13 @@ def _last_stage(net: nn.Module, arch: str, x: torch.Tensor
     """The last stage's activations ``[N, C, h, w]`` (what the pooling averages), the linear
     head, and the name of the module whose output they are (the explainer's ``last`` layer)."""
     m: Any = net
+    if pools_features(arch):  # EfficientNet-Lite, and their ensembles (members' bn2 side by side)
+        return m.forward_features(x), m.classifier, "bn2"
     if arch.startswith("resnet"):
         f = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
         return f, m.fc, "layer4"
     if arch.startswith("densenet"):
         return F.relu(m.features(x)), m.classifier, "features"
-    if is_lite(arch):
-        return m.forward_features(x), m.classifier, "bn2"
     raise ModelError(f"no class-evidence map for architecture {arch}")
 
 

@@ -57,8 +57,9 @@ global-average-pooling + linear head both equal the class activation map)."""
 
 def has_evidence_map(arch: str) -> bool:
     """Architectures whose head is global-average pooling then one linear layer (ResNet,
-    DenseNet, EfficientNet-Lite): their graph carries the class-evidence map."""
-    return arch.startswith(("resnet", "densenet", "efficientnet_lite"))
+    DenseNet, EfficientNet-Lite, and ensembles of EfficientNet-Lite, whose names join the
+    members' with ``+``): their graph carries the class-evidence map."""
+    return all(m.startswith(("resnet", "densenet", "efficientnet_lite")) for m in arch.split("+"))
 
 
 def onnx_path_for(model_path: Path) -> Path:
