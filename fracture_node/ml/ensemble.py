@@ -72,7 +72,8 @@ def join_members(members: list[ModelFile], name: str, version: str | None = None
     described = [{"name": m.card["name"], "version": m.card["version"],
                   "architecture": m.card["architecture"], "sha256": m.sha256,
                   "file": m.path.name, "val_auroc": (m.card.get("val_metrics") or {}).get("auroc"),
-                  "training": m.card.get("training")} for m in members]
+                  "training": m.card.get("training"), "history": m.card.get("history")}
+                 for m in members]
     card: dict[str, Any] = {
         "name": name,
         "version": version or now.strftime("%Y.%m.%d-%H%M"),

@@ -71,6 +71,38 @@ def compute_metrics(y: np.ndarray, p: np.ndarray, thresholds: dict[str, float],
     }
 
 
+def loss_curves(out: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """``loss_curves.png`` from the card's training history; for an ensemble, whose card has
+    none of its own, one curve per member (``members[].history``). Returns the figure's data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = card.get("history") or []
+    series = [("", hist)] if hist else [
+        (f"{m.get('architecture')} {m.get('version')}", m.get("history") or [])
+        for m in card.get("members") or []]
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
+    for k, (name, h) in enumerate(s for s in series if s[1]):
+        ep = [e["epoch"] for e in h]
+        prefix = f"{name}: " if name else ""
+        ax[0].plot(ep, [e["train_loss"] for e in h], color=f"C{2 * k}",
+                   label=f"{prefix}train (augmented, weighted)")
+        ax[0].plot(ep, [e["val_loss"] for e in h], color=f"C{2 * k + 1}", label=f"{prefix}val")
+        ax[1].plot(ep, [e["val_auroc"] for e in h], color=f"C{2 * k}", label=name or None)
+    ax[0].set(xlabel="epoch", ylabel="BCE loss", title="loss")
+    ax[0].legend(fontsize=7)
+    ax[1].set(xlabel="epoch", ylabel="AUROC", title="val AUROC (EMA weights)")
+    if len(series) > 1:
+        ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=80)
+    plt.close(fig)
+    return {"history": hist} if hist else {"members": [{"name": n, "history": h}
+                                                        for n, h in series]}
+
+
 def _plots(out: Path, card: dict[str, Any], y: np.ndarray, p: np.ndarray, images: np.ndarray,
            recs: list[Record], result: dict[str, Any], split: str) -> dict[str, Any]:
     import matplotlib
@@ -78,22 +110,7 @@ def _plots(out: Path, card: dict[str, Any], y: np.ndarray, p: np.ndarray, images
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figures: dict[str, Any] = {}
-    hist = card.get("history") or []
-    figures["loss_curves"] = {"history": hist}
-    fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
-    if hist:
-        ep = [h["epoch"] for h in hist]
-        ax[0].plot(ep, [h["train_loss"] for h in hist], label="train (augmented, weighted)")
-        ax[0].plot(ep, [h["val_loss"] for h in hist], label="val")
-        ax[1].plot(ep, [h["val_auroc"] for h in hist], color="C2")
-    ax[0].set(xlabel="epoch", ylabel="BCE loss", title="loss")
-    ax[0].legend(fontsize=7)
-    ax[1].set(xlabel="epoch", ylabel="AUROC", title="val AUROC (EMA weights)")
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=80)
-    plt.close(fig)
-
+    figures: dict[str, Any] = {"loss_curves": loss_curves(out, card)}
     fpr, tpr, thr = metrics.roc_curve(y, p)
     ops = {k: (1 - v["specificity"], v["sensitivity"], v["threshold"])
            for k, v in result["operating_points"].items()}

@@ -212,3 +212,20 @@ def test_cli_joins_members_and_fixes_thresholds_on_val(members: list[Path], tmp_
     assert cli.main(["model", "ensemble", str(members[0]), "--out", str(out),
                      "--data", str(dataset_dir)]) == 2
     assert "two or more" in capsys.readouterr().err
+
+
+def test_the_loss_curves_of_an_ensemble_show_each_member(tmp_path: Path) -> None:
+    """An ensemble's card has no history of its own: the figure draws each member's."""
+    from fracture_node.ml.evaluate import loss_curves
+
+    def history(auc: float) -> list[dict[str, float]]:
+        return [{"epoch": e, "train_loss": 0.6 / e, "val_loss": 0.5 / e, "val_auroc": auc + e / 100}
+                for e in (1, 2)]
+
+    card = {"members": [{"architecture": "efficientnet_lite0", "version": "a", "history": history(0.9)},
+                        {"architecture": "efficientnet_lite1", "version": "b", "history": history(0.8)}]}
+    data = loss_curves(tmp_path, card)
+    assert [m["name"] for m in data["members"]] == ["efficientnet_lite0 a", "efficientnet_lite1 b"]
+    assert data["members"][1]["history"][1]["val_auroc"] == pytest.approx(0.82)
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+    assert loss_curves(tmp_path, {"history": history(0.7)}) == {"history": history(0.7)}
