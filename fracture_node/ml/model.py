@@ -168,7 +168,6 @@ class Ensemble(nn.Module):
 
     def __init__(self, members: list[str]) -> None:
         super().__init__()
-        self.architectures = tuple(members)
         self.members = nn.ModuleList([build_model(m) for m in members])
         self.bn2 = nn.Identity()
         self.classifier = nn.Linear(sum(h.in_features for h in self.heads()), 1)
