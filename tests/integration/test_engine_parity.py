@@ -1,10 +1,12 @@
 """The graph engines (openvino, onnxruntime) against torch on real radiographs: logits,
 decisions and saliency peaks agree.
 
-Two model files of the kinds the project ships, built with its own helpers (not the bundled
+Three model files of the kinds the project ships, built with its own helpers (not the bundled
 weights, which change): EfficientNet-Lite0 at 384 px from its ImageNet weights (the grey stem
-folded in), and ResNet-18 at 256 px whose BatchNorm statistics are fitted on train radiographs
-(so that its activations and logits have the scale of a trained network). Each is exported
+folded in), the ensemble of that Lite0 and a Lite1 from its ImageNet weights (one model file,
+``model ensemble``'s join, the kind of the bundled model), and ResNet-18 at 256 px whose
+BatchNorm statistics are fitted on train radiographs (so that its activations and logits have
+the scale of a trained network). Each is exported
 and scored by torch and by each graph engine on a few dozen val radiographs and on every DICOM sample that
 decodes (every transfer syntax of ``dicom-samples``).
 """
@@ -23,15 +25,23 @@ from fracture_node.errors import NotProcessable
 from fracture_node.images import letterbox, load_image_file
 from fracture_node.inputs import is_dicom, load_any
 from fracture_node.ml.data import load_records, split_records
+from fracture_node.ml.ensemble import join_members
 from fracture_node.ml.explain import Explainer
 from fracture_node.ml.infer import GRAPH_ENGINES, Classifier
-from fracture_node.ml.model import IMAGENET, IMAGENET_GREY, build_model, save_model_file
+from fracture_node.ml.model import (
+    IMAGENET,
+    IMAGENET_GREY,
+    build_model,
+    load_model_file,
+    save_model_file,
+)
 from fracture_node.ml.onnx_export import export_onnx
 from fracture_node.saliency.geometry import peak_point
 
 pytestmark = pytest.mark.slow
 
 LOGIT_TOLERANCE = 1e-4
+ENSEMBLE = "efficientnet_lite0+efficientnet_lite1"
 
 
 @dataclass
@@ -71,11 +81,20 @@ def _card(arch: str, size: int, mean: float, std: float) -> dict[str, object]:
             "normalisation": {"mean": mean, "std": std}, "tta": True}
 
 
-def _lite(folder: Path) -> Path:
+def _lite(folder: Path, arch: str = "efficientnet_lite0") -> Path:
     torch.manual_seed(0)
-    path = folder / "lite0.pt"
-    save_model_file(path, build_model("efficientnet_lite0", pretrained=IMAGENET),
-                    _card("efficientnet_lite0", 384, *IMAGENET_GREY))
+    path = folder / f"{arch}.pt"
+    save_model_file(path, build_model(arch, pretrained=IMAGENET), _card(arch, 384, *IMAGENET_GREY))
+    return path
+
+
+def _ensemble(folder: Path) -> Path:
+    """Lite0 and Lite1 joined as `model ensemble` joins them (one model file, the mean logit)."""
+    members = [load_model_file(_lite(folder, a)) for a in ("efficientnet_lite0", "efficientnet_lite1")]
+    state, card = join_members(members, "parity-ensemble", "0")
+    path = folder / "ensemble.pt"
+    save_model_file(path, state, dict(card, thresholds={"balanced": 0.5, "high_sensitivity": 0.3},
+                                      tta=True))
     return path
 
 
@@ -105,7 +124,9 @@ def models(tmp_path_factory: pytest.TempPathFactory, dataset_dir: Path) -> dict[
 
     class Lazy(dict[str, Path]):
         def __missing__(self, arch: str) -> Path:
-            path = _lite(folder) if arch == "efficientnet_lite0" else _resnet(folder, dataset_dir)
+            path = (_lite(folder) if arch == "efficientnet_lite0"
+                    else _ensemble(folder) if arch == ENSEMBLE
+                    else _resnet(folder, dataset_dir))
             export_onnx(path)
             self[arch] = path
             return path
@@ -138,6 +159,7 @@ def torch_scores() -> dict[tuple[str, str], Scored]:
 @pytest.fixture(scope="module", params=[
     (arch, source, engine) for engine in GRAPH_ENGINES
     for arch, source in (("efficientnet_lite0", "val"), ("efficientnet_lite0", "dicom"),
+                         (ENSEMBLE, "val"), (ENSEMBLE, "dicom"),
                          ("resnet18", "val"), ("resnet18", "dicom"))], ids="-".join)
 def scores(request: pytest.FixtureRequest, models: dict[str, Path], dataset_dir: Path,
            samples_dir: Path, torch_scores: dict[tuple[str, str], Scored]
