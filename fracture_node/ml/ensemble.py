@@ -21,6 +21,7 @@ import torch
 from fracture_node import __version__
 from fracture_node.errors import ModelError
 from fracture_node.logs import get_logger
+from fracture_node.ml.finalize import THRESHOLD_RULES, finalize
 from fracture_node.ml.model import (
     ENSEMBLE_JOIN,
     Ensemble,
@@ -31,10 +32,6 @@ from fracture_node.ml.model import (
 )
 
 log = get_logger("ml.ensemble")
-
-INPUT_DESCRIPTION = ("1-channel grey image: fracture_node.images.load_image_file (percentile "
-                     "normalisation to [0,1]) then letterbox to input_size, padded with 0")
-
 
 def _common(members: list[ModelFile], key: str) -> Any:
     values = {m.path.name: m.card.get(key) for m in members}
@@ -79,12 +76,11 @@ def join_members(members: list[ModelFile], name: str, version: str | None = None
         "version": version or now.strftime("%Y.%m.%d-%H%M"),
         "architecture": ENSEMBLE_JOIN.join(str(m.card["architecture"]) for m in members),
         "input_size": size,
-        "input": INPUT_DESCRIPTION,
+        "input": _common(members, "input"),
         "normalisation": normalisation,
         "members": described,
         "thresholds": {"balanced": 0.5, "high_sensitivity": 0.5},  # fixed on val by finalize
-        "threshold_rules": {"balanced": "maximises sensitivity + specificity - 1 on val",
-                            "high_sensitivity": "highest threshold with val sensitivity >= 0.90"},
+        "threshold_rules": THRESHOLD_RULES,
         "tta": False,
         "training_data": _common(members, "training_data"),
         "test_metrics": None,
@@ -105,7 +101,6 @@ def build_ensemble(member_paths: list[Path], out: Path, data: Path, *, name: str
     float16, as ``train`` does by default.
     """
     from fracture_node.ml.data import cache_split, load_records, split_records
-    from fracture_node.ml.finalize import finalize
 
     members = [load_model_file(p) for p in member_paths]
     state, card = join_members(members, name, version)

@@ -22,6 +22,10 @@ from fracture_node.ml.model import load_model_file, save_model_file
 
 log = get_logger("ml.train")
 
+THRESHOLD_RULES = {"balanced": "maximises sensitivity + specificity - 1 on val",
+                   "high_sensitivity": "highest threshold with val sensitivity >= 0.90"}
+"""How :func:`val_summary` fixes the two thresholds, as a model card states them."""
+
 # Below this fitted Platt slope the calibration is not stored (see ``finalize``).
 MIN_CALIBRATION_SLOPE = 0.05
 

@@ -52,7 +52,7 @@ from fracture_node.ml.evidence import (
     pointing_hits,
     supports_evidence_map,
 )
-from fracture_node.ml.finalize import finalize, val_summary, weights_dtype
+from fracture_node.ml.finalize import THRESHOLD_RULES, finalize, val_summary, weights_dtype
 from fracture_node.ml.model import (
     IMAGENET,
     IMAGENET_GREY,
@@ -175,8 +175,7 @@ def _card(args: argparse.Namespace, mean: float, std: float, val: dict[str, Any]
                  "normalisation to [0,1]) then letterbox to input_size, padded with 0",
         "normalisation": {"mean": mean, "std": std},
         "thresholds": val["thresholds"],
-        "threshold_rules": {"balanced": "maximises sensitivity + specificity - 1 on val",
-                            "high_sensitivity": "highest threshold with val sensitivity >= 0.90"},
+        "threshold_rules": THRESHOLD_RULES,
         "tta": tta,
         "training_data": train_info["data"],
         "training": train_info,
