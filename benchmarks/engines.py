@@ -1,12 +1,14 @@
 """Inference engines on one model, one run: images/s of torch eager and ONNX Runtime, and ratios.
 
     .venv/bin/python benchmarks/engines.py [--model F | --build efficientnet_lite0:384]
-        [--batch 16] [--threads 2] [--seconds 8] [--compile]
+        [--batch 16] [--sub-batch 2] [--threads 2] [--seconds 8] [--compile]
 
 For each engine, on a batch of real val radiographs of the serving batch size (``[model]
 max_batch``, 16), already letterboxed (the model's work alone), four modes: plain, flip TTA,
 saliency (the class-evidence map, HiResCAM at the last stage, what the worker runs by default),
-and TTA + saliency. Engines:
+and TTA + saliency. Every engine runs the batch in passes of ``--sub-batch`` images, as the node
+does on a CPU (``[model] sub_batch``, :data:`fracture_node.ml.infer.CPU_SUB_BATCH`); ``--sub-batch
+0`` runs the whole batch in one pass. Engines:
 
 - ``torch``: eager, NCHW contiguous;
 - ``torch_cl``: eager, channels-last (what ``[model] engine = "torch"`` runs on a CPU); its
@@ -52,7 +54,7 @@ from benchmarks.machine import cpu_name  # noqa: E402
 from fracture_node.images import load_image_file  # noqa: E402
 from fracture_node.ml.data import load_records, split_records  # noqa: E402
 from fracture_node.ml.explain import Explainer  # noqa: E402
-from fracture_node.ml.infer import Classifier, bundled_model_path  # noqa: E402
+from fracture_node.ml.infer import CPU_SUB_BATCH, Classifier, bundled_model_path  # noqa: E402
 from fracture_node.ml.model import (  # noqa: E402
     IMAGENET,
     IMAGENET_GREY,
@@ -113,9 +115,16 @@ def rate(fn: Callable[[], Any], n_images: int, seconds: float) -> float:
             return runs * n_images / elapsed
 
 
-def torch_forward(net: torch.nn.Module, clf: Classifier, batch: np.ndarray, tta: bool,
-                  channels_last: bool) -> Callable[[], Any]:
-    def run() -> Any:
+def in_passes(fn: Callable[[np.ndarray], Any], batch: np.ndarray, sub_batch: int
+              ) -> Callable[[], list[Any]]:
+    """``fn`` on the batch in passes of ``sub_batch`` images (0: one pass)."""
+    step = sub_batch or len(batch)
+    return lambda: [fn(batch[i:i + step]) for i in range(0, len(batch), step)]
+
+
+def torch_forward(net: torch.nn.Module, clf: Classifier, tta: bool,
+                  channels_last: bool) -> Callable[[np.ndarray], Any]:
+    def run(batch: np.ndarray) -> Any:
         x = (torch.from_numpy(batch)[:, None] - clf._mean) / clf._std
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -133,6 +142,9 @@ def main() -> int:
     p.add_argument("--build", default=None, metavar="ARCH:SIZE",
                    help="build a model file instead, e.g. efficientnet_lite0:384")
     p.add_argument("--batch", type=int, default=16, help="the serving batch size")
+    p.add_argument("--sub-batch", type=int, default=CPU_SUB_BATCH,
+                   help="images per pass of the network ([model] sub_batch on a CPU; 0: the "
+                        "whole batch in one pass)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: default)")
     p.add_argument("--seconds", type=float, default=8.0, help="time per measurement")
     p.add_argument("--compile", action="store_true", help="also torch.compile")
@@ -156,6 +168,7 @@ def main() -> int:
     ort = Classifier.load(model, "cpu", engine="onnxruntime", threads=args.threads,
                           saliency=("hirescam", "last"))
     batch = val_batch(ref.input_size, args.batch)
+    ref.sub_batch = ort.sub_batch = args.sub_batch
     engines = args.engines.split(",") + (["torch_compile"] if args.compile else [])
     ov_runners: dict[str, OvRunner] = {}
     for engine in [e for e in engines if e.startswith("openvino")]:
@@ -169,7 +182,7 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     common = {"model": ref.name, "architecture": ref.card["architecture"],
               "weights": ref.card.get("weights", "trained"), "model_sha256": ref.sha256[:12],
-              "input_size": ref.input_size, "batch": args.batch,
+              "input_size": ref.input_size, "batch": args.batch, "sub_batch": args.sub_batch,
               "threads": args.threads or "default"}
     nets: dict[str, Any] = {"torch_cl": ref._net}
     if "torch" in engines:
@@ -184,7 +197,8 @@ def main() -> int:
             clf = ort if engine == "onnxruntime" else ref
             clf.tta = tta
             if engine in ov_runners:
-                fn = functools.partial(ov_runners[engine].run, batch, tta, saliency)
+                fn = in_passes(functools.partial(ov_runners[engine].run, tta=tta,
+                                                 evidence=saliency), batch, args.sub_batch)
             elif engine == "onnxruntime":
                 if saliency:
                     fn = functools.partial(Explainer(ort, "hirescam", "last").explain_batch,
@@ -196,7 +210,8 @@ def main() -> int:
                     continue  # the explainer runs the classifier's (channels-last) network
                 fn = functools.partial(Explainer(ref, "hirescam", "last").explain_batch, batch)
             else:
-                fn = torch_forward(nets[engine], ref, batch, tta, engine != "torch")
+                fn = in_passes(torch_forward(nets[engine], ref, tta, engine != "torch"), batch,
+                               args.sub_batch)
             started = time.perf_counter()
             value = rate(fn, len(batch), args.seconds)
             results[engine][mode] = round(value, 2)

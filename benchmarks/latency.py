@@ -1,6 +1,7 @@
 """Latency: from the last instance of a three-image study to the SR acknowledged by the PACS.
 
     .venv/bin/python benchmarks/latency.py [--studies 20] [--model PATH] [--engine auto]
+        [--sub-batch 0]
 
 A real ``fracture-node serve`` process (SQLite, the bundled model unless ``--model``) receives
 three-image studies from pynetdicom and reports to DCMTK storescp playing the PACS. For each study:
@@ -55,6 +56,8 @@ def main() -> int:
                         default="auto",
                         help="[model] engine (the daemon's default: auto)")
     parser.add_argument("--threads", type=int, default=0, help="[model] threads")
+    parser.add_argument("--sub-batch", type=int, default=0,
+                        help="[model] sub_batch (0: automatic, 2 images per pass on a CPU)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fn-latency-"))
     import csv
@@ -70,7 +73,8 @@ def main() -> int:
                              str(pacs_port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     model = private_model(tmp, args.model)
-    model_line = (f'path = "{model}"\nengine = "{args.engine}"\nthreads = {args.threads}\n')
+    model_line = (f'path = "{model}"\nengine = "{args.engine}"\nthreads = {args.threads}\n'
+                  f'sub_batch = {args.sub_batch}\n')
     config = tmp / "fn.toml"
     config.write_text(
         f'[node]\nport = {fn_port}\nbind_address = "127.0.0.1"\nstate_dir = "{tmp / "fn"}"\n'
@@ -131,6 +135,7 @@ def main() -> int:
     print(json.dumps({
         "benchmark": "latency", "date": time.strftime("%Y-%m-%d"),
         "saliency": args.saliency, "overlays": args.overlays, "engine": args.engine,
+        "sub_batch": args.sub_batch,
         "engine_used": engine,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "studies": len(ends), "reported": len(lat), "stable_after_s": args.stable_after,

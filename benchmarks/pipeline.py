@@ -143,6 +143,9 @@ def main() -> int:
                         help="[model] engine (default auto, as in the daemon); the model file is "
                              "copied to a temporary folder, where its ONNX graph is exported")
     parser.add_argument("--threads", type=int, default=0, help="[model] threads")
+    parser.add_argument("--sub-batch", type=int, default=0,
+                        help="[model] sub_batch: images per pass of the network (0: the "
+                             "engine's default, 2 on a CPU; the batch size: whole batches)")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="fn-bench-"))
@@ -168,7 +171,8 @@ def main() -> int:
     saliency = SaliencyConfig(enabled=args.saliency == "on")
     classifier = Classifier.load(
         args.model, args.device, engine=args.engine, threads=args.threads,
-        saliency=(saliency.method, saliency.layer) if saliency.enabled else None)
+        saliency=(saliency.method, saliency.layer) if saliency.enabled else None,
+        sub_batch=args.sub_batch or None)
     blobs = sources(args.source, args.instances)
 
     # Raw: the model alone on prepared inputs of the serving batch size.
@@ -213,6 +217,7 @@ def main() -> int:
         "allocator": allocator_name(),
         "model": classifier.name, "model_sha256": classifier.sha256[:12],
         "input_size": classifier.input_size, "batch": args.batch,
+        "sub_batch": classifier.sub_batch,
         "decode_threads": args.decode_threads, "source": args.source,
         "instances": len(blobs),
         "saliency": (f"{worker.explainer.method}@{worker.explainer.layer}"

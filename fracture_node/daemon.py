@@ -114,7 +114,7 @@ class Daemon:
             # with its session, inherits it (fracture_node/priority.py).
             classifier = call_niced(lambda: Classifier.load(
                 cfg.model.path, cfg.model.device, engine=cfg.model.engine,
-                threads=cfg.model.threads,
+                threads=cfg.model.threads, sub_batch=cfg.model.sub_batch or None,
                 saliency=((cfg.saliency.method, cfg.saliency.layer) if cfg.saliency.enabled
                           else None),
                 cache_dir=cfg.node.state_dir / "models"), cfg.model.nice, "model-load")

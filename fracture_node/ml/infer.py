@@ -43,6 +43,14 @@ BUNDLED_NAME = "fracture-model.pt"
 OPERATING_POINTS = ("balanced", "high_sensitivity")
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 GRAPH_ENGINES = oe.GRAPH_ENGINES
+CPU_SUB_BATCH = 2
+"""Images per pass of the network on a CPU (:attr:`Classifier.sub_batch`), every engine.
+
+A batch of 16 radiographs at 384 px (32 network inputs with flip TTA) holds activations of
+hundreds of MiB, far more than a CPU's caches; in passes of 2 images the same work runs about
+twice as fast on torch and no slower on the graph engines (docs/benchmarks.md). The worker still
+claims, decodes and commits whole batches; only the network's passes are smaller. A GPU takes the
+whole batch."""
 
 
 def bundled_model_path() -> Path:
@@ -52,6 +60,12 @@ def bundled_model_path() -> Path:
         return Path(str(ref))
     except (ModuleNotFoundError, TypeError):
         return Path(__file__).resolve().parents[1] / "models" / BUNDLED_NAME
+
+
+def default_sub_batch(device: str) -> int:
+    """Images per pass of the network on ``device``: :data:`CPU_SUB_BATCH` on a CPU, 0 (the
+    whole batch) on a GPU."""
+    return CPU_SUB_BATCH if str(device) == "cpu" else 0
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -306,12 +320,19 @@ class Classifier:
             self.evidence_layer = ""
         else:
             raise ModelError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+        self.sub_batch: int = default_sub_batch(str(device))
+        """Images per pass of the network (0: the whole batch in one pass); results do not
+        depend on it (:data:`CPU_SUB_BATCH`)."""
         self._lock = threading.Lock()
+
+    def _step(self, n: int) -> int:
+        """The pass size when a batch of ``n`` must be split, else 0."""
+        return self.sub_batch if 0 < self.sub_batch < n else 0
 
     @classmethod
     def load(cls, path: Path | str | None = None, device: str = "auto", engine: str = "torch",
              threads: int = 0, saliency: tuple[str, str] | None = None,
-             cache_dir: Path | None = None) -> Classifier:
+             cache_dir: Path | None = None, sub_batch: int | None = None) -> Classifier:
         """Load a model file (``None``: the bundled model) onto ``device`` with ``engine``.
 
         Parameters
@@ -327,6 +348,9 @@ class Classifier:
             ``(method, layer)`` the classifier must explain, or None.
         cache_dir:
             Where a graph is exported when the model file's folder cannot be written.
+        sub_batch:
+            Images per pass of the network (:attr:`sub_batch`; 0: the whole batch); None: the
+            device's default (:func:`default_sub_batch`).
 
         Raises
         ------
@@ -350,7 +374,8 @@ class Classifier:
                 known = GraphModel(target, runner.card(), sha256)
                 if onnx_unfit(known, saliency, graph) is None:
                     return cls._loaded(cls(known, "cpu", graph, runner), engine,
-                                       "configured" if engine == graph else "auto: cpu")
+                                       "configured" if engine == graph else "auto: cpu",
+                                       sub_batch)
         try:
             from fracture_node.ml.model import load_model_file
         except ImportError as exc:  # a serving install without torch
@@ -363,14 +388,20 @@ class Classifier:
             import torch
 
             torch.set_num_threads(threads)
-        return cls._loaded(cls(model_file, dev, chosen, runner), engine, reason)
+        return cls._loaded(cls(model_file, dev, chosen, runner), engine, reason, sub_batch)
 
     @staticmethod
-    def _loaded(clf: Classifier, engine: str, reason: str) -> Classifier:
+    def _loaded(clf: Classifier, engine: str, reason: str, sub_batch: int | None = None
+                ) -> Classifier:
+        if sub_batch is not None:
+            if sub_batch < 0:
+                raise ModelError(f"sub_batch must be 0 (the whole batch) or positive, "
+                                 f"not {sub_batch}")
+            clf.sub_batch = sub_batch
         log.info("model_loaded", model=clf.name, version=clf.version, sha256=clf.sha256,
                  device=clf.device, engine=clf.engine, engine_requested=engine, reason=reason,
                  onnx=str(clf.onnx_path) if clf.onnx_path else None,
-                 input_size=clf.input_size, tta=clf.tta)
+                 input_size=clf.input_size, tta=clf.tta, sub_batch=clf.sub_batch)
         return clf
 
     @staticmethod
@@ -433,6 +464,10 @@ class Classifier:
             )
         if arr.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
+        step = self._step(arr.shape[0])
+        if step:
+            return np.concatenate([self.predict_batch(arr[i:i + step])
+                                   for i in range(0, arr.shape[0], step)])
         if self._runner is not None:
             with self._lock:
                 logits, _ = self._runner.run(arr, self.tta, evidence=False)
@@ -460,9 +495,14 @@ class Classifier:
         test-time views summed) of prepared images ``[N, S, S]``, from one run of the graph."""
         if self._runner is None:
             raise ModelError(f"evidence_batch needs a graph engine ({', '.join(GRAPH_ENGINES)})")
+        arr = np.asarray(batch, dtype=np.float32)
+        step = self._step(arr.shape[0])
+        if step:
+            parts = [self.evidence_batch(arr[i:i + step]) for i in range(0, arr.shape[0], step)]
+            return (np.concatenate([p for p, _ in parts]),
+                    np.concatenate([c for _, c in parts]))
         with self._lock:
-            logits, cams = self._runner.run(np.asarray(batch, dtype=np.float32), self.tta,
-                                            evidence=True)
+            logits, cams = self._runner.run(arr, self.tta, evidence=True)
         assert cams is not None
         return self.probabilities(logits), cams
 

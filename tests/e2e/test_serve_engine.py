@@ -45,6 +45,7 @@ def test_serve_scores_on_openvino_with_the_model_files_sha256(
     events = [json.loads(line) for line in node.log().splitlines() if line.startswith("{")]
     [loaded] = [e for e in events if e["event"] == "model_loaded"]
     assert loaded["engine"] == "openvino" and loaded["engine_requested"] == "auto"
+    assert loaded["sub_batch"] == 2  # [model] sub_batch = 0: the CPU's passes of 2 images
     assert any(e["event"] == "onnx_exported" for e in events)
     assert model.with_suffix(".onnx").is_file()
     with sqlite3.connect(tmp_path / "node" / "state" / "fracture-node.db") as conn:

@@ -276,3 +276,65 @@ def test_predict_gives_the_same_rows_on_both_engines(exported: Path, samples_dir
         assert abs(float(got["probability"]) - float(ref["probability"])) <= 1e-5
         assert (got["peak_x"], got["peak_y"]) == (ref["peak_x"], ref["peak_y"])
         assert got["model_sha256"] == ref["model_sha256"] == sha256_file(exported)
+
+
+# --- passes of sub_batch images -------------------------------------------------------------
+
+
+def _pass_sizes(clf: Classifier, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the number of network inputs of every pass the classifier's engine runs."""
+    sizes: list[int] = []
+    if clf._runner is not None:
+        runner = clf._runner
+        infer = runner._infer
+
+        def spy(x: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
+            sizes.append(int(x.shape[0]))
+            return infer(x, wanted)
+
+        monkeypatch.setattr(runner, "_infer", spy)
+    else:
+        clf._net.register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
+    return sizes
+
+
+@pytest.mark.parametrize("engine", ["torch", *GRAPH_ENGINES])
+def test_sub_batches_give_the_whole_batchs_results(exported: Path, engine: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the network runs passes of sub_batch images (2 by default): probabilities and
+    saliency maps equal one pass of the whole batch, in the batch's order, an odd batch
+    included; sub_batch 0 runs the whole batch at once."""
+    whole = Classifier.load(exported, "cpu", engine=engine, sub_batch=0)
+    split = Classifier.load(exported, "cpu", engine=engine)
+    assert split.sub_batch == 2 and whole.sub_batch == 0
+    batch = _images(7)
+    whole_sizes, split_sizes = _pass_sizes(whole, monkeypatch), _pass_sizes(split, monkeypatch)
+    np.testing.assert_allclose(split.predict_batch(batch), whole.predict_batch(batch),
+                               atol=1e-6)
+    views = 2  # the model file asks for flip TTA
+    if engine == "torch":  # one pass per view
+        assert whole_sizes == [7, 7] and split_sizes == [2, 2, 2, 2, 2, 2, 1, 1]
+    else:  # both views in one run of the graph
+        assert whole_sizes == [7 * views] and split_sizes == [2 * views] * 3 + [views]
+    p_whole, maps_whole = Explainer(whole, "hirescam").explain_methods(batch, ("hirescam",))
+    p_split, maps_split = Explainer(split, "hirescam").explain_methods(batch, ("hirescam",))
+    np.testing.assert_allclose(p_split, p_whole, atol=1e-6)
+    np.testing.assert_allclose(maps_split["hirescam"], maps_whole["hirescam"], atol=1e-5)
+    assert maps_split["hirescam"].shape == (7, 64, 64)
+    assert max(split_sizes) <= 2 * views
+
+
+def test_sub_batch_defaults_and_refusals(exported: Path) -> None:
+    """The whole batch on a GPU, 2 images on a CPU; a negative size is refused by the loader
+    and by the configuration, which takes 0 (automatic) or a size."""
+    from fracture_node.ml.infer import CPU_SUB_BATCH, default_sub_batch
+
+    assert default_sub_batch("cpu") == CPU_SUB_BATCH == 2
+    assert default_sub_batch("cuda:0") == default_sub_batch("cuda") == 0
+    assert Classifier.load(exported, "cpu", engine="torch", sub_batch=5).sub_batch == 5
+    with pytest.raises(ModelError, match="sub_batch"):
+        Classifier.load(exported, "cpu", engine="openvino", sub_batch=-1)
+    ModelConfig(sub_batch=0).validate()
+    ModelConfig(sub_batch=4).validate()
+    with pytest.raises(ConfigError, match="sub_batch"):
+        ModelConfig(sub_batch=-2).validate()
