@@ -324,12 +324,10 @@ class Explainer:
                     {m: np.zeros((0, size, size), dtype=np.float32) for m in methods})
         if self._from_graph:
             return self._from_evidence(arr, methods)
-        step = clf._step(arr.shape[0])  # passes of clf.sub_batch images, as predict_batch
-        if step:
-            parts = [self.explain_methods(arr[i:i + step], methods)
-                     for i in range(0, arr.shape[0], step)]
-            return (np.concatenate([p for p, _ in parts]),
-                    {m: np.concatenate([maps[m] for _, maps in parts]) for m in methods})
+        passes = clf.in_passes(arr, lambda part: self.explain_methods(part, methods))
+        if passes is not None:
+            return (np.concatenate([p for p, _ in passes]),
+                    {m: np.concatenate([maps[m] for _, maps in passes]) for m in methods})
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1).to(self._device)

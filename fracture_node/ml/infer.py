@@ -19,10 +19,11 @@ file's sha256.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from fracture_node.ml.model import ModelFile
 
 log = get_logger("ml.infer")
+T = TypeVar("T")
 
 BUNDLED_NAME = "fracture-model.pt"
 OPERATING_POINTS = ("balanced", "high_sensitivity")
@@ -325,9 +327,14 @@ class Classifier:
         depend on it (:data:`CPU_SUB_BATCH`)."""
         self._lock = threading.Lock()
 
-    def _step(self, n: int) -> int:
-        """The pass size when a batch of ``n`` must be split, else 0."""
-        return self.sub_batch if 0 < self.sub_batch < n else 0
+    def in_passes(self, batch: NDArray[np.float32], fn: Callable[[NDArray[np.float32]], T]
+                  ) -> list[T] | None:
+        """``fn`` on each pass of :attr:`sub_batch` images of ``batch``, in order; None when
+        the batch is a single pass (``fn`` is then the caller's own work)."""
+        step = self.sub_batch
+        if not 0 < step < batch.shape[0]:
+            return None
+        return [fn(batch[i:i + step]) for i in range(0, batch.shape[0], step)]
 
     @classmethod
     def load(cls, path: Path | str | None = None, device: str = "auto", engine: str = "torch",
@@ -464,10 +471,9 @@ class Classifier:
             )
         if arr.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
-        step = self._step(arr.shape[0])
-        if step:
-            return np.concatenate([self.predict_batch(arr[i:i + step])
-                                   for i in range(0, arr.shape[0], step)])
+        passes = self.in_passes(arr, self.predict_batch)
+        if passes is not None:
+            return np.concatenate(passes)
         if self._runner is not None:
             with self._lock:
                 logits, _ = self._runner.run(arr, self.tta, evidence=False)
@@ -496,11 +502,10 @@ class Classifier:
         if self._runner is None:
             raise ModelError(f"evidence_batch needs a graph engine ({', '.join(GRAPH_ENGINES)})")
         arr = np.asarray(batch, dtype=np.float32)
-        step = self._step(arr.shape[0])
-        if step:
-            parts = [self.evidence_batch(arr[i:i + step]) for i in range(0, arr.shape[0], step)]
-            return (np.concatenate([p for p, _ in parts]),
-                    np.concatenate([c for _, c in parts]))
+        passes = self.in_passes(arr, self.evidence_batch)
+        if passes is not None:
+            return (np.concatenate([p for p, _ in passes]),
+                    np.concatenate([c for _, c in passes]))
         with self._lock:
             logits, cams = self._runner.run(arr, self.tta, evidence=True)
         assert cams is not None
