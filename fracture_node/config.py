@@ -156,7 +156,7 @@ class ModelConfig:
     max_batch: int = 16
     sub_batch: int = 0
     """Images per pass of the network within a batch: 0 = automatic (2 on a CPU, where small
-    passes stay in the caches, about twice as fast on torch; the whole batch on a GPU); N >=
+    passes stay in the caches: 1.5-1.7x as fast on torch; the whole batch on a GPU); N >=
     ``max_batch`` runs whole batches. Results do not depend on it."""
     max_wait_ms: int = 200
     decode_threads: int = 2

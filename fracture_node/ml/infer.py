@@ -49,8 +49,9 @@ CPU_SUB_BATCH = 2
 """Images per pass of the network on a CPU (:attr:`Classifier.sub_batch`), every engine.
 
 A batch of 16 radiographs at 384 px (32 network inputs with flip TTA) holds activations of
-hundreds of MiB, far more than a CPU's caches; in passes of 2 images the same work runs about
-twice as fast on torch and no slower on the graph engines (docs/benchmarks.md). The worker still
+hundreds of MiB, far more than a CPU's caches; in passes of 2 images the same work runs
+1.5-1.7x as fast on torch, 1.25x on ONNX Runtime and no slower on OpenVINO (docs/benchmarks.md,
+``benchmarks/sub_batch.py``). The worker still
 claims, decodes and commits whole batches; only the network's passes are smaller. A GPU takes the
 whole batch."""
 
