@@ -115,11 +115,10 @@ def rate(fn: Callable[[], Any], n_images: int, seconds: float) -> float:
             return runs * n_images / elapsed
 
 
-def in_passes(fn: Callable[[np.ndarray], Any], batch: np.ndarray, sub_batch: int
-              ) -> Callable[[], list[Any]]:
-    """``fn`` on the batch in passes of ``sub_batch`` images (0: one pass)."""
-    step = sub_batch or len(batch)
-    return lambda: [fn(batch[i:i + step]) for i in range(0, len(batch), step)]
+def in_passes(clf: Classifier, fn: Callable[[np.ndarray], Any], batch: np.ndarray
+              ) -> Callable[[], Any]:
+    """``fn`` on the batch in the classifier's passes (:meth:`Classifier.in_passes`)."""
+    return lambda: clf.in_passes(batch, fn) or fn(batch)
 
 
 def torch_forward(net: torch.nn.Module, clf: Classifier, tta: bool,
@@ -197,8 +196,8 @@ def main() -> int:
             clf = ort if engine == "onnxruntime" else ref
             clf.tta = tta
             if engine in ov_runners:
-                fn = in_passes(functools.partial(ov_runners[engine].run, tta=tta,
-                                                 evidence=saliency), batch, args.sub_batch)
+                fn = in_passes(ref, functools.partial(ov_runners[engine].run, tta=tta,
+                                                      evidence=saliency), batch)
             elif engine == "onnxruntime":
                 if saliency:
                     fn = functools.partial(Explainer(ort, "hirescam", "last").explain_batch,
@@ -210,8 +209,8 @@ def main() -> int:
                     continue  # the explainer runs the classifier's (channels-last) network
                 fn = functools.partial(Explainer(ref, "hirescam", "last").explain_batch, batch)
             else:
-                fn = in_passes(torch_forward(nets[engine], ref, tta, engine != "torch"), batch,
-                               args.sub_batch)
+                fn = in_passes(ref, torch_forward(nets[engine], ref, tta, engine != "torch"),
+                               batch)
             started = time.perf_counter()
             value = rate(fn, len(batch), args.seconds)
             results[engine][mode] = round(value, 2)
