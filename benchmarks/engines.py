@@ -22,8 +22,9 @@ does on a CPU (``[model] sub_batch``, :data:`fracture_node.ml.infer.CPU_SUB_BATC
   default on CPUs with native bf16, printed with its logit difference so that the price of its
   speed is in the same line).
 
-Prints one JSON line per measurement, then a summary object with the ratios to ``torch_cl``
-and the largest logit difference between onnxruntime and torch on the batch.
+Prints one JSON line per measurement, then a summary object with the ratios of ONNX Runtime
+and of each OpenVINO precision to ``torch_cl`` (and OpenVINO's to ONNX Runtime), and the largest
+logit difference of each from torch on the batch.
 ``--build ARCH:SIZE`` makes a model file in a temporary folder from the project's builders
 (ImageNet weights where installed, else random) instead of using ``--model``.
 """
@@ -238,6 +239,10 @@ def main() -> int:
         "max_abs_logit_difference": float(np.max(np.abs(
             ort_logits - torch_logits.numpy()))),
         **({"openvino": __import__("openvino").__version__,
+            "ratio_openvino_to_torch_cl": {
+                name: {mode: round(results[name][mode] / base[mode], 2)
+                       for mode in results[name] if mode in base}
+                for name in ov_runners},
             "ratio_openvino_to_onnxruntime": {
                 name: {mode: round(results[name][mode] / results["onnxruntime"][mode], 2)
                        for mode in results[name] if mode in results.get("onnxruntime", {})}
