@@ -226,27 +226,24 @@ def main() -> int:
     ort_logits, _ = ort._runner.run(batch, True, evidence=False)  # type: ignore[union-attr]
     differences = {name: float(np.max(np.abs(r.run(batch, True, False)[0] - torch_logits.numpy())))
                    for name, r in ov_runners.items()}
-    base = results.get("torch_cl", {})
+    def ratios(engine: str, to: str) -> dict[str, float]:
+        """images/s of ``engine`` over ``to``'s, per mode both measured."""
+        num, den = results.get(engine, {}), results.get(to, {})
+        return {mode: round(num[mode] / den[mode], 2) for mode in num if mode in den}
+
     summary = {
         "benchmark": "engines_summary", "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs {cpu_name()}",
         "load_average": round(os.getloadavg()[0], 2), "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__, "export_s": round(export_s, 1),
         **common, "images_per_s": results,
-        "ratio_onnxruntime_to_torch_cl": {
-            mode: round(results["onnxruntime"][mode] / base[mode], 2)
-            for mode in results.get("onnxruntime", {}) if mode in base},
+        "ratio_onnxruntime_to_torch_cl": ratios("onnxruntime", "torch_cl"),
         "max_abs_logit_difference": float(np.max(np.abs(
             ort_logits - torch_logits.numpy()))),
         **({"openvino": __import__("openvino").__version__,
-            "ratio_openvino_to_torch_cl": {
-                name: {mode: round(results[name][mode] / base[mode], 2)
-                       for mode in results[name] if mode in base}
-                for name in ov_runners},
-            "ratio_openvino_to_onnxruntime": {
-                name: {mode: round(results[name][mode] / results["onnxruntime"][mode], 2)
-                       for mode in results[name] if mode in results.get("onnxruntime", {})}
-                for name in ov_runners},
+            "ratio_openvino_to_torch_cl": {name: ratios(name, "torch_cl") for name in ov_runners},
+            "ratio_openvino_to_onnxruntime": {name: ratios(name, "onnxruntime")
+                                              for name in ov_runners},
             "max_abs_logit_difference_openvino": differences} if ov_runners else {}),
     }
     print(json.dumps(summary))
