@@ -12,8 +12,9 @@ JSON object with the median times and ``ratio`` = fracture-node / storescp (targ
 
 ``--busy`` adds a third receiver: a full ``fracture-node serve`` (role ``all``: receiver and
 worker, the bundled model copied to the temporary folder as ``benchmarks/latency.py`` does,
-``[model] engine`` from ``--engine``, whose ``auto`` is onnxruntime on a CPU, saliency on) whose
-worker scores throughout each of its rounds: before the rounds, and again before each of its
+``[model] engine`` from ``--engine``, whose ``auto`` is OpenVINO on a CPU (ONNX Runtime where
+OpenVINO cannot be imported), saliency on) whose worker scores throughout each of its rounds:
+before the rounds, and again before each of its
 rounds, dataset radiographs (``benchmarks/pipeline.py``'s small CR objects) are pushed to it
 until ``--backlog`` instances wait in its queue. Its rounds get new UIDs (a duplicate would be
 acknowledged without a write). Outside its rounds the process is paused (SIGSTOP), so that the
@@ -248,7 +249,8 @@ def main() -> int:
                         help="also push to a full node whose worker is scoring a backlog")
     parser.add_argument("--backlog", type=int, default=300,
                         help="with --busy: instances kept queued before each busy round")
-    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"],
+                        default="auto",
                         help="with --busy: the busy node's [model] engine (default: auto)")
     args = parser.parse_args()
     load_before = os.getloadavg()
