@@ -55,6 +55,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 BIN = Path(sys.executable).with_name("fracture-node")
+sys.path.insert(0, str(REPO))
+
+from fracture_node.ml.infer import ENGINES  # noqa: E402
 
 
 def free_port() -> int:
@@ -249,8 +252,7 @@ def main() -> int:
                         help="also push to a full node whose worker is scoring a backlog")
     parser.add_argument("--backlog", type=int, default=300,
                         help="with --busy: instances kept queued before each busy round")
-    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"],
-                        default="auto",
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="with --busy: the busy node's [model] engine (default: auto)")
     args = parser.parse_args()
     load_before = os.getloadavg()

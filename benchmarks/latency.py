@@ -41,6 +41,7 @@ BIN = Path(sys.executable).with_name("fracture-node")
 sys.path.insert(0, str(REPO))
 from benchmarks.ingest import free_port, wait_port  # noqa: E402
 from benchmarks.pipeline import cr_from_jpeg  # noqa: E402
+from fracture_node.ml.infer import ENGINES  # noqa: E402
 
 
 def main() -> int:
@@ -52,8 +53,7 @@ def main() -> int:
                         help="[saliency] enabled (the daemon's default: on)")
     parser.add_argument("--overlays", choices=["none", "sc", "gsps", "both"], default="none",
                         help="the destination's overlays (the default: none, the SR alone)")
-    parser.add_argument("--engine", choices=["auto", "torch", "openvino", "onnxruntime"],
-                        default="auto",
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="[model] engine (the daemon's default: auto)")
     parser.add_argument("--threads", type=int, default=0, help="[model] threads")
     parser.add_argument("--sub-batch", type=int, default=0,

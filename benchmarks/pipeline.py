@@ -57,7 +57,7 @@ from fracture_node.config import (  # noqa: E402
 )
 from fracture_node.db import migrate  # noqa: E402
 from fracture_node.db.store import NewInstance, Store, utcnow  # noqa: E402
-from fracture_node.ml.infer import Classifier  # noqa: E402
+from fracture_node.ml.infer import ENGINES, Classifier  # noqa: E402
 from fracture_node.spool import Spool  # noqa: E402
 from fracture_node.stages.score import Worker  # noqa: E402
 
@@ -138,8 +138,7 @@ def main() -> int:
     parser.add_argument("--db", default="", help="database URL (default: a SQLite file)")
     parser.add_argument("--saliency", choices=["on", "off"], default="on",
                         help="[saliency] enabled in the worker (default on, as in the daemon)")
-    parser.add_argument("--engine", choices=["auto", "torch", "openvino", "onnxruntime"],
-                        default="auto",
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="[model] engine (default auto, as in the daemon); the model file is "
                              "copied to a temporary folder, where its ONNX graph is exported")
     parser.add_argument("--threads", type=int, default=0, help="[model] threads")
