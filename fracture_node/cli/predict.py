@@ -1,7 +1,9 @@
 """``fracture-node predict``: score image and DICOM files offline and write a CSV.
 
 Every input gets one row; an input that cannot be read gets ``status=not_processed`` and the
-reason, never a crash. Inputs are found and read by :mod:`fracture_node.inputs`: DICOM files
+reason, never a crash. As in the daemon (``[scope] min_side``), an image with a side shorter than
+``--min-side`` pixels (default 64) is a thumbnail or an icon, not a radiograph of the kind the
+model learned: ``not_processed``, reason ``too_small``, never a probability. Inputs are found and read by :mod:`fracture_node.inputs`: DICOM files
 (``.dcm`` or a ``DICM`` preamble) through :func:`fracture_node.dicom.pixels.load_dicom_file`, other
 files through :func:`fracture_node.images.load_image_file`.
 
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from fracture_node.config import ScopeConfig
 from fracture_node.errors import FractureNodeError, NotProcessable
 from fracture_node.images import FloatImage
 from fracture_node.inputs import iter_inputs, load_any
@@ -40,6 +43,16 @@ COLUMNS = ("path", "probability", "label", "threshold", "operating_point", "mode
            "status", "reason")
 LOCATION_COLUMNS = ("peak_x", "peak_y", "regions")
 """Added after :data:`COLUMNS` when ``--locate`` or ``--saliency`` is given."""
+
+
+def _min_side(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (1-4096)")
+    return value
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -63,6 +76,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="balanced, high_sensitivity, or a probability threshold")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--min-side", type=_min_side, default=ScopeConfig().min_side, metavar="PX",
+                   help="an image with a shorter side is not scored (reason too_small), as "
+                        "[scope] min_side in the daemon (default %(default)s; 1 scores all)")
     p.add_argument("--saliency", type=Path, default=None, metavar="DIR",
                    help="also write an overlay PNG per image (heat map and regions) into DIR; "
                         "implies --locate")
@@ -83,10 +99,13 @@ class _Input:
     message: str = ""
 
 
-def _prepare(args: tuple[Path, Any, bool]) -> _Input:
-    path, clf, keep_image = args
+def _prepare(args: tuple[Path, Any, bool, int]) -> _Input:
+    path, clf, keep_image, min_side = args
     try:
         img = load_any(path)
+        if min(img.shape) < min_side:
+            raise NotProcessable("too_small", f"{path.name}: {img.shape[0]} x {img.shape[1]} "
+                                 f"pixels is smaller than --min-side {min_side}")
         return _Input(clf.prepare(img), (int(img.shape[0]), int(img.shape[1])),
                       img if keep_image else None)
     except NotProcessable as exc:
@@ -146,7 +165,8 @@ def run(args: argparse.Namespace) -> tuple[int, int]:
         writer.writeheader()
         for start in range(0, len(files), args.batch_size):
             chunk = files[start : start + args.batch_size]
-            prepared = list(pool.map(_prepare, [(f, clf, overlays is not None) for f in chunk]))
+            prepared = list(pool.map(_prepare, [(f, clf, overlays is not None, args.min_side)
+                                              for f in chunk]))
             good = [i for i, item in enumerate(prepared) if item.prepared is not None]
             probs: dict[int, float] = {}
             maps: dict[int, np.ndarray] = {}

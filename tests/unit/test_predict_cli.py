@@ -208,3 +208,47 @@ def test_saliency_scores_and_draws_in_one_pass(tmp_path: Path, inputs: Path, tin
     assert sum(r["status"] == "ok" for r in rows) == 3
     assert all(r["peak_x"] for r in rows if r["status"] == "ok")
     assert len(list((tmp_path / "sal").glob("*.png"))) == 3
+
+
+def test_an_image_smaller_than_min_side_is_not_scored(tmp_path: Path, dataset_dir: Path,
+                                                      tiny_model: Path) -> None:
+    """As in the daemon ([scope] min_side): a thumbnail gets too_small and no probability, in an
+    image file or a DICOM object; --min-side moves the line, and a bad value is refused."""
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    radiograph = Image.open(dataset_dir / "images" / "fa_IMG0000000.jpg").convert("L")
+    radiograph.save(folder / "full.png")
+    radiograph.resize((63, 200)).save(folder / "narrow.png")  # one side under 64
+    radiograph.resize((64, 64)).save(folder / "square64.png")  # exactly at the line
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.Modality, ds.Rows, ds.Columns = "CR", 32, 48
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.random.default_rng(0).integers(0, 255, (32, 48), np.uint8).tobytes()
+    ds.save_as(folder / "small.dcm", enforce_file_format=True)
+
+    out = tmp_path / "out.csv"
+    assert main([str(folder), "--output", str(out), "--model", str(tiny_model),
+                 "--device", "cpu"]) == 0
+    by_name = {Path(r["path"]).name: r for r in _rows(out)}
+    assert by_name["full.png"]["status"] == "ok"
+    assert by_name["square64.png"]["status"] == "ok"
+    for name in ("narrow.png", "small.dcm"):
+        assert (by_name[name]["status"], by_name[name]["reason"], by_name[name]["probability"]
+                ) == ("not_processed", "too_small", ""), name
+
+    assert main([str(folder), "--output", str(out), "--model", str(tiny_model),
+                 "--device", "cpu", "--min-side", "16"]) == 0
+    assert {Path(r["path"]).name: r["status"] for r in _rows(out)} == {
+        "full.png": "ok", "narrow.png": "ok", "square64.png": "ok", "small.dcm": "ok"}
+    with pytest.raises(SystemExit) as refused:
+        main([str(folder), "--model", str(tiny_model), "--min-side", "0"])
+    assert refused.value.code == 2
