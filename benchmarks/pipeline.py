@@ -1,7 +1,7 @@
 """Raw model throughput against the whole pipeline's (spooled instance -> SQL result), one run.
 
     .venv/bin/python benchmarks/pipeline.py [--instances 256] [--batch 16] [--model PATH]
-        [--source dataset|samples] [--backlog 10000]
+        [--source dataset|samples] [--rounds 3] [--backlog 10000]
 
 Prints one JSON object:
 
@@ -13,6 +13,15 @@ Prints one JSON object:
   spool, decoding (pydicom + pylibjpeg), normalising, letterboxing, scoring and committing results,
   from the first claim to the last commit;
 - ``ratio`` = pipeline / raw (target on CPU: at least 0.9);
+- with ``--rounds R`` (default 3): raw and pipeline are measured R times, alternately (raw, then
+  the pipeline on fresh copies of the instances, then raw again...), and the figures above are the
+  medians; ``rounds`` lists each round's raw, pipeline and ratio. On a shared 2-core machine one
+  batch's throughput wanders by several percent from minute to minute, so a single raw figure
+  measured before a single pipeline run can move the ratio by as much as the pipeline's own cost;
+  alternating the two cancels that drift and the spread shows what is left of it;
+- ``worker_infer_share``: of the worker's wall time over all rounds, the share spent in the
+  network call (score + saliency map); the rest is claiming, waiting for decodes, the saliency
+  regions, stacking the batch and committing the results;
 - with ``--backlog N``: resident memory of the process before and while N further instances wait in
   the queue (nothing waiting lives in RAM), in MiB.
 
@@ -82,6 +91,11 @@ def cr_from_jpeg(path: Path) -> pydicom.Dataset:
 
 
 def sources(kind: str, n: int) -> list[bytes]:
+    """``n`` instances (``dataset`` or ``samples``, see the module docstring), serialised."""
+    return serialise(source_datasets(kind, n))
+
+
+def source_datasets(kind: str, n: int) -> list[pydicom.Dataset]:
     if kind == "dataset":
         import csv
 
@@ -94,6 +108,11 @@ def sources(kind: str, n: int) -> list[bytes]:
                  "CR_hip_RG2_JPLL.dcm", "DX_J2KR_1416x1420_u16.dcm", "CR_hip_RG2_JPLY_fixed.dcm"]
         datasets = [pydicom.dcmread(SHARED / "dicom-samples" / names[i % len(names)])
                     for i in range(n)]
+    return datasets
+
+
+def serialise(datasets: list[pydicom.Dataset]) -> list[bytes]:
+    """The objects as files, each with a new SOP Instance UID (a new instance to the node)."""
     out = []
     for ds in datasets:
         ds.SOPInstanceUID = generate_uid()
@@ -134,6 +153,9 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--source", choices=["dataset", "samples"], default="dataset")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="raw and pipeline measured this many times, alternately; medians "
+                             "are reported (default 3)")
     parser.add_argument("--backlog", type=int, default=0)
     parser.add_argument("--db", default="", help="database URL (default: a SQLite file)")
     parser.add_argument("--saliency", choices=["on", "off"], default="on",
@@ -172,7 +194,8 @@ def main() -> int:
         args.model, args.device, engine=args.engine, threads=args.threads,
         saliency=(saliency.method, saliency.layer) if saliency.enabled else None,
         sub_batch=args.sub_batch or None)
-    blobs = sources(args.source, args.instances)
+    originals = source_datasets(args.source, args.instances)
+    blobs = serialise(originals)
 
     # Raw: the model alone on prepared inputs of the serving batch size.
     from fracture_node.dicom.pixels import load_dicom_file
@@ -193,18 +216,38 @@ def main() -> int:
         return runs * len(batch) / (time.perf_counter() - started)
 
     worker = Worker(config, store, spool, classifier, node="bench")
-    predict_only = throughput(classifier.predict_batch)
-    raw = (throughput(worker.explainer.explain_batch) if worker.explainer is not None
-           else predict_only)
+    in_network = [0.0]
+    infer = worker._infer
 
-    # Pipeline: spooled + queued instances to committed results.
-    enqueue(store, spool, blobs)
-    started = time.perf_counter()
-    done = 0
-    while done < len(blobs):
-        done += worker.run_once()
-    pipeline = len(blobs) / (time.perf_counter() - started)
+    def timed_infer(stacked: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return infer(stacked)
+        finally:
+            in_network[0] += time.perf_counter() - started
+
+    worker._infer = timed_infer  # type: ignore[method-assign]
+    rounds: list[dict[str, float]] = []
+    worker_s = 0.0
+    for index in range(max(1, args.rounds)):
+        predict_only = throughput(classifier.predict_batch)
+        raw = (throughput(worker.explainer.explain_batch) if worker.explainer is not None
+               else predict_only)
+        # Pipeline: spooled + queued instances to committed results (new instances each round).
+        enqueue(store, spool, blobs if index == 0 else serialise(originals))
+        started = time.perf_counter()
+        done = 0
+        while done < len(blobs):
+            done += worker.run_once()
+        elapsed = time.perf_counter() - started
+        worker_s += elapsed
+        pipeline = len(blobs) / elapsed
+        rounds.append({"predict_only": round(predict_only, 2), "raw": round(raw, 2),
+                       "pipeline": round(pipeline, 2), "ratio": round(pipeline / raw, 3)})
     worker.stop()
+
+    def median(key: str) -> float:
+        return float(np.median([r[key] for r in rounds]))
 
     result = {
         "benchmark": "pipeline_vs_raw",
@@ -221,10 +264,13 @@ def main() -> int:
         "instances": len(blobs),
         "saliency": (f"{worker.explainer.method}@{worker.explainer.layer}"
                      if worker.explainer is not None else "off"),
-        "predict_only_images_per_s": round(predict_only, 2),
-        "raw_images_per_s": round(raw, 2),
-        "pipeline_images_per_s": round(pipeline, 2),
-        "ratio": round(pipeline / raw, 3),
+        "rounds": rounds,
+        "predict_only_images_per_s": round(median("predict_only"), 2),
+        "raw_images_per_s": round(median("raw"), 2),
+        "pipeline_images_per_s": round(median("pipeline"), 2),
+        "ratio": round(median("ratio"), 3),
+        "ratio_range": [min(r["ratio"] for r in rounds), max(r["ratio"] for r in rounds)],
+        "worker_infer_share": round(in_network[0] / worker_s, 3),
         "load_average": os.getloadavg()[0],
     }
     if args.backlog:
