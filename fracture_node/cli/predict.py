@@ -1,11 +1,13 @@
 """``fracture-node predict``: score image and DICOM files offline and write a CSV.
 
 Every input gets one row; an input that cannot be read gets ``status=not_processed`` and the
-reason, never a crash. As in the daemon (``[scope] min_side``), an image with a side shorter than
-``--min-side`` pixels (default 64) is a thumbnail or an icon, not a radiograph of the kind the
-model learned: ``not_processed``, reason ``too_small``, never a probability. Inputs are found and read by :mod:`fracture_node.inputs`: DICOM files
-(``.dcm`` or a ``DICM`` preamble) through :func:`fracture_node.dicom.pixels.load_dicom_file`, other
-files through :func:`fracture_node.images.load_image_file`.
+reason, never a crash. As in the daemon, an image with a side shorter than ``--min-side`` pixels
+(default 64, ``[scope] min_side``) is a thumbnail or an icon, not a radiograph of the kind the
+model learned (reason ``too_small``), and an image whose pixels all have one grey level is blank
+(reason ``blank_image``): neither gets a probability. Inputs are found and read by
+:mod:`fracture_node.inputs`: DICOM files (``.dcm`` or a ``DICM`` preamble) through
+:func:`fracture_node.dicom.pixels.load_dicom_file`, other files through
+:func:`fracture_node.images.load_image_file`.
 
 Where the model looked: with ``--locate`` (columns only) or ``--saliency DIR`` (columns and an
 overlay PNG per image), each scored row also gets ``peak_x`` and ``peak_y``, the maximum of the
@@ -106,6 +108,8 @@ def _prepare(args: tuple[Path, Any, bool, int]) -> _Input:
         if min(img.shape) < min_side:
             raise NotProcessable("too_small", f"{path.name}: {img.shape[0]} x {img.shape[1]} "
                                  f"pixels is smaller than --min-side {min_side}")
+        if not img.any():  # normalised: all zero only when every pixel had one grey level
+            raise NotProcessable("blank_image", f"{path.name}: every pixel has the same grey level")
         return _Input(clf.prepare(img), (int(img.shape[0]), int(img.shape[1])),
                       img if keep_image else None)
     except NotProcessable as exc:

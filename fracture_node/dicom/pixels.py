@@ -68,6 +68,8 @@ Grey levels (:func:`read_pixels`)
    percentiles, as :func:`~fracture_node.images.load_image_file` on the same picture), then the
    optional :func:`~fracture_node.images.shrink`. With ``max_side`` equal to the model's input
    size, ``letterbox(read_pixels(ds, max_side=S), S)`` equals ``letterbox(read_pixels(ds), S)``.
+   An image whose pixels all have one grey level after these steps is refused as
+   ``blank_image`` (an empty exposure or frame: nothing a probability could be about).
 """
 
 from __future__ import annotations
@@ -552,6 +554,11 @@ def read_pixels(ds: Dataset, max_side: int | None = None, *, apply_voi: bool = T
     if not np.isfinite(out).all():
         raise _refuse(ds, "undecodable",
                       f"non-finite grey levels after decoding ({_ts_text(transfer_syntax(ds))})")
+    if not out.any():
+        # normalize() maps the robust range to [0, 1], so every pixel is 0 only when all had one
+        # grey level: a blank exposure or an empty frame, nothing a probability could be about.
+        raise _refuse(ds, "blank_image",
+                      f"every pixel has the same grey level ({_ts_text(transfer_syntax(ds))})")
     if max_side is not None:
         out = images.shrink(out, max_side)
     return out

@@ -20,6 +20,7 @@ REASONS = {
     "out_of_scope_modality": "not a projection radiograph (the model reads CR and DX only)",
     "out_of_scope_body_part": "body part outside what the model was trained on",
     "too_small": "image too small to be a radiograph the model was trained on",
+    "blank_image": "a blank image (every pixel has the same grey level)",
     "multi_frame": "a multi-frame object (the model reads single images)",
     "colour": "a colour image (the model reads grey-level radiographs)",
     "no_pixel_data": "the object carries no image",

@@ -140,3 +140,21 @@ def test_default_scope_does_not_score_the_16_pixel_image(
         assert n.store.rows(s.Result) == []
     finally:
         n.close()
+
+
+def test_a_blank_image_is_not_processed_and_the_study_goes_on(node: Node,
+                                                              samples_dir: Path) -> None:
+    """An instance whose pixels all have one grey level ends not_processed (blank_image) with no
+    result; the other images of its study are scored."""
+    import numpy as np
+
+    blank, other = sample_study(samples_dir, 2)
+    blank.PixelData = np.full_like(blank.pixel_array, 700).tobytes()
+    node.add(blank)
+    node.add(other)
+    node.drain()
+    rows = {r.sop_instance_uid: r for r in node.store.rows(s.Instance)}
+    assert (rows[blank.SOPInstanceUID].state, rows[blank.SOPInstanceUID].reason) == (
+        s.NOT_PROCESSED, "blank_image")
+    assert rows[other.SOPInstanceUID].state == s.PROCESSED
+    assert len(node.store.rows(s.Result)) == 1

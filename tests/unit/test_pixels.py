@@ -429,3 +429,25 @@ def test_non_dicom_file_is_not_dicom(tmp_path: Path) -> None:
     with pytest.raises(NotProcessable) as info:
         pixels.load_dicom_file(path)
     assert info.value.reason == "not_dicom"
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_a_blank_image_is_refused_as_blank_not_scored(samples_dir: Path, photometric: str) -> None:
+    """Every pixel one grey level (an empty exposure): blank_image, whatever the polarity, the
+    window or the padding; one pixel of contrast is enough to be read."""
+    ds = pydicom.dcmread(samples_dir / "CR_cspine_tiny16x16_explicitVR.dcm")
+    ds.PhotometricInterpretation = photometric
+    arr = np.full_like(ds.pixel_array, 1234)
+    ds.PixelData = arr.tobytes()
+    with pytest.raises(NotProcessable) as refused:
+        pixels.read_pixels(ds)
+    assert refused.value.reason == "blank_image"
+    assert ds.SOPInstanceUID in str(refused.value)
+    ds.WindowCenter, ds.WindowWidth = 1234, 10  # a window does not make contrast
+    with pytest.raises(NotProcessable, match="same grey level"):
+        pixels.read_pixels(ds)
+    arr[5, 7] = 1300
+    ds.PixelData = arr.tobytes()
+    del ds.WindowCenter, ds.WindowWidth
+    image = pixels.read_pixels(ds)
+    assert image.max() - image.min() == pytest.approx(1.0)

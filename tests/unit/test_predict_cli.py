@@ -252,3 +252,26 @@ def test_an_image_smaller_than_min_side_is_not_scored(tmp_path: Path, dataset_di
     with pytest.raises(SystemExit) as refused:
         main([str(folder), "--model", str(tiny_model), "--min-side", "0"])
     assert refused.value.code == 2
+
+
+def test_a_blank_image_is_not_scored(tmp_path: Path, tiny_model: Path) -> None:
+    """A picture whose pixels all have one grey level gets blank_image, never a probability;
+    the same picture with a single brighter pixel is scored."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    blank = np.full((300, 200), 200, np.uint8)
+    Image.fromarray(blank).save(folder / "blank.png")
+    Image.fromarray(np.zeros((300, 200), np.uint16)).save(folder / "black16.png")
+    blank[100, 50] = 201
+    Image.fromarray(blank).save(folder / "one_pixel.png")
+    out = tmp_path / "out.csv"
+    assert main([str(folder), "--output", str(out), "--model", str(tiny_model),
+                 "--device", "cpu", "--locate"]) == 0
+    by_name = {Path(r["path"]).name: r for r in _rows(out)}
+    for name in ("blank.png", "black16.png"):
+        assert (by_name[name]["status"], by_name[name]["reason"], by_name[name]["probability"],
+                by_name[name]["peak_x"]) == ("not_processed", "blank_image", "", ""), name
+    assert by_name["one_pixel.png"]["status"] == "ok"
