@@ -54,6 +54,15 @@ def normalize(image: NDArray[np.generic]) -> FloatImage:
     return out
 
 
+def is_blank(image: FloatImage) -> bool:
+    """True for a :func:`normalize` output whose source had one grey level everywhere.
+
+    :func:`normalize` maps the robust range to [0, 1], so every pixel is 0 only then: a blank
+    exposure or an empty frame, nothing a probability could be about (reason ``blank_image``).
+    """
+    return not image.any()
+
+
 def shrink(image: FloatImage, max_side: int) -> FloatImage:
     """Downscale (never upscale) so that the longest side is at most ``max_side``, keeping aspect."""
     h, w = image.shape

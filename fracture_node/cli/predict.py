@@ -35,7 +35,7 @@ import numpy as np
 
 from fracture_node.config import ScopeConfig
 from fracture_node.errors import FractureNodeError, NotProcessable
-from fracture_node.images import FloatImage
+from fracture_node.images import FloatImage, is_blank
 from fracture_node.inputs import iter_inputs, load_any
 from fracture_node.logs import configure, get_logger
 
@@ -108,7 +108,7 @@ def _prepare(args: tuple[Path, Any, bool, int]) -> _Input:
         if min(img.shape) < min_side:
             raise NotProcessable("too_small", f"{path.name}: {img.shape[0]} x {img.shape[1]} "
                                  f"pixels is smaller than --min-side {min_side}")
-        if not img.any():  # normalised: all zero only when every pixel had one grey level
+        if is_blank(img):
             raise NotProcessable("blank_image", f"{path.name}: every pixel has the same grey level")
         return _Input(clf.prepare(img), (int(img.shape[0]), int(img.shape[1])),
                       img if keep_image else None)

@@ -554,9 +554,7 @@ def read_pixels(ds: Dataset, max_side: int | None = None, *, apply_voi: bool = T
     if not np.isfinite(out).all():
         raise _refuse(ds, "undecodable",
                       f"non-finite grey levels after decoding ({_ts_text(transfer_syntax(ds))})")
-    if not out.any():
-        # normalize() maps the robust range to [0, 1], so every pixel is 0 only when all had one
-        # grey level: a blank exposure or an empty frame, nothing a probability could be about.
+    if images.is_blank(out):
         raise _refuse(ds, "blank_image",
                       f"every pixel has the same grey level ({_ts_text(transfer_syntax(ds))})")
     if max_side is not None:
